@@ -1,0 +1,107 @@
+"""Detection quality on the real datasets: image / pixel AUROC and decisions at the auto threshold.
+
+    .venv/bin/python bench/eval.py --backbone efficientnet_lite0 --shots 1 4 16 full > bench/out/eval.json
+
+Prints one JSON document: per dataset and shot count, image AUROC, pixel AUROC and the accuracy,
+false-reject and false-accept rates at the model's own auto threshold (OK-only, no NG samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from datasets import SPLITS, load_mask, shared_root  # noqa: E402
+
+from core.backbones import get_extractor  # noqa: E402
+from core.image_io import decode_image  # noqa: E402
+from core.model import ModelSettings, RoiModel  # noqa: E402
+
+PIXEL_SIDE = 128  # maps and masks are compared at this long side (pixel AUROC)
+
+
+def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
+    train = split.train if shots == "full" else split.train[: int(shots)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = RoiModel(Path(tmp), "eval", split.name, extractor, settings)
+        t0 = time.perf_counter()
+        samples = []
+        for p in train:
+            data = p.read_bytes()
+            samples.append((data, decode_image(data), {"source": str(p.name)}))
+        model.fit_ok(samples)
+        fit_s = time.perf_counter() - t0
+        labels, scores, decisions, pix_true, pix_score = [], [], [], [], []
+        t1 = time.perf_counter()
+        for p, label, mask_path in split.test:
+            img = decode_image(p.read_bytes())
+            res = model.predict([img], return_map=True)[0]
+            labels.append(label)
+            scores.append(res["score"])
+            decisions.append(res["is_anomaly"])
+            amap = res["anomaly_map"]
+            h, w = amap.shape
+            f = PIXEL_SIDE / max(h, w)
+            size = (max(1, round(w * f)), max(1, round(h * f)))
+            pix_score.append(cv2.resize(amap, size, interpolation=cv2.INTER_AREA).ravel())
+            pix_true.append(load_mask(mask_path if label else None, size).ravel())
+        pred_s = (time.perf_counter() - t1) / len(split.test)
+        labels_a, dec = np.asarray(labels), np.asarray(decisions)
+        pt = np.concatenate(pix_true)
+        return {
+            "dataset": split.name, "shots": shots, "n_train": len(train), "n_test": len(labels),
+            "image_auroc": round(float(roc_auc_score(labels_a, scores)), 4),
+            "pixel_auroc": round(float(roc_auc_score(pt, np.concatenate(pix_score))), 4) if pt.any() else None,
+            "threshold": round(model.threshold, 5),
+            "accuracy": round(float((dec == labels_a.astype(bool)).mean()), 4),
+            "false_reject_rate": round(float(dec[labels_a == 0].mean()), 4),
+            "false_accept_rate": round(float((~dec[labels_a == 1]).mean()), 4),
+            "bank_size": model.state()["bank_size"], "fit_s": round(fit_s, 1), "predict_ms": round(pred_s * 1000, 1),
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--square", action="store_true", help="square resize instead of keeping the aspect")
+    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
+    ap.add_argument("--shots", nargs="+", default=["1", "4", "16", "full"])
+    ap.add_argument("--score-stat", default=None)
+    ap.add_argument("--coreset-ratio", type=float, default=None)
+    ap.add_argument("--coreset-min", type=int, default=None)
+    ap.add_argument("--coreset-max", type=int, default=None)
+    ap.add_argument("--blur-sigma", type=float, default=None)
+    ap.add_argument("--random-weights", action="store_true")
+    args = ap.parse_args()
+    settings = ModelSettings()
+    for key in ("score_stat", "coreset_ratio", "coreset_min", "coreset_max", "blur_sigma"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    extractor = get_extractor(args.backbone, resolution=args.resolution, keep_aspect=not args.square,
+                              random_weights=args.random_weights)
+    root = shared_root()
+    results = []
+    for name in args.datasets:
+        split = SPLITS[name](root)
+        for shots in args.shots:
+            r = evaluate(split, shots, extractor, settings)
+            print(json.dumps(r), file=sys.stderr)
+            results.append(r)
+    print(json.dumps({"backbone": extractor.identity.to_dict(), "settings": settings.__dict__,
+                      "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""Pure anomaly-detection pipeline: image intake, backbones, PatchCore, thresholds, storage."""
+
+__version__ = "0.1.0"

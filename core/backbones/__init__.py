@@ -1,0 +1,190 @@
+"""Backbones producing L2-normalised patch features for PatchCore.
+
+`get_extractor()` returns one cached, warmed-up instance per (name, weights, resolution, device)
+in the process. Every extractor has an `identity` that a memory bank records, so a bank is never
+queried with the features of another backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import WeightsNotFoundError
+from . import dinov2, efficientnet_lite
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0")
+DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficientnet_lite0": 320}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    name: str
+    weights_sha256: str
+    resolution: int
+    keep_aspect: bool
+    feature_dim: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weights_sha256": self.weights_sha256, "resolution": self.resolution,
+                "keep_aspect": self.keep_aspect, "feature_dim": self.feature_dim}
+
+
+class FeatureExtractor:
+    """Resize (aspect kept) + normalise + forward + L2-normalised patch features."""
+
+    def __init__(
+        self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
+        keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
+    ) -> None:
+        self.name = name
+        self.model = model.to(device)
+        self.device = device
+        self.resolution = resolution
+        self.keep_aspect = keep_aspect
+        self.amp_dtype = amp_dtype if device.type == "cuda" else None
+        self.is_vit = name.startswith("dinov2")
+        self.align = 14 if self.is_vit else 16
+        self.stride = 14 if self.is_vit else 8
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if self.is_vit else ((0.5,) * 3, (0.5,) * 3)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.feature_dim = 384 if self.is_vit else 40 + 112
+        self.taps = (4, 10)  # EfficientNet-Lite0: end of stage 3 (stride 8) and stage 5 (stride 16)
+        self.identity = BackboneIdentity(name, weights_sha256, resolution, keep_aspect, self.feature_dim)
+        self._lock = threading.Lock()
+
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """Backbone input (w, h): about resolution^2 pixels, aspect kept, sides multiples of the patch."""
+        if not self.keep_aspect:
+            return self.resolution, self.resolution
+        aspect = width / height
+        w = self.resolution * math.sqrt(aspect)
+        h = self.resolution / math.sqrt(aspect)
+        a = self.align
+        return max(a, int(round(w / a)) * a), max(a, int(round(h / a)) * a)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """List of HxWx3 float [0,1] images of one size -> normalised batch on the device."""
+        h, w = images[0].shape[:2]
+        iw, ih = self.input_size(w, h)
+        resized = [
+            cv2.resize(img, (iw, ih), interpolation=cv2.INTER_AREA if iw < w else cv2.INTER_LINEAR)
+            for img in images
+        ]
+        batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
+        return (batch - self.mean) / self.std
+
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Normalised batch -> (features [B, gh*gw, D] float32 L2-normalised, (gh, gw))."""
+        with self._lock, torch.autocast(
+            device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            if self.is_vit:
+                gh, gw = batch.shape[2] // 14, batch.shape[3] // 14
+                feats = self.model(batch).float()
+            else:
+                maps = self.model.forward_blocks(batch, self.taps)
+                gh, gw = maps[0].shape[2:]
+                parts = []
+                for fmap in maps:
+                    fmap = F.avg_pool2d(fmap.float(), 3, stride=1, padding=1, count_include_pad=False)
+                    if fmap.shape[2:] != (gh, gw):
+                        fmap = F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
+                    parts.append(F.normalize(fmap, dim=1) / math.sqrt(len(maps)))
+                feats = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+        return F.normalize(feats, dim=-1), (gh, gw)
+
+    def extract(self, images: list[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self.forward(self.preprocess(images))
+
+    def warm_up(self) -> float:
+        t0 = time.perf_counter()
+        dummy = np.zeros((self.resolution, self.resolution, 3), np.float32)
+        self.extract([dummy])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1000
+
+
+def resolve_backbone_name(name: str, weights: str | None) -> str:
+    """'auto' -> DINOv2 when its weights are present, else EfficientNet-Lite0 (said plainly)."""
+    if name != "auto":
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        return name
+    try:
+        dinov2.find_weights(weights)
+        return "dinov2_vits14"
+    except WeightsNotFoundError as exc:
+        log.warning("backbone 'auto': DINOv2 weights not found, using EfficientNet-Lite0 (ImageNet). %s", exc)
+        return "efficientnet_lite0"
+
+
+_CACHE: dict[tuple, FeatureExtractor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_extractor(
+    name: str = "auto", weights: str | None = None, resolution: int | None = None, device: str = "auto",
+    keep_aspect: bool = True, allow_download: bool = False, random_weights: bool = False,
+) -> FeatureExtractor:
+    """One cached, warmed-up extractor per configuration in this process."""
+    name = resolve_backbone_name(name, weights)
+    resolution = resolution or DEFAULT_RESOLUTION[name]
+    dev = resolve_device(device)
+    key = (name, weights, resolution, str(dev), keep_aspect, random_weights)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        t0 = time.perf_counter()
+        if name.startswith("dinov2"):
+            reg = name.endswith("reg4")
+            path = None if random_weights else dinov2.find_weights(weights, reg, allow_download)
+            if random_weights:
+                torch.manual_seed(0)
+                model = dinov2.DinoV2ViT(registers=4 if reg else 0)
+                for p in model.parameters():
+                    torch.nn.init.trunc_normal_(p, std=0.02)
+                model.eval()
+            else:
+                model = dinov2.build_dinov2(path, reg)
+        else:
+            path = None if random_weights else (Path(weights) if weights else efficientnet_lite.default_weights_path())
+            model = efficientnet_lite.build_efficientnet_lite0(path)
+        sha = "random-seed-0" if path is None else sha256_file(path)
+        extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect)
+        warm_ms = extractor.warm_up()
+        log.info(
+            "backbone %s loaded from %s on %s at resolution %d (load %.0f ms, warm-up %.0f ms)",
+            name, path or "random weights", dev, resolution, (time.perf_counter() - t0) * 1000 - warm_ms, warm_ms,
+        )
+        _CACHE[key] = extractor
+        return extractor

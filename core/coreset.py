@@ -1,0 +1,60 @@
+"""k-center greedy coreset selection with a random projection (PatchCore, Roth et al. 2022).
+
+Distances are computed in a seeded random projection to `proj_dim` dimensions (Johnson-Lindenstrauss),
+as in the paper; the selected points keep their full features. The selection is incremental:
+`extend()` continues the greedy from an existing bank, using the new points' distances to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def projection(dim: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor | None:
+    """Seeded Gaussian projection matrix [dim, proj_dim], or None when dim is already small."""
+    if dim <= proj_dim:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, proj_dim, generator=gen) / proj_dim**0.5
+
+
+def project(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
+    return x if proj is None else x @ proj.to(x.device, x.dtype)
+
+
+def min_sq_dist(points: torch.Tensor, centers: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Squared distance of every point to its nearest center (chunked to bound memory)."""
+    c_norm = (centers * centers).sum(1)
+    out = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
+    for i in range(0, points.shape[0], chunk):
+        p = points[i : i + chunk]
+        d = torch.addmm(c_norm[None, :], p, centers.T, alpha=-2.0)  # |c|^2 - 2 p.c in one GEMM
+        out[i : i + chunk] = (d.min(1).values + (p * p).sum(1)).clamp_min_(0)
+    return out
+
+
+def greedy_select(points: torch.Tensor, n_select: int, mindist: torch.Tensor | None = None) -> list[int]:
+    """Pick n_select indices of `points` (projected) by k-center greedy.
+
+    mindist: squared distances of the points to an already selected set (None: start from point 0).
+    """
+    n = points.shape[0]
+    n_select = min(n_select, n)
+    if n_select <= 0:
+        return []
+    norms = (points * points).sum(1)
+    selected: list[int] = []
+    if mindist is None:
+        first = 0
+        selected.append(first)
+        mindist = (norms + norms[first] - 2 * points @ points[first]).clamp_min_(0)
+    else:
+        mindist = mindist.clone()
+    while len(selected) < n_select:
+        idx = int(torch.argmax(mindist))
+        if mindist[idx] <= 0:  # everything covered exactly (duplicates): stop early
+            break
+        selected.append(idx)
+        d = (norms + norms[idx] - 2 * points @ points[idx]).clamp_min_(0)
+        torch.minimum(mindist, d, out=mindist)
+    return selected

@@ -1,0 +1,32 @@
+"""Coloured heatmap PNG overlaid on the ROI, with a colour scale tied to the threshold.
+
+The colour scale maps 0 -> blue, the threshold -> the middle of the scale (green-yellow) and
+2 x threshold or more -> red, so two pictures of the same ROI are directly comparable. Regions above
+the threshold are outlined in white.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def render_heatmap(rgb: np.ndarray, full_map: np.ndarray, threshold: float, mask: np.ndarray | None = None,
+                   alpha: float = 0.45) -> bytes:
+    """RGB float image + full-resolution map -> PNG bytes."""
+    scale = 2.0 * threshold if threshold > 0 else max(float(full_map.max()), 1e-6)
+    norm = np.clip(full_map / scale, 0.0, 1.0)
+    colour = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
+    base = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)[:, :, ::-1]
+    out = cv2.addWeighted(base, 1.0 - alpha, colour, alpha, 0)
+    above = (full_map > threshold) if threshold > 0 else np.zeros(full_map.shape, bool)
+    if mask is not None:
+        above &= mask
+        out[~mask] = (base[~mask] * 0.5).astype(np.uint8)  # outside the mask: dimmed, uncoloured
+    if above.any():
+        contours, _ = cv2.findContours(above.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, min(out.shape[:2]) // 300))
+    ok, png = cv2.imencode(".png", out)
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 BGR image
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()

@@ -1,0 +1,474 @@
+"""PatchCore model of one (role_id, roi_id): fit_ok, send_ng, predict, thresholds, persistence."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from . import thresholds
+from .backbones import FeatureExtractor
+from .coreset import greedy_select, min_sq_dist, project, projection
+from .errors import BackboneMismatchError, InputError, ModelNotReadyError
+from .heatmap import render_heatmap
+from .image_io import ImageInput, decode_image
+from .knn import NearestNeighbour
+from .scoring import defect_regions, image_score, input_res_map, resize_mask
+from .storage import RoiStore, SampleRecord, utc_now
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_POLICIES = ("auto", "ok_only", "manual")
+
+
+@dataclass
+class ModelSettings:
+    """Per-ROI settings (config `defaults`, overridable per ROI). See docs/configuration.md."""
+
+    coreset_ratio: float = 0.1
+    coreset_min: int = 4096
+    coreset_max: int = 16384
+    proj_dim: int = 64
+    score_stat: str = "max"
+    score_percentile: float = 99.0
+    blur_sigma: float = 4.0
+    threshold_policy: str = "auto"
+    threshold_value: float | None = None
+    ok_percentile: float = 99.0
+    holdout_max: int = 50
+    ng_margin: float = 0.5
+    memory_fit: bool = True
+    fit_batch_size: int = 8
+    min_defect_area_px: int = 0
+    knn_backend: str = "auto"
+
+    def bank_key(self) -> dict:
+        return {"coreset_ratio": self.coreset_ratio, "coreset_min": self.coreset_min,
+                "coreset_max": self.coreset_max, "proj_dim": self.proj_dim}
+
+
+@dataclass
+class Embedded:
+    feats: np.ndarray  # [n, D] float32
+    grid: tuple[int, int]
+    input_size: tuple[int, int]  # backbone input (w, h)
+    image_size: tuple[int, int]  # ROI (w, h)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class RoiModel:
+    """Memory bank, threshold and stored samples of one ROI. Not thread-safe: one worker owns it."""
+
+    def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
+                 settings: ModelSettings | None = None, debug_dir: Path | None = None) -> None:
+        self.store = RoiStore(Path(data_root), role_id, roi_id)
+        self.extractor = extractor
+        self.settings = settings or ModelSettings()
+        self.debug_dir = debug_dir
+        self.identity = extractor.identity.to_dict()
+        self._proj = projection(extractor.feature_dim, self.settings.proj_dim)
+        self.manifest = self.store.read_manifest() or self._new_manifest()
+        self.mask = self.store.load_mask()
+        self.bank_rows = np.zeros(0, np.int64)
+        self._knn: NearestNeighbour | None = None
+        self._bank_sample: np.ndarray = np.zeros(0, np.int64)
+        self._bank_feats = torch.zeros(0, extractor.feature_dim)
+        self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
+        t0 = time.perf_counter()
+        self._sync_index()
+        log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
+                 role_id, roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
+                 self.bank_rows.size, self.manifest["threshold"]["value"], (time.perf_counter() - t0) * 1000)
+
+    # ------------------------------------------------------------------ state
+    def _new_manifest(self) -> dict:
+        return {"format": 1, "role_id": self.store.role_id, "roi_id": self.store.roi_id, "version": 0,
+                "backbone": self.identity, "settings": asdict(self.settings),
+                "threshold": {"value": None, "method": "none", "details": {}},
+                "counts": {"ok": 0, "ng": 0, "bank": 0, "patches": 0}, "ok_scores": [], "ng_scores": [],
+                "created_utc": utc_now(), "updated_utc": utc_now()}
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def threshold(self) -> float | None:
+        return self.manifest["threshold"]["value"]
+
+    def state(self) -> dict:
+        m = self.manifest
+        return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
+                "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
+                "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
+                "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
+                "threshold_details": m["threshold"]["details"], "backbone": m["backbone"],
+                "has_mask": self.mask is not None, "updated_utc": m["updated_utc"]}
+
+    # ------------------------------------------------------------ embeddings
+    def embed(self, images: list[ImageInput]) -> list[Embedded]:
+        """Backbone features of images, batched by size (fit_batch_size per forward)."""
+        out: list[Embedded | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_size.setdefault(img.size, []).append(i)
+        bs = max(1, self.settings.fit_batch_size)
+        for size, idxs in by_size.items():
+            for start in range(0, len(idxs), bs):
+                chunk = idxs[start : start + bs]
+                t0 = time.perf_counter()
+                batch = self.extractor.preprocess([images[i].rgb for i in chunk])
+                t1 = time.perf_counter()
+                feats, grid = self.extractor.forward(batch)
+                if feats.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                input_size = (batch.shape[3], batch.shape[2])
+                feats_np = feats.cpu().numpy()
+                per = {"preprocess": (t1 - t0) * 1000 / len(chunk), "backbone": (t2 - t1) * 1000 / len(chunk),
+                       "batch_size": len(chunk)}
+                for j, i in enumerate(chunk):
+                    out[i] = Embedded(feats_np[j], grid, input_size, size, dict(per))
+        return out  # type: ignore[return-value]
+
+    def _records_images(self, records: list[SampleRecord]) -> list[ImageInput]:
+        return [decode_image(r.image_path.read_bytes(), mm_per_px=r.meta.get("mm_per_px"),
+                             max_bytes=1 << 62, max_decode_pixels=1 << 62) for r in records]
+
+    def _append_embeddings(self, kind: str, records: list[SampleRecord], images: list[ImageInput]) -> list[tuple[int, int]]:
+        """Embed and append; returns (offset, count) row spans of the new samples."""
+        store = self._emb[kind]
+        if store.meta["identity"] != self.identity:
+            store.reset(self.identity, self.extractor.feature_dim)
+        items, spans, offset = [], [], store.rows
+        for emb, rec in zip(self.embed(images), records, strict=True):
+            entry = {"sample_id": rec.sample_id, "grid": list(emb.grid), "input_size": list(emb.input_size),
+                     "image_size": list(emb.image_size)}
+            items.append((entry, emb.feats))
+            spans.append((offset, emb.feats.shape[0]))
+            offset += emb.feats.shape[0]
+        store.append(items)
+        return spans
+
+    # ------------------------------------------------------------ the index
+    def _sync_index(self) -> None:
+        """Make the embedding index and bank match the stored samples and this backbone."""
+        for kind in ("ok", "ng"):
+            records = self.store.list_samples(kind)
+            store = self._emb[kind]
+            indexed = [e["sample_id"] for e in store.entries]
+            ids = [r.sample_id for r in records]
+            if store.meta["identity"] != self.identity or indexed != ids[: len(indexed)]:
+                if records:
+                    log.warning("%s/%s: %s index stale (backbone or samples changed): rebuilding from %d samples",
+                                self.store.role_id, self.store.roi_id, kind, len(records))
+                store.reset(self.identity, self.extractor.feature_dim)
+                indexed = []
+                if kind == "ok":
+                    self.store.bank_path.unlink(missing_ok=True)
+            missing = records[len(indexed):]
+            if missing:
+                log.info("%s/%s: indexing %d %s samples", self.store.role_id, self.store.roi_id, len(missing), kind)
+                for start in range(0, len(missing), 64):
+                    chunk = missing[start : start + 64]
+                    self._append_embeddings(kind, chunk, self._records_images(chunk))
+        ok = self._emb["ok"]
+        bank = self.store.load_bank()
+        manifest_ok = (self.manifest.get("backbone") == self.identity
+                       and self.manifest.get("bank_key") == self.settings.bank_key()
+                       and self.manifest.get("bank_rows_total") == ok.rows)
+        if bank is not None and manifest_ok and (bank.size == 0 or bank.max() < ok.rows):
+            self._set_bank(bank)
+        else:
+            self._reselect()
+        self._refresh_knn()
+        changed = (self.manifest["counts"]["ok"] != len(ok.entries) or self.manifest["backbone"] != self.identity
+                   or self.manifest["counts"]["ng"] != len(self._emb["ng"].entries)
+                   or self.manifest.get("settings") != asdict(self.settings))
+        if changed and (ok.rows or self.store.exists()):
+            self._update_threshold_and_save()
+
+    def _reselect(self) -> None:
+        """Select the bank from scratch by streaming the stored embeddings sample by sample."""
+        store = self._emb["ok"]
+        data = store.array(self.settings.memory_fit)
+        self._set_bank(np.zeros(0, np.int64))
+        for e in store.entries:
+            lo, hi = e["offset"], e["offset"] + e["count"]
+            self._extend_bank(np.asarray(data[lo:hi]), lo, total_rows=hi)
+        self.store.save_bank(self.bank_rows)
+
+    def _set_bank(self, rows: np.ndarray) -> None:
+        """Bank rows (order kept) plus their features and projections, gathered from the index."""
+        data = self._emb["ok"].array(self.settings.memory_fit)
+        self.bank_rows = rows.astype(np.int64)
+        feats = np.asarray(data[rows], dtype=np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
+        self._bank_feats = torch.from_numpy(feats)
+        self._bank_proj = project(self._bank_feats, self._proj)
+
+    def _extend_bank(self, new_feats: np.ndarray, offset: int, total_rows: int) -> None:
+        """Incremental k-center greedy over one sample's patches, given their distance to the bank.
+
+        The bank grows to max(coreset_min, coreset_ratio x all patches) and never past coreset_max:
+        beyond it, the most redundant entries (closest to another entry) are pruned, 5 % at a time.
+        """
+        s = self.settings
+        n_new = new_feats.shape[0]
+        target = min(total_rows, max(s.coreset_min, math.ceil(s.coreset_ratio * total_rows)))
+        n_add = int(np.clip(target - self.bank_rows.size, 0, n_new))
+        if n_add == 0:
+            return
+        feats = torch.from_numpy(np.ascontiguousarray(new_feats, dtype=np.float32))
+        p_new = project(feats, self._proj)
+        if n_add == n_new:
+            sel = torch.arange(n_new)
+        else:
+            mindist = min_sq_dist(p_new, self._bank_proj) if self.bank_rows.size else None
+            sel = torch.as_tensor(greedy_select(p_new, n_add, mindist), dtype=torch.long)
+        self.bank_rows = np.concatenate([self.bank_rows, offset + sel.numpy()])
+        self._bank_feats = torch.cat([self._bank_feats, feats[sel]])
+        self._bank_proj = torch.cat([self._bank_proj, p_new[sel]])
+        if self.bank_rows.size > s.coreset_max:
+            self._prune(max(self.bank_rows.size - s.coreset_max, s.coreset_max // 20))
+
+    def _prune(self, n_remove: int) -> None:
+        """Drop the n_remove bank entries that lie closest to another entry (least coverage lost)."""
+        p = self._bank_proj
+        nn = torch.empty(p.shape[0])
+        norms = (p * p).sum(1)
+        for i in range(0, p.shape[0], 4096):
+            d = torch.addmm(norms[None, :], p[i : i + 4096], p.T, alpha=-2.0) + norms[i : i + 4096, None]
+            d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = float("inf")
+            nn[i : i + 4096] = d.min(1).values
+        keep = torch.sort(torch.argsort(nn, descending=True)[: p.shape[0] - n_remove]).values
+        self.bank_rows = self.bank_rows[keep.numpy()]
+        self._bank_feats = self._bank_feats[keep]
+        self._bank_proj = self._bank_proj[keep]
+
+    def _refresh_knn(self) -> None:
+        store = self._emb["ok"]
+        if self.bank_rows.size == 0:
+            self._knn = None
+            self._bank_sample = np.zeros(0, np.int64)
+            return
+        self._knn = NearestNeighbour(self._bank_feats.to(self.extractor.device), self.settings.knn_backend)
+        starts = np.asarray([e["offset"] for e in store.entries], np.int64)
+        self._bank_sample = np.searchsorted(starts, self.bank_rows, side="right") - 1
+
+    # --------------------------------------------------------------- scoring
+    def _score_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> tuple[float, np.ndarray]:
+        amap = input_res_map(dist, grid, input_size, self.settings.blur_sigma)
+        mask = resize_mask(self.mask, input_size)
+        return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile), amap
+
+    def _holdout_ok_scores(self) -> list[float]:
+        """Leave-one-out scores of the most recent OK samples against the bank without their own patches."""
+        store = self._emb["ok"]
+        entries = store.entries
+        if self._knn is None or not entries:
+            return []
+        data = store.array(self.settings.memory_fit)
+        scores = []
+        first = max(0, len(entries) - self.settings.holdout_max)
+        for i in range(first, len(entries)):
+            e = entries[i]
+            exclude = torch.from_numpy(self._bank_sample == i)
+            if bool(exclude.all()):
+                continue
+            q = torch.from_numpy(np.asarray(data[e["offset"] : e["offset"] + e["count"]]))
+            dist = self._knn.distances(q.to(self.extractor.device), exclude).numpy()
+            scores.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
+        if not scores:  # a single OK sample: score translated copies of it (half a patch) instead
+            rec = self.store.list_samples("ok")[-1]
+            img = self._records_images([rec])[0]
+            shift = self.extractor.stride / 2 * img.size[0] / entries[-1]["input_size"][0]
+            views = []
+            for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
+                mat = np.float32([[1, 0, dx], [0, 1, dy]])
+                rgb = cv2.warpAffine(img.rgb, mat, img.size, borderMode=cv2.BORDER_REFLECT)
+                views.append(ImageInput(rgb, img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
+            for emb in self.embed(views):
+                dist = self._knn.distances(torch.from_numpy(emb.feats).to(self.extractor.device)).numpy()
+                scores.append(self._score_map(dist, emb.grid, emb.input_size)[0])
+        return scores
+
+    def _ng_scores(self) -> list[float]:
+        store = self._emb["ng"]
+        if self._knn is None or not store.entries:
+            return []
+        data = store.array(True)
+        out = []
+        for e in store.entries:
+            q = torch.from_numpy(np.asarray(data[e["offset"] : e["offset"] + e["count"]]))
+            dist = self._knn.distances(q.to(self.extractor.device)).numpy()
+            out.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
+        return out
+
+    def _update_threshold_and_save(self) -> None:
+        s = self.settings
+        ok_scores = self._holdout_ok_scores()
+        ng_scores = self._ng_scores()
+        if s.threshold_policy == "manual":
+            if s.threshold_value is None:
+                raise ValueError("threshold_policy 'manual' needs threshold_value")
+            th = thresholds.manual_threshold(s.threshold_value)
+        elif self.manifest["threshold"]["method"] == "manual_override":
+            th = self.manifest["threshold"]
+        elif s.threshold_policy == "auto" and ng_scores and ok_scores:
+            th = thresholds.ng_threshold(ok_scores, ng_scores, s.ng_margin)
+        elif ok_scores:
+            th = thresholds.ok_threshold(ok_scores, s.ok_percentile)
+        else:
+            th = {"value": None, "method": "none", "details": {}}
+        ok = self._emb["ok"]
+        m = self.manifest
+        m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
+                 bank_key=s.bank_key(), bank_rows_total=ok.rows, ok_scores=[round(x, 6) for x in ok_scores],
+                 ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now())
+        m["counts"] = {"ok": len(ok.entries), "ng": len(self._emb["ng"].entries),
+                       "bank": int(self.bank_rows.size), "patches": ok.rows}
+        self.store.write_manifest(m)
+
+    # --------------------------------------------------------------- public
+    def _store_samples(self, kind: str, samples: list[tuple[bytes, ImageInput, dict]]) -> tuple[list, list, list]:
+        known = self.store.known_hashes(kind)
+        records, images, duplicates = [], [], []
+        import hashlib
+
+        for data, img, meta in samples:
+            sha = hashlib.sha256(data).hexdigest()
+            if sha in known:
+                duplicates.append(known[sha])
+                continue
+            rec = self.store.save_sample(kind, data, img.format, {"mm_per_px": img.mm_per_px, **meta})
+            known[sha] = rec.sample_id
+            records.append(rec)
+            images.append(img)
+        return records, images, duplicates
+
+    def fit_ok(self, samples: list[tuple[bytes, ImageInput, dict]]) -> dict:
+        """Store OK samples (image bytes + JSON), extend the bank, update the threshold."""
+        t0 = time.perf_counter()
+        records, images, duplicates = self._store_samples("ok", samples)
+        t_backbone = t_coreset = 0.0
+        ok = self._emb["ok"]
+        if ok.meta["identity"] != self.identity:
+            ok.reset(self.identity, self.extractor.feature_dim)
+        bs = max(1, self.settings.fit_batch_size)
+        for start in range(0, len(records), bs):
+            recs, imgs = records[start : start + bs], images[start : start + bs]
+            tb = time.perf_counter()
+            spans = self._append_embeddings("ok", recs, imgs)
+            tc = time.perf_counter()
+            data = ok.array(self.settings.memory_fit)
+            for lo, count in spans:
+                self._extend_bank(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
+            t_backbone += tc - tb
+            t_coreset += time.perf_counter() - tc
+        tt = time.perf_counter()
+        if records:
+            self.store.save_bank(self.bank_rows)
+            self._refresh_knn()
+            self._update_threshold_and_save()
+        t_threshold = time.perf_counter() - tt
+        report = {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state(),
+                  "timings_ms": {"embed": round(t_backbone * 1000, 1), "coreset": round(t_coreset * 1000, 1),
+                                 "threshold": round(t_threshold * 1000, 1),
+                                 "total": round((time.perf_counter() - t0) * 1000, 1)}}
+        log.info("fit_ok %s/%s: +%d samples (%d duplicates), bank %d, threshold %s, device %s, timings %s",
+                 self.store.role_id, self.store.roi_id, len(records), len(duplicates), self.bank_rows.size,
+                 self.threshold, self.extractor.device, report["timings_ms"])
+        return report
+
+    def send_ng(self, samples: list[tuple[bytes, ImageInput, dict]]) -> dict:
+        """Store NG calibration samples and recalibrate the threshold (policy auto)."""
+        records, images, duplicates = self._store_samples("ng", samples)
+        if records:
+            self._append_embeddings("ng", records, images)
+            if self._knn is not None:
+                self._update_threshold_and_save()
+            else:
+                self.manifest["counts"]["ng"] = len(self._emb["ng"].entries)
+                self.store.write_manifest(self.manifest)
+        return {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state()}
+
+    def set_threshold(self, value: float | None) -> dict:
+        """Manual override (value) or back to the configured policy (None)."""
+        if value is not None:
+            if not math.isfinite(value) or value <= 0:
+                raise InputError(f"threshold must be a finite number > 0, got {value}", code="invalid_threshold")
+            self.manifest["threshold"] = {"value": float(value), "method": "manual_override", "details": {}}
+        else:
+            self.manifest["threshold"] = {"value": None, "method": "none", "details": {}}
+        self._update_threshold_and_save()
+        return self.state()
+
+    def set_mask(self, png: bytes) -> dict:
+        mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if mask is None or not (mask > 0).any():
+            raise InputError("mask must be a PNG with non-zero pixels where anomalies count", code="invalid_mask")
+        from .storage import atomic_write_bytes
+
+        atomic_write_bytes(self.store.mask_path, png)
+        self.mask = mask > 0
+        if self._knn is not None:
+            self._update_threshold_and_save()
+        return self.state()
+
+    def predict(self, images: list[ImageInput], heatmap: bool = False, return_map: bool = False) -> list[dict]:
+        """Score images (batched by size); one result dict per image, in order."""
+        if self._knn is None or self.threshold is None:
+            raise ModelNotReadyError(
+                f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
+        if self.extractor.identity.to_dict() != self.identity:
+            raise BackboneMismatchError("the running backbone differs from the one this bank was built with")
+        results = []
+        for img, emb in zip(images, self.embed(images), strict=True):
+            t0 = time.perf_counter()
+            dist = self._knn.distances(torch.from_numpy(emb.feats).to(self.extractor.device)).numpy()
+            t1 = time.perf_counter()
+            score, amap = self._score_map(dist, emb.grid, emb.input_size)
+            threshold = float(self.threshold)
+            full = cv2.resize(amap, img.size, interpolation=cv2.INTER_LINEAR)
+            mask_full = resize_mask(self.mask, img.size)
+            count, regions = defect_regions(full, threshold, mask_full, img.mm_per_px, self.settings.min_defect_area_px)
+            is_anomaly = score > threshold
+            png = render_heatmap(img.rgb, full, threshold, mask_full) if heatmap or self.debug_dir else None
+            t2 = time.perf_counter()
+            timings = {"preprocess": emb.timings["preprocess"], "backbone": emb.timings["backbone"],
+                       "knn": (t1 - t0) * 1000, "postprocess": (t2 - t1) * 1000}
+            total_px = sum(d.area_px for d in regions)
+            res = {
+                "is_anomaly": bool(is_anomaly), "score": round(score, 6), "threshold": round(threshold, 6),
+                "threshold_method": self.manifest["threshold"]["method"],
+                "inference_ms": round(sum(timings.values()), 2),
+                "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+                "batch_size": emb.timings["batch_size"], "device": str(self.extractor.device),
+                "model_version": self.version, "backbone": self.identity["name"],
+                "mm_per_px": img.mm_per_px, "scale": img.scale, "image_size": list(img.size),
+                "defects": {"count": count if is_anomaly else 0,
+                            "total_area_px": total_px if is_anomaly else 0,
+                            "total_area_mm2": (round(total_px * img.mm_per_px**2, 6)
+                                               if img.mm_per_px and is_anomaly else (0.0 if img.mm_per_px else None)),
+                            "regions": [d.to_dict() for d in regions] if is_anomaly else []},
+            }
+            if png is not None and heatmap:
+                res["heatmap_png"] = png
+            if return_map:
+                res["anomaly_map"] = full
+            if png is not None and self.debug_dir is not None:
+                self._save_debug(png, res)
+            results.append(res)
+        return results
+
+    def _save_debug(self, png: bytes, res: dict) -> None:
+        d = self.debug_dir / self.store.role_id / self.store.roi_id  # type: ignore[operator]
+        d.mkdir(parents=True, exist_ok=True)
+        stamp = utc_now().replace(":", "").replace("-", "")
+        (d / f"{stamp}_{'NG' if res['is_anomaly'] else 'OK'}_{res['score']:.4f}.png").write_bytes(png)

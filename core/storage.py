@@ -1,0 +1,232 @@
+"""On-disk layout of one ROI model under the data root, with atomic writes.
+
+<data_root>/models/<role_id>/<roi_id>/
+    manifest.json                      version, backbone, settings, threshold, counts
+    mask.png                           optional ROI mask (non-zero = inspected)
+    samples/{ok,ng}/<id>.<ext>         every fit_ok / send_ng image exactly as received
+    samples/{ok,ng}/<id>.json          role_id, roi_id, mm_per_px, timestamp_utc, source, sha256, ...
+    index/{ok,ng}.f32 + {ok,ng}.json   embedding index: raw patch features appended per sample
+    index/bank.npz                     the coreset: global row numbers into ok.f32
+
+Every JSON / npz file is written to a temp file, fsynced and renamed. The embedding files are
+append-only; their JSON (written after the append) says how many rows are valid, so a crash in
+the middle of an append only leaves ignored bytes at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .ids import safe_join, validate_id
+
+KINDS = ("ok", "ng")
+EXT_BY_FORMAT = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class SampleRecord:
+    sample_id: str
+    kind: str
+    image_path: Path
+    meta: dict
+
+
+class EmbeddingStore:
+    """Append-only float32 rows [n, dim] with a JSON of sample entries (offset, count, grid, sizes)."""
+
+    def __init__(self, directory: Path, kind: str) -> None:
+        self.data_path = directory / f"{kind}.f32"
+        self.meta_path = directory / f"{kind}.json"
+        self.meta = read_json(self.meta_path) or {"identity": None, "dim": 0, "rows": 0, "entries": []}
+        self._ram: np.ndarray | None = None
+        self._ram_rows = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.meta["rows"])
+
+    @property
+    def entries(self) -> list[dict]:
+        return self.meta["entries"]
+
+    def reset(self, identity: dict, dim: int) -> None:
+        self.data_path.parent.mkdir(parents=True, exist_ok=True)
+        self.data_path.write_bytes(b"")
+        self.meta = {"identity": identity, "dim": dim, "rows": 0, "entries": []}
+        atomic_write_json(self.meta_path, self.meta)
+        self._ram = None
+
+    def append(self, items: list[tuple[dict, np.ndarray]]) -> None:
+        """items: (entry without offset/count, features [n_i, dim]) -> appended and committed."""
+        rows = self.rows
+        with open(self.data_path, "r+b" if self.data_path.exists() else "wb") as fh:
+            fh.truncate(rows * self.meta["dim"] * 4)  # drop bytes of an append that never committed
+            fh.seek(0, os.SEEK_END)
+            new_entries = []
+            for entry, feats in items:
+                arr = np.ascontiguousarray(feats, dtype=np.float32)
+                fh.write(arr.tobytes())
+                new_entries.append({**entry, "offset": rows, "count": int(arr.shape[0])})
+                rows += arr.shape[0]
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.meta["entries"].extend(new_entries)
+        self.meta["rows"] = rows
+        atomic_write_json(self.meta_path, self.meta)
+        if self._ram is not None:  # keep the RAM copy in step (capacity doubling) instead of reloading
+            need = rows
+            if need > self._ram.shape[0]:
+                grown = np.empty((max(need, 2 * self._ram.shape[0]), self.meta["dim"]), np.float32)
+                grown[: self._ram_rows] = self._ram[: self._ram_rows]
+                self._ram = grown
+            for entry, (_, feats) in zip(new_entries, items, strict=True):
+                self._ram[entry["offset"] : entry["offset"] + entry["count"]] = feats
+            self._ram_rows = rows
+
+    def array(self, in_ram: bool) -> np.ndarray:
+        """All valid rows: a RAM copy (memory_fit) or a read-only memory map (loaded on demand)."""
+        dim, rows = self.meta["dim"], self.rows
+        if rows == 0:
+            return np.zeros((0, dim), np.float32)
+        mm = np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(rows, dim))
+        if not in_ram:
+            return mm
+        if self._ram is None or self._ram_rows != rows:
+            self._ram = np.array(mm)
+            self._ram_rows = rows
+        return self._ram[:rows]
+
+
+class RoiStore:
+    """Files of one (role_id, roi_id); ids are validated and cannot escape the data root."""
+
+    def __init__(self, data_root: Path, role_id: str, roi_id: str) -> None:
+        self.role_id = validate_id(role_id, "role_id")
+        self.roi_id = validate_id(roi_id, "roi_id")
+        self.root = safe_join(Path(data_root), "models", self.role_id, self.roi_id)
+        self.index_dir = self.root / "index"
+        self.manifest_path = self.root / "manifest.json"
+        self.bank_path = self.index_dir / "bank.npz"
+        self.mask_path = self.root / "mask.png"
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def samples_dir(self, kind: str) -> Path:
+        return self.root / "samples" / kind
+
+    def embeddings(self, kind: str) -> EmbeddingStore:
+        return EmbeddingStore(self.index_dir, kind)
+
+    def save_sample(self, kind: str, data: bytes, fmt: str, meta: dict) -> SampleRecord:
+        """Store image bytes as received + metadata JSON; returns the record (id = time + sha prefix)."""
+        sha = hashlib.sha256(data).hexdigest()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        sample_id = f"{stamp}_{sha[:12]}"
+        directory = self.samples_dir(kind)
+        image_path = directory / f"{sample_id}.{EXT_BY_FORMAT.get(fmt, 'img')}"
+        atomic_write_bytes(image_path, data)
+        full_meta = {"role_id": self.role_id, "roi_id": self.roi_id, "sample_id": sample_id, "kind": kind,
+                     "sha256": sha, "image_file": image_path.name, "timestamp_utc": utc_now(), **meta}
+        atomic_write_json(directory / f"{sample_id}.json", full_meta)
+        return SampleRecord(sample_id, kind, image_path, full_meta)
+
+    def list_samples(self, kind: str) -> list[SampleRecord]:
+        """Samples whose JSON and image both exist, oldest first."""
+        out = []
+        directory = self.samples_dir(kind)
+        if not directory.exists():
+            return out
+        for meta_path in sorted(directory.glob("*.json")):
+            meta = read_json(meta_path)
+            if not meta:
+                continue
+            image_path = directory / meta.get("image_file", "")
+            if image_path.is_file():
+                out.append(SampleRecord(meta_path.stem, kind, image_path, meta))
+        return out
+
+    def known_hashes(self, kind: str) -> dict[str, str]:
+        return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}
+
+    def read_manifest(self) -> dict | None:
+        return read_json(self.manifest_path)
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def save_bank(self, rows: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, rows=rows.astype(np.int64))
+        atomic_write_bytes(self.bank_path, buf.getvalue())
+
+    def load_bank(self) -> np.ndarray | None:
+        if not self.bank_path.exists():
+            return None
+        with np.load(self.bank_path) as z:
+            return z["rows"]
+
+    def load_mask(self) -> np.ndarray | None:
+        if not self.mask_path.exists():
+            return None
+        import cv2
+
+        mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
+        return None if mask is None else mask > 0
+
+
+def list_rois(data_root: Path) -> list[tuple[str, str]]:
+    base = Path(data_root) / "models"
+    if not base.exists():
+        return []
+    return sorted((m.parent.parent.name, m.parent.name) for m in base.glob("*/*/manifest.json"))
