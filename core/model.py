@@ -80,6 +80,7 @@ class RoiModel:
         self._bank_sample: np.ndarray = np.zeros(0, np.int64)
         self._bank_feats = torch.zeros(0, extractor.feature_dim)
         self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
+        self._dirty = False
         t0 = time.perf_counter()
         self._sync_index()
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
@@ -141,7 +142,9 @@ class RoiModel:
         return [decode_image(r.image_path.read_bytes(), mm_per_px=r.meta.get("mm_per_px"),
                              max_bytes=1 << 62, max_decode_pixels=1 << 62) for r in records]
 
-    def _append_embeddings(self, kind: str, records: list[SampleRecord], images: list[ImageInput]) -> list[tuple[int, int]]:
+    def _append_embeddings(
+        self, kind: str, records: list[SampleRecord], images: list[ImageInput]
+    ) -> list[tuple[int, int]]:
         """Embed and append; returns (offset, count) row spans of the new samples."""
         store = self._emb[kind]
         if store.meta["identity"] != self.identity:
@@ -262,7 +265,9 @@ class RoiModel:
         self._bank_sample = np.searchsorted(starts, self.bank_rows, side="right") - 1
 
     # --------------------------------------------------------------- scoring
-    def _score_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> tuple[float, np.ndarray]:
+    def _score_map(
+        self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]
+    ) -> tuple[float, np.ndarray]:
         amap = input_res_map(dist, grid, input_size, self.settings.blur_sigma)
         mask = resize_mask(self.mask, input_size)
         return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile), amap
@@ -352,8 +357,12 @@ class RoiModel:
             images.append(img)
         return records, images, duplicates
 
-    def fit_ok(self, samples: list[tuple[bytes, ImageInput, dict]]) -> dict:
-        """Store OK samples (image bytes + JSON), extend the bank, update the threshold."""
+    def fit_ok(self, samples: list[tuple[bytes, ImageInput, dict]], finalize: bool = True) -> dict:
+        """Store OK samples (image bytes + JSON), extend the bank, update the threshold.
+
+        Large sets can be fed in chunks with finalize=False and one `finalize()` at the end, so that
+        the threshold (leave-one-out scoring) is computed once.
+        """
         t0 = time.perf_counter()
         records, images, duplicates = self._store_samples("ok", samples)
         t_backbone = t_coreset = 0.0
@@ -371,11 +380,12 @@ class RoiModel:
                 self._extend_bank(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
             t_backbone += tc - tb
             t_coreset += time.perf_counter() - tc
-        tt = time.perf_counter()
         if records:
             self.store.save_bank(self.bank_rows)
-            self._refresh_knn()
-            self._update_threshold_and_save()
+            self._dirty = True
+        tt = time.perf_counter()
+        if finalize:
+            self.finalize()
         t_threshold = time.perf_counter() - tt
         report = {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state(),
                   "timings_ms": {"embed": round(t_backbone * 1000, 1), "coreset": round(t_coreset * 1000, 1),
@@ -385,6 +395,13 @@ class RoiModel:
                  self.store.role_id, self.store.roi_id, len(records), len(duplicates), self.bank_rows.size,
                  self.threshold, self.extractor.device, report["timings_ms"])
         return report
+
+    def finalize(self) -> None:
+        """After fit_ok(finalize=False) calls: rebuild the search index, threshold and manifest."""
+        if self._dirty:
+            self._refresh_knn()
+            self._update_threshold_and_save()
+            self._dirty = False
 
     def send_ng(self, samples: list[tuple[bytes, ImageInput, dict]]) -> dict:
         """Store NG calibration samples and recalibrate the threshold (policy auto)."""

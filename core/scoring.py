@@ -16,7 +16,9 @@ import numpy as np
 SCORE_STATS = ("max", "percentile", "top1_mean")
 
 
-def input_res_map(patch_dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int], sigma: float) -> np.ndarray:
+def input_res_map(
+    patch_dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int], sigma: float
+) -> np.ndarray:
     """[gh*gw] distances -> smoothed map at the backbone input size (w, h)."""
     m = patch_dist.reshape(grid).astype(np.float32)
     m = cv2.resize(m, input_size, interpolation=cv2.INTER_LINEAR)

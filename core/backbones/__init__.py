@@ -26,6 +26,8 @@ from . import dinov2, efficientnet_lite
 log = logging.getLogger(__name__)
 
 BACKBONES = ("auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0")
+# EfficientNet-Lite0 blocks tapped for PatchCore: end of stage 3 (stride 8) and of stage 5 (stride 16)
+EFFNET_LAYERS = (4, 10)
 DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficientnet_lite0": 320}
 
 
@@ -62,6 +64,7 @@ class FeatureExtractor:
     def __init__(
         self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
         keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
+        layers: tuple[int, ...] = EFFNET_LAYERS,
     ) -> None:
         self.name = name
         self.model = model.to(device)
@@ -75,9 +78,10 @@ class FeatureExtractor:
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if self.is_vit else ((0.5,) * 3, (0.5,) * 3)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.feature_dim = 384 if self.is_vit else 40 + 112
-        self.taps = (4, 10)  # EfficientNet-Lite0: end of stage 3 (stride 8) and stage 5 (stride 16)
-        self.identity = BackboneIdentity(name, weights_sha256, resolution, keep_aspect, self.feature_dim)
+        self.taps = () if self.is_vit else tuple(layers)
+        self.feature_dim = 384 if self.is_vit else sum(efficientnet_lite.block_channels(i) for i in self.taps)
+        ident_name = name if self.is_vit or self.taps == EFFNET_LAYERS else f"{name}@{'-'.join(map(str, self.taps))}"
+        self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)
         self._lock = threading.Lock()
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
@@ -155,12 +159,13 @@ _CACHE_LOCK = threading.Lock()
 def get_extractor(
     name: str = "auto", weights: str | None = None, resolution: int | None = None, device: str = "auto",
     keep_aspect: bool = True, allow_download: bool = False, random_weights: bool = False,
+    layers: tuple[int, ...] = EFFNET_LAYERS,
 ) -> FeatureExtractor:
     """One cached, warmed-up extractor per configuration in this process."""
     name = resolve_backbone_name(name, weights)
     resolution = resolution or DEFAULT_RESOLUTION[name]
     dev = resolve_device(device)
-    key = (name, weights, resolution, str(dev), keep_aspect, random_weights)
+    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, tuple(layers))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -180,7 +185,7 @@ def get_extractor(
             path = None if random_weights else (Path(weights) if weights else efficientnet_lite.default_weights_path())
             model = efficientnet_lite.build_efficientnet_lite0(path)
         sha = "random-seed-0" if path is None else sha256_file(path)
-        extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect)
+        extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers))
         warm_ms = extractor.warm_up()
         log.info(
             "backbone %s loaded from %s on %s at resolution %d (load %.0f ms, warm-up %.0f ms)",

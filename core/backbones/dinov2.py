@@ -101,7 +101,9 @@ class DinoV2ViT(nn.Module):
         if gh == side and gw == side:
             return pos
         patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
+        # the register models were trained with an anti-aliased resize of the position grid
+        patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False,
+                                  antialias=self.num_registers > 0)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1)
 

@@ -23,6 +23,16 @@ STAGES = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 
 BN_EPS = 1e-3
 
 
+def block_channels(index: int) -> int:
+    """Output channels of block `index` (0-15)."""
+    seen = 0
+    for _, _, _, _, cout, repeats in STAGES:
+        seen += repeats
+        if index < seen:
+            return cout
+    raise IndexError(f"EfficientNet-Lite0 has 16 blocks, not {index + 1}")
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding (asymmetric for even inputs with stride 2)."""
 

@@ -1,0 +1,1 @@
+"""The daemon and CLI around core/: config, ingestion, worker, publishing."""

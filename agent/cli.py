@@ -1,0 +1,241 @@
+"""`anomaly-agent` command line: fit, predict, calibrate, models, mask, run.
+
+Exit codes: 0 success; 1 at least one input could not be used (the others were processed);
+2 invalid configuration or usage; 3 the model or backbone is not ready (not fitted, weights missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core import __version__
+from core.errors import AnomalyError, InputError, ModelNotReadyError, WeightsNotFoundError
+from core.ids import validate_id
+from core.storage import list_rois
+
+from .config import ConfigError, load_config
+from .runtime import Runtime, expand_inputs, setup_logging
+
+log = logging.getLogger("anomaly_agent")
+EXIT_OK, EXIT_INPUT, EXIT_CONFIG, EXIT_NOT_READY = 0, 1, 2, 3
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _error_line(path: Path, exc: AnomalyError) -> dict:
+    return {"file": str(path), "error": exc.to_dict()}
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}", code="file_not_found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a directory", code="file_not_found") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}", code="file_unreadable") from None
+
+
+def _role_roi(args: argparse.Namespace) -> tuple[str, str]:
+    return validate_id(args.role, "role_id"), validate_id(args.roi, "roi_id")
+
+
+def cmd_fit(rt: Runtime, args: argparse.Namespace) -> int:
+    role, roi = _role_roi(args)
+    model = rt.model(role, roi)
+    files = expand_inputs(args.images)
+    failed = 0
+    chunk: list = []
+    bs = max(1, model.settings.fit_batch_size)
+    added = duplicates = 0
+    with tqdm(total=len(files), desc=f"fit {role}/{roi}", unit="img", file=sys.stderr,
+              disable=args.quiet) as bar:
+        for i, path in enumerate(files):
+            try:
+                data = _read(path)
+                chunk.append((data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli",
+                                                                         "file_name": path.name}))
+            except InputError as exc:
+                failed += 1
+                _emit(_error_line(path, exc))
+                bar.update(1)
+            if len(chunk) >= bs or (i == len(files) - 1 and chunk):
+                rep = model.fit_ok(chunk, finalize=False)
+                added += len(rep["added"])
+                duplicates += len(rep["duplicates"])
+                bar.update(len(chunk))
+                chunk = []
+    t0 = time.perf_counter()
+    model.finalize()
+    state = model.state()
+    _emit({"fitted": f"{role}/{roi}", "added": added, "duplicates": duplicates, "failed": failed,
+           "threshold_ms": round((time.perf_counter() - t0) * 1000, 1), **state})
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_predict(rt: Runtime, args: argparse.Namespace) -> int:
+    role, roi = _role_roi(args)
+    model = rt.model(role, roi)
+    heatmap = args.heatmap or bool(args.heatmap_dir) or rt.heatmap_default(role, roi)
+    if args.heatmap_dir:
+        Path(args.heatmap_dir).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in expand_inputs(args.images):
+        try:
+            t0 = time.perf_counter()
+            data = _read(path)
+            img = rt.decode(data, args.mm_per_px)
+            decode_ms = (time.perf_counter() - t0) * 1000
+            res = model.predict([img], heatmap=heatmap)[0]
+        except InputError as exc:
+            failed += 1
+            _emit(_error_line(path, exc))
+            continue
+        res["timings_ms"] = {"decode": round(decode_ms, 2), **res["timings_ms"]}
+        res["inference_ms"] = round(res["inference_ms"] + decode_ms, 2)
+        png = res.pop("heatmap_png", None)
+        out = {"file": str(path), **res}
+        if png is not None:
+            if args.heatmap_dir:
+                target = Path(args.heatmap_dir) / f"{path.stem}.heatmap.png"
+                target.write_bytes(png)
+                out["heatmap_file"] = str(target)
+            if args.heatmap:
+                out["heatmap_png_b64"] = base64.b64encode(png).decode()
+        _emit(out)
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
+    role, roi = _role_roi(args)
+    model = rt.model(role, roi)
+    if args.threshold is not None or args.reset:
+        _emit(model.set_threshold(None if args.reset else args.threshold))
+        return EXIT_OK
+    if not args.images:
+        raise InputError("give NG images, --threshold V or --reset", code="usage")
+    samples, failed = [], 0
+    for path in expand_inputs(args.images):
+        try:
+            data = _read(path)
+            samples.append((data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli",
+                                                                     "file_name": path.name}))
+        except InputError as exc:
+            failed += 1
+            _emit(_error_line(path, exc))
+    rep = model.send_ng(samples)
+    _emit({"calibrated": f"{role}/{roi}", "added": len(rep["added"]), "duplicates": len(rep["duplicates"]),
+           "failed": failed, **{k: v for k, v in rep.items() if k not in ("added", "duplicates")}})
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_mask(rt: Runtime, args: argparse.Namespace) -> int:
+    role, roi = _role_roi(args)
+    _emit(rt.model(role, roi).set_mask(_read(Path(args.mask))))
+    return EXIT_OK
+
+
+def cmd_models(cfg_data_root: Path, rt_factory: object) -> int:
+    from core.storage import RoiStore
+
+    for role, roi in list_rois(cfg_data_root):
+        m = RoiStore(cfg_data_root, role, roi).read_manifest() or {}
+        _emit({"role_id": role, "roi_id": roi, "samples": {"ok": m.get("counts", {}).get("ok", 0),
+                                                           "ng": m.get("counts", {}).get("ng", 0)},
+               "bank_size": m.get("counts", {}).get("bank", 0), "threshold": m.get("threshold", {}).get("value"),
+               "threshold_method": m.get("threshold", {}).get("method"), "backbone": m.get("backbone", {}),
+               "model_version": m.get("version"), "updated_utc": m.get("updated_utc")})
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anomaly-agent", description="Visual anomaly detection per ROI (PatchCore).")
+    p.add_argument("--version", action="version", version=f"anomaly-agent {__version__}")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: config/agent.yaml)")
+    p.add_argument("--data-root", type=Path, default=None, help="override data_root")
+    p.add_argument("--backbone", default=None, help="auto, dinov2_vits14, dinov2_vits14_reg4, efficientnet_lite0")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def roi_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--role", required=True, help="role_id ([A-Za-z0-9_.-]{1,64})")
+        sp.add_argument("--roi", required=True, help="roi_id ([A-Za-z0-9_.-]{1,64})")
+
+    sp = sub.add_parser("fit", help="add OK images to a ROI's model")
+    roi_args(sp)
+    sp.add_argument("images", nargs="+", help="image files or directories")
+    sp.add_argument("--mm-per-px", type=float, default=None)
+    sp.add_argument("--source", default=None)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp = sub.add_parser("predict", help="score images; one JSON line per image on stdout")
+    roi_args(sp)
+    sp.add_argument("images", nargs="+")
+    sp.add_argument("--mm-per-px", type=float, default=None)
+    sp.add_argument("--heatmap", action="store_true", help="add heatmap_png_b64 to each line")
+    sp.add_argument("--heatmap-dir", default=None, help="write <name>.heatmap.png files here")
+    sp = sub.add_parser("calibrate", help="add NG images (threshold calibration) or set a manual threshold")
+    roi_args(sp)
+    sp.add_argument("images", nargs="*")
+    sp.add_argument("--mm-per-px", type=float, default=None)
+    sp.add_argument("--source", default=None)
+    sp.add_argument("--threshold", type=float, default=None, help="manual threshold override")
+    sp.add_argument("--reset", action="store_true", help="drop a manual override, back to the policy")
+    sp = sub.add_parser("mask", help="set a ROI mask PNG (non-zero = inspected)")
+    roi_args(sp)
+    sp.add_argument("mask")
+    sub.add_parser("models", help="list ROIs: samples, threshold, backbone, version")
+    sp = sub.add_parser("run", help="run the daemon (watched folders, MQTT)")
+    sp.add_argument("--mqtt-host", default=None)
+    sp.add_argument("--mqtt-port", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"data_root": args.data_root, "backbone.name": args.backbone, "device": args.device,
+                 "log_level": args.log_level}
+    if args.command == "run":
+        overrides.update({"mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port})
+    try:
+        cfg = load_config(args.config, overrides={k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in overrides.items()})
+    except ConfigError as exc:
+        print(f"anomaly-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log_level)
+    if args.command == "models":
+        return cmd_models(cfg.data_root, None)
+    try:
+        if args.command == "run":
+            from .daemon import run_daemon
+
+            return run_daemon(cfg)
+        rt = Runtime(cfg)
+        return {"fit": cmd_fit, "predict": cmd_predict, "calibrate": cmd_calibrate, "mask": cmd_mask}[
+            args.command](rt, args)
+    except (ModelNotReadyError, WeightsNotFoundError) as exc:
+        print(f"anomaly-agent: {exc.message}", file=sys.stderr)
+        return EXIT_NOT_READY
+    except InputError as exc:
+        print(f"anomaly-agent: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG if exc.code in ("invalid_id", "usage") else EXIT_INPUT
+    except ValueError as exc:
+        print(f"anomaly-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

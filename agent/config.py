@@ -1,0 +1,242 @@
+"""Agent configuration: one YAML file validated by pydantic, env and command-line overrides.
+
+Precedence (last wins): the YAML file, environment variables `ANOMALY_AGENT_<SECTION>__<KEY>`
+(e.g. ANOMALY_AGENT_MQTT__HOST, ANOMALY_AGENT_DATA_ROOT), command-line options.
+Relative paths in the file are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.backbones import BACKBONES
+from core.ids import ID_PATTERN
+from core.model import ModelSettings
+
+ENV_PREFIX = "ANOMALY_AGENT_"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "agent.yaml"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names each key (full path) and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Strict):
+    name: Literal["auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0"] = "auto"
+    weights: Path | None = None
+    resolution: int | None = Field(None, ge=56, le=1344)
+    keep_aspect: bool = True
+    allow_download: bool = False
+
+
+class RoiSettings(Strict):
+    """Per-ROI model settings; every field optional so `rois` entries override only what they name."""
+
+    coreset_ratio: float | None = Field(None, gt=0, le=1)
+    coreset_min: int | None = Field(None, ge=0)
+    coreset_max: int | None = Field(None, ge=64)
+    score_stat: Literal["max", "percentile", "top1_mean"] | None = None
+    score_percentile: float | None = Field(None, gt=0, lt=100)
+    blur_sigma: float | None = Field(None, ge=0)
+    threshold_policy: Literal["auto", "ok_only", "manual"] | None = None
+    threshold_value: float | None = Field(None, gt=0)
+    ok_percentile: float | None = Field(None, gt=0, le=100)
+    holdout_max: int | None = Field(None, ge=1)
+    ng_margin: float | None = Field(None, ge=0, le=1)
+    memory_fit: bool | None = None
+    fit_batch_size: int | None = Field(None, ge=1, le=256)
+    min_defect_area_px: int | None = Field(None, ge=0)
+    knn_backend: Literal["auto", "faiss", "torch"] | None = None
+    heatmap: bool | None = None
+
+
+class FolderConfig(Strict):
+    enabled: bool = True
+    root: Path | None = None  # default <data_root>/inbox
+    rescan_s: float = Field(10.0, gt=0)
+    stable_s: float = Field(1.0, ge=0)
+    done_retention_days: float | None = Field(30.0, ge=0)
+
+
+class TlsConfig(Strict):
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class MqttConfig(Strict):
+    enabled: bool = False
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    base_topic: str = "anomaly"
+    client_id: str = "anomaly-agent"
+    qos: Literal[0, 1, 2] = 1
+    keepalive: int = Field(30, ge=5, le=3600)
+    protocol: Literal["5", "3.1.1"] = "5"
+    session_expiry_s: int = Field(86400, ge=0)
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    shared_group: str | None = None
+    max_payload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+
+    @field_validator("base_topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a non-empty topic without wildcards or leading/trailing '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> MqttConfig:
+        if self.tls and bool(self.tls.cert) != bool(self.tls.key):
+            raise ValueError("tls.cert and tls.key must be given together")
+        return self
+
+
+class WorkerConfig(Strict):
+    queue_size: int = Field(64, ge=1)
+    max_batch: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0)
+
+
+class LimitsConfig(Strict):
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_decode_pixels: int = Field(100_000_000, ge=1)
+    max_pixels: int = Field(12_000_000, ge=1)
+
+
+class AgentConfig(Strict):
+    data_root: Path = Path("data")
+    device: str = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    debug: bool = False
+    backbone: BackboneConfig = BackboneConfig()
+    defaults: RoiSettings = RoiSettings()
+    rois: dict[str, RoiSettings] = {}
+    folder: FolderConfig = FolderConfig()
+    mqtt: MqttConfig = MqttConfig()
+    worker: WorkerConfig = WorkerConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+    @field_validator("rois")
+    @classmethod
+    def _roi_keys(cls, v: dict[str, RoiSettings]) -> dict[str, RoiSettings]:
+        for key in v:
+            parts = key.split("/")
+            if len(parts) != 2 or not all(ID_PATTERN.match(p) for p in parts):
+                raise ValueError(f"key {key!r} must be '<role_id>/<roi_id>' with ids of [A-Za-z0-9_.-]{{1,64}}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> AgentConfig:
+        merged = self.defaults.model_dump(exclude_none=True)
+        if merged.get("threshold_policy") == "manual" and merged.get("threshold_value") is None:
+            raise ValueError("defaults.threshold_policy 'manual' needs defaults.threshold_value")
+        mn, mx = merged.get("coreset_min", ModelSettings.coreset_min), merged.get("coreset_max",
+                                                                                  ModelSettings.coreset_max)
+        if mn > mx:
+            raise ValueError(f"defaults.coreset_min ({mn}) must not exceed defaults.coreset_max ({mx})")
+        if self.limits.max_pixels > self.limits.max_decode_pixels:
+            raise ValueError("limits.max_pixels must not exceed limits.max_decode_pixels")
+        return self
+
+    def roi_settings(self, role_id: str, roi_id: str) -> tuple[ModelSettings, bool]:
+        """(ModelSettings, heatmap default) for one ROI: defaults, then its `rois` override."""
+        merged = self.defaults.model_dump(exclude_none=True)
+        merged.update(self.rois.get(f"{role_id}/{roi_id}", RoiSettings()).model_dump(exclude_none=True))
+        heatmap = bool(merged.pop("heatmap", False))
+        return ModelSettings(**merged), heatmap
+
+    @property
+    def inbox(self) -> Path:
+        return self.folder.root or self.data_root / "inbox"
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: cannot override inside a non-mapping value")
+    node[path[-1]] = value
+
+
+def _env_overrides(env: dict[str, str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((path, value))
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/configuration.md)"
+        elif err["type"] == "literal_error" and err.get("ctx", {}).get("expected"):
+            msg = f"{msg}; got {err.get('input')!r}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read, merge and validate. Raises ConfigError with every problem, each by its full key path."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not path.exists() and path != DEFAULT_CONFIG:
+        raise ConfigError(f"config file {path} does not exist")
+    tree: dict = raw or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = path.resolve().parent
+    for key in ("data_root",):
+        if isinstance(tree.get(key), str) and not Path(tree[key]).is_absolute():
+            tree[key] = os.path.normpath(base / tree[key])
+    for section, key in (("backbone", "weights"), ("folder", "root")):
+        v = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
+        if isinstance(v, str) and not Path(v).expanduser().is_absolute():
+            tree[section][key] = os.path.normpath(base / v)
+    for p, value in _env_overrides(dict(os.environ) if env is None else env):
+        _set_path(tree, p, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    try:
+        cfg = AgentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from None
+    if cfg.backbone.name not in BACKBONES:  # pragma: no cover - Literal already guards this
+        raise ConfigError(f"backbone.name must be one of {BACKBONES}")
+    return cfg

@@ -1,0 +1,83 @@
+"""`anomaly-agent run`: warm the model, start the worker and the ingestion, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from .config import AgentConfig
+from .runtime import Runtime
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING); silent without NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self._n = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+        usec = os.environ.get("WATCHDOG_USEC")
+        self.interval = int(usec) / 2e6 if usec and usec.isdigit() else None
+        self._last = 0.0
+
+    def send(self, msg: str) -> None:
+        if self._n is not None:
+            self._n.notify(msg)
+
+    def ping(self) -> None:
+        """Called from the worker loop: a hung worker stops the pings and systemd restarts us."""
+        if self.interval is not None and time.monotonic() - self._last >= self.interval:
+            self._last = time.monotonic()
+            self.send("WATCHDOG=1")
+
+
+def run_daemon(cfg: AgentConfig) -> int:
+    notifier = Notifier()
+    started = time.monotonic()
+    rt = Runtime(cfg)  # loads and warms the backbone
+    worker = Worker(rt, cfg.worker, heartbeat=notifier.ping)
+    worker.start()
+    sources = []
+    if cfg.folder.enabled:
+        from .folder import FolderIngest
+
+        sources.append(FolderIngest(cfg, worker))
+    if cfg.mqtt.enabled:
+        from .mqtt import MqttIngest
+
+        sources.append(MqttIngest(cfg, worker, rt, started))
+    if not sources:
+        log.error("nothing to do: enable folder and/or mqtt in the config")
+        return 2
+    for s in sources:
+        s.start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping intake, finishing queued work", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    notifier.send(f"READY=1\nSTATUS=serving on {rt.extractor.name} ({rt.extractor.device})")
+    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s", rt.extractor.name,
+             rt.extractor.device, cfg.folder.enabled, cfg.mqtt.enabled)
+    while not stop.wait(1.0):
+        pass
+    notifier.send("STOPPING=1")
+    for s in sources:  # stop intake first
+        s.stop()
+    worker.stop(drain=True)
+    for s in sources:
+        if hasattr(s, "close"):
+            s.close()  # e.g. MQTT: flush the outbox, publish offline
+    log.info("stopped cleanly")
+    return 0

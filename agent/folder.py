@@ -1,0 +1,221 @@
+"""Watched drop folders: <inbox>/<role_id>/<roi_id>/{predict,fit_ok,send_ng}/<name>.<ext>.
+
+A file is taken only when complete: on close-after-write or rename-into (inotify via watchdog), or
+by the periodic rescan once its size and mtime have been stable for `stable_s` (catches network
+shares and events lost to an inotify overflow). Names starting with '.' or ending in .part / .tmp
+are never taken; `<name>.json` next to an image is its sidecar (mm_per_px, source, request_id).
+
+Each file is claimed by an atomic rename into <data_root>/processing/..., so two agents or a
+restart never take it twice; claimed files are finished first on the next start. The result goes
+to <data_root>/results/<role>/<roi>/<name>.json (written before the image moves on), then the image
+moves to done/ or, when it cannot be used, to rejected/ with <name>.error.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from core.ids import ID_PATTERN
+from core.storage import atomic_write_bytes, atomic_write_json, utc_now
+
+from .config import AgentConfig
+from .jobs import Job
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+FOLDER_ACTIONS = ("predict", "fit_ok", "send_ng")
+IGNORED_SUFFIXES = (".part", ".tmp", ".json")
+
+
+def is_candidate(name: str) -> bool:
+    return not name.startswith(".") and not name.lower().endswith(IGNORED_SUFFIXES)
+
+
+class FolderIngest(FileSystemEventHandler):
+    def __init__(self, cfg: AgentConfig, worker: Worker) -> None:
+        self.cfg = cfg
+        self.worker = worker
+        self.inbox = cfg.inbox
+        self.data_root = cfg.data_root
+        self.processing = self.data_root / "processing"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self._observer = Observer()
+        self._stop = threading.Event()
+        self._seen: dict[Path, tuple[int, float, float]] = {}  # path -> (size, mtime, first seen)
+        self._lock = threading.Lock()
+        self._scanner = threading.Thread(target=self._rescan_loop, name="folder-rescan", daemon=True)
+
+    # -------------------------------------------------------------- control
+    def start(self) -> None:
+        self._recover()
+        self._observer.schedule(self, str(self.inbox), recursive=True)
+        self._observer.start()
+        self._scanner.start()
+        log.info("watching %s (rescan every %.0f s)", self.inbox, self.cfg.folder.rescan_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        self._scanner.join(timeout=5)
+
+    # --------------------------------------------------------------- events
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._take(Path(os.fsdecode(event.src_path)))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._take(Path(os.fsdecode(event.dest_path)))
+
+    def _rescan_loop(self) -> None:
+        self.scan(initial=True)
+        while not self._stop.wait(min(self.cfg.folder.rescan_s, max(0.2, self.cfg.folder.stable_s))):
+            self.scan()
+
+    def scan(self, initial: bool = False) -> None:
+        """Take files whose size and mtime have not changed for stable_s."""
+        now = time.monotonic()
+        present = set()
+        for path in self.inbox.glob("*/*/*/*"):
+            if not path.is_file() or not is_candidate(path.name):
+                continue
+            present.add(path)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            prev = self._seen.get(path)
+            if prev and prev[0] == st.st_size and prev[1] == st.st_mtime:
+                if now - prev[2] >= self.cfg.folder.stable_s:
+                    self._take(path)
+            else:
+                self._seen[path] = (st.st_size, st.st_mtime, now)
+        for gone in set(self._seen) - present:
+            self._seen.pop(gone, None)
+
+    # ---------------------------------------------------------------- claim
+    def _parts(self, path: Path) -> tuple[str, str, str] | None:
+        try:
+            rel = path.relative_to(self.inbox)
+        except ValueError:
+            return None
+        if len(rel.parts) != 4:
+            return None
+        return rel.parts[0], rel.parts[1], rel.parts[2]
+
+    def _take(self, path: Path) -> None:
+        if self._stop.is_set() or not is_candidate(path.name):
+            return
+        parts = self._parts(path)
+        if parts is None:
+            return
+        role, roi, action = parts
+        with self._lock:
+            self._seen.pop(path, None)
+            if not path.exists():
+                return
+            if not (ID_PATTERN.match(role) and ID_PATTERN.match(roi)) or action not in FOLDER_ACTIONS:
+                self._reject_unclaimed(path, role, roi, action)
+                return
+            target = self.processing / role / roi / action / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, target)  # the claim: atomic, only one taker wins
+            except FileNotFoundError:
+                return
+            sidecar = path.with_suffix(".json")
+            if sidecar.exists():
+                try:
+                    os.rename(sidecar, target.with_suffix(".json"))
+                except FileNotFoundError:
+                    pass
+        self._enqueue(target, role, roi, action)
+
+    def _recover(self) -> None:
+        """Files claimed before a crash: finish them first (a result already written is not redone)."""
+        for path in sorted(self.processing.glob("*/*/*/*")):
+            if path.is_file() and is_candidate(path.name):
+                role, roi, action = path.relative_to(self.processing).parts[:3]
+                result = self.data_root / "results" / role / roi / f"{path.stem}.json"
+                if result.exists() and json.loads(result.read_text()).get("claim") == str(path):
+                    self._move_on(path, role, roi, action, ok=True)
+                    continue
+                log.info("recovering claimed file %s", path)
+                self._enqueue(path, role, roi, action)
+
+    def _enqueue(self, claimed: Path, role: str, roi: str, action: str) -> None:
+        meta: dict = {"source": "folder"}
+        request_id = f"folder:{role}/{roi}/{action}/{claimed.name}"
+        sidecar = claimed.with_suffix(".json")
+        job = Job(role, roi, action, [], request_id, meta, on_result=self._deliver)
+        job.meta["claim"] = str(claimed)
+        try:
+            if sidecar.exists():
+                side = json.loads(sidecar.read_text())
+                if not isinstance(side, dict):
+                    raise ValueError("sidecar must be a JSON object")
+                for key in ("mm_per_px", "source", "heatmap"):
+                    if key in side:
+                        meta[key] = side[key]
+                if side.get("request_id"):
+                    job.request_id = str(side["request_id"])[:200]
+            job.images = [claimed.read_bytes()]
+        except (ValueError, OSError) as exc:
+            from .jobs import error_result
+
+            self._deliver(job, error_result(job, "invalid_sidecar", f"{sidecar.name}: {exc}"))
+            return
+        self.worker.submit(job)  # blocks while the queue is full: the rest waits in the inbox
+
+    # -------------------------------------------------------------- results
+    def _deliver(self, job: Job, result: dict) -> None:
+        claimed = Path(job.meta["claim"])
+        out_dir = self.data_root / "results" / job.role_id / job.roi_id
+        payload = {**result, "file": claimed.name, "claim": str(claimed)}
+        png_b64 = (result.get("data") or {}).pop("heatmap_png_b64", None) if result["status"] == "ok" else None
+        if png_b64:
+            import base64
+
+            atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", base64.b64decode(png_b64))
+            payload["data"]["heatmap_file"] = f"{claimed.stem}.heatmap.png"
+        atomic_write_json(out_dir / f"{claimed.stem}.json", payload)
+        if result["status"] == "error":
+            err_dir = self.data_root / "rejected" / job.role_id / job.roi_id / job.action
+            atomic_write_json(err_dir / f"{claimed.stem}.error.json", {**result["error"], "file": claimed.name,
+                                                                        "timestamp_utc": utc_now()})
+        self._move_on(claimed, job.role_id, job.roi_id, job.action, ok=result["status"] == "ok")
+
+    def _move_on(self, claimed: Path, role: str, roi: str, action: str, ok: bool) -> None:
+        target_dir = self.data_root / ("done" if ok else "rejected") / role / roi / action
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for src in (claimed, claimed.with_suffix(".json")):
+            if src.exists():
+                dst = target_dir / src.name
+                if dst.exists():
+                    dst = target_dir / f"{src.stem}.{int(time.time() * 1000)}{src.suffix}"
+                os.replace(src, dst)
+
+    def _reject_unclaimed(self, path: Path, role: str, roi: str, action: str) -> None:
+        """Bad ids or an unknown action folder: move aside with the reason (ids never become paths)."""
+        target_dir = self.data_root / "rejected" / "_invalid"
+        target_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dst = target_dir / f"{stamp}_{path.name}"
+        os.replace(path, dst)
+        if action not in FOLDER_ACTIONS:
+            code, msg = "unknown_action", f"folder action {action!r} is not one of {', '.join(FOLDER_ACTIONS)}"
+        else:
+            code, msg = "invalid_id", f"role/roi folder {role!r}/{roi!r} is not a valid id ([A-Za-z0-9_.-]{{1,64}})"
+        atomic_write_json(dst.with_name(dst.name + ".error.json"),
+                          {"code": code, "message": msg, "path": str(path.relative_to(self.inbox)),
+                           "timestamp_utc": utc_now()})
+        log.warning("rejected %s: %s", path, msg)

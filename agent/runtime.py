@@ -1,0 +1,63 @@
+"""Shared wiring for the CLI and the daemon: config -> extractor -> per-ROI models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from core.backbones import FeatureExtractor, get_extractor
+from core.image_io import ImageInput, decode_image
+from core.model import RoiModel
+
+from .config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Runtime:
+    """One extractor for the process and one RoiModel per (role_id, roi_id), opened on demand."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        b = cfg.backbone
+        self.extractor: FeatureExtractor = get_extractor(
+            b.name, str(b.weights) if b.weights else None, b.resolution, cfg.device, b.keep_aspect, b.allow_download)
+        if b.name == "auto" and self.extractor.name == "efficientnet_lite0":
+            log.warning("running on EfficientNet-Lite0 (ImageNet) because no DINOv2 weights were found; "
+                        "see docs/configuration.md (backbone.weights) to use DINOv2")
+        self._models: dict[tuple[str, str], RoiModel] = {}
+
+    def model(self, role_id: str, roi_id: str) -> RoiModel:
+        key = (role_id, roi_id)
+        if key not in self._models:
+            settings, _ = self.cfg.roi_settings(role_id, roi_id)
+            debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None
+            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor, settings, debug_dir)
+        return self._models[key]
+
+    def heatmap_default(self, role_id: str, roi_id: str) -> bool:
+        return self.cfg.roi_settings(role_id, roi_id)[1]
+
+    def decode(self, data: bytes, mm_per_px: object = None) -> ImageInput:
+        lim = self.cfg.limits
+        return decode_image(data, mm_per_px=mm_per_px, max_bytes=lim.max_bytes,
+                            max_decode_pixels=lim.max_decode_pixels, max_pixels=lim.max_pixels,
+                            min_side=self.extractor.stride)
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files as given; directories expand to their image files (sorted)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.is_file()
+                              and f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")))
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,211 @@
+"""The inference worker: one thread owns the models and the device; ingestion only enqueues.
+
+Predicts for the same ROI that arrive within `max_wait_ms` are micro-batched (up to `max_batch`),
+consecutive fit_ok jobs of one ROI are fitted together. Every job ends in exactly one call of its
+`on_result` with an ok or error result.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from core.errors import AnomalyError, InputError
+
+from .config import WorkerConfig
+from .jobs import Job, error_result, ok_result
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, rt: Runtime, cfg: WorkerConfig, heartbeat: Callable[[], None] | None = None,
+                 on_state: Callable[[str, str, dict], None] | None = None) -> None:
+        self.rt = rt
+        self.cfg = cfg
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
+        self.heartbeat = heartbeat or (lambda: None)
+        self.on_state = on_state
+        self.counts: Counter[str] = Counter()
+        self.last_timing: dict = {}
+        self._stop = threading.Event()
+        self._pending: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job, timeout: float | None = None) -> bool:
+        """Enqueue (blocking while the queue is full: backpressure). False on timeout."""
+        job.enqueued_at = time.perf_counter()
+        try:
+            self.queue.put(job, timeout=timeout)
+            return True
+        except queue.Full:
+            return False
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
+        """Finish what is queued (drain) and stop the thread."""
+        if drain:
+            deadline = time.monotonic() + timeout
+            while (self.queue.qsize() or self._pending) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+    # ---------------------------------------------------------------- loop
+    def _next(self, timeout: float) -> Job | None:
+        if self._pending is not None:
+            job, self._pending = self._pending, None
+            return job
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _gather(self, first: Job) -> list[Job]:
+        """More jobs of the same ROI and action, within max_wait_ms, up to max_batch."""
+        batch = [first]
+        if first.action not in ("predict", "fit_ok"):
+            return batch
+        deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
+        while len(batch) < self.cfg.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self.queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if (job.role_id, job.roi_id, job.action) != (first.role_id, first.roi_id, first.action):
+                self._pending = job
+                break
+            batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat()
+            job = self._next(timeout=0.5)
+            if job is None:
+                continue
+            batch = self._gather(job)
+            try:
+                self._process(batch)
+            except Exception as exc:  # never let one bad batch kill the worker
+                log.exception("worker: unexpected error on %s %s/%s", job.action, job.role_id, job.roi_id)
+                for j in batch:
+                    self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _finish(self, job: Job, result: dict) -> None:
+        self.counts[f"{job.action}_{result['status']}"] += 1
+        if job.on_result is not None:
+            try:
+                job.on_result(job, result)
+            except Exception:
+                log.exception("worker: result delivery failed for %s", job.request_id)
+
+    # ------------------------------------------------------------- actions
+    def _decode(self, job: Job, data: bytes) -> tuple[object, float]:
+        t0 = time.perf_counter()
+        img = self.rt.decode(data, job.meta.get("mm_per_px"))
+        return img, (time.perf_counter() - t0) * 1000
+
+    def _process(self, batch: list[Job]) -> None:
+        first = batch[0]
+        try:
+            model = self.rt.model(first.role_id, first.roi_id)
+        except AnomalyError as exc:
+            for j in batch:
+                self._finish(j, error_result(j, exc.code, exc.message))
+            return
+        action = first.action
+        if action == "predict":
+            self._predict(model, batch)
+        elif action == "fit_ok":
+            self._fit(model, batch, "ok")
+        elif action == "send_ng":
+            self._fit(model, batch, "ng")
+        elif action == "calibrate":
+            for j in batch:
+                try:
+                    thr = j.meta.get("threshold")
+                    if j.images:
+                        self._fit(model, [j], "ng")
+                        continue
+                    state = model.set_threshold(None if thr is None else float(thr))
+                    self._finish(j, ok_result(j, state))
+                    self._state_changed(model)
+                except (AnomalyError, ValueError, TypeError) as exc:
+                    code = getattr(exc, "code", "invalid_threshold")
+                    self._finish(j, error_result(j, code, getattr(exc, "message", str(exc))))
+        else:
+            for j in batch:
+                self._finish(j, error_result(j, "unknown_action", f"unknown action {action!r}"))
+
+    def _predict(self, model: object, batch: list[Job]) -> None:
+        ready: list[tuple[Job, object, float]] = []
+        for j in batch:
+            try:
+                img, ms = self._decode(j, j.images[0])
+                ready.append((j, img, ms))
+            except AnomalyError as exc:
+                self._finish(j, error_result(j, exc.code, exc.message))
+        if not ready:
+            return
+        heat_default = self.rt.heatmap_default(batch[0].role_id, batch[0].roi_id)
+        want_heatmap = any(j.meta.get("heatmap", heat_default) for j, _, _ in ready)
+        try:
+            results = model.predict([img for _, img, _ in ready], heatmap=want_heatmap)  # type: ignore[attr-defined]
+        except AnomalyError as exc:
+            for j, _, _ in ready:
+                self._finish(j, error_result(j, exc.code, exc.message))
+            return
+        for (j, _, decode_ms), res in zip(ready, results, strict=True):
+            res["timings_ms"] = {"decode": round(decode_ms, 2), **res["timings_ms"]}
+            res["inference_ms"] = round(res["inference_ms"] + decode_ms, 2)
+            res["queue_ms"] = round((time.perf_counter() - j.enqueued_at) * 1000 - res["inference_ms"], 2)
+            png = res.pop("heatmap_png", None)
+            if png is not None and j.meta.get("heatmap", heat_default):
+                res["heatmap_png_b64"] = base64.b64encode(png).decode()
+            self.last_timing = {"inference_ms": res["inference_ms"], "batch_size": res["batch_size"],
+                                "device": res["device"]}
+            log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s)",
+                     j.role_id, j.roi_id, j.request_id, res["score"], res["threshold"], res["is_anomaly"],
+                     res["inference_ms"], res["batch_size"], res["device"])
+            self._finish(j, ok_result(j, res))
+
+    def _fit(self, model: object, batch: list[Job], kind: str) -> None:
+        samples, owners = [], []
+        for j in batch:
+            try:
+                if not j.images:
+                    raise InputError("no image in the request", code="missing_image")
+                decoded = [self._decode(j, data)[0] for data in j.images]
+            except AnomalyError as exc:
+                self._finish(j, error_result(j, exc.code, exc.message))
+                continue
+            meta = {"source": j.meta.get("source", "unknown"), "request_id": j.request_id}
+            for data, img in zip(j.images, decoded, strict=True):
+                samples.append((data, img, meta))
+                owners.append(j)
+        if not samples:
+            return
+        rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)  # type: ignore[attr-defined]
+        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates")}
+        for j in dict.fromkeys(owners):
+            n = sum(1 for o in owners if o is j)
+            self._finish(j, ok_result(j, {"added": n, "duplicates_in_batch": len(rep["duplicates"]), **state}))
+        self._state_changed(model)
+
+    def _state_changed(self, model: object) -> None:
+        if self.on_state is not None:
+            st = model.state()  # type: ignore[attr-defined]
+            self.on_state(st["role_id"], st["roi_id"], st)

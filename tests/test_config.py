@@ -1,0 +1,65 @@
+"""Config validation: unknown keys, wrong types, cross-field rules, env and CLI overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_is_valid_and_folder_mode_without_mqtt() -> None:
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    assert cfg.folder.enabled and not cfg.mqtt.enabled and cfg.mqtt.base_topic == "anomaly"
+    assert cfg.data_root == DEFAULT_CONFIG.parent.parent / "data"
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("mqtt:\n  hots: x\n", "mqtt.hots: unknown key"),
+        ("mqtt:\n  port: notanumber\n", "mqtt.port:"),
+        ("mqtt:\n  port: 70000\n", "mqtt.port:"),
+        ("backbone:\n  name: resnet\n", "backbone.name:"),
+        ("defaults:\n  score_stat: median\n", "defaults.score_stat:"),
+        ("defaults:\n  threshold_policy: manual\n", "threshold_value"),
+        ("defaults:\n  coreset_min: 5000\n  coreset_max: 1000\n", "coreset_min"),
+        ("rois:\n  bad key: {}\n", "rois"),
+        ("rois:\n  st/roi:\n    coreset_ratio: 2\n", "rois.st/roi.coreset_ratio:"),
+        ("device: gpu\n", "device:"),
+        ("mqtt:\n  base_topic: 'a/#'\n", "mqtt.base_topic:"),
+        ("- just\n- a list\n", "mapping"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text), env={})
+    assert needle in str(exc.value), str(exc.value)
+
+
+def test_env_and_cli_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "data_root: d\nmqtt:\n  host: filehost\n")
+    cfg = load_config(path, env={"ANOMALY_AGENT_MQTT__HOST": "envhost", "ANOMALY_AGENT_MQTT__PORT": "1999",
+                                 "ANOMALY_AGENT_DEFAULTS__HEATMAP": "true", "OTHER": "x"})
+    assert cfg.mqtt.host == "envhost" and cfg.mqtt.port == 1999 and cfg.defaults.heatmap is True
+    assert cfg.data_root == tmp_path / "d"
+    cfg = load_config(path, env={"ANOMALY_AGENT_MQTT__HOST": "envhost"}, overrides={"mqtt.host": "clihost"})
+    assert cfg.mqtt.host == "clihost"
+    with pytest.raises(ConfigError, match="mqtt.nope"):
+        load_config(path, env={"ANOMALY_AGENT_MQTT__NOPE": "1"})
+
+
+def test_roi_override_merges_over_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "defaults:\n  coreset_ratio: 0.2\n  heatmap: true\n"
+                                      "rois:\n  st1/roi_a:\n    score_stat: top1_mean\n"), env={})
+    s, heat = cfg.roi_settings("st1", "roi_a")
+    assert s.coreset_ratio == 0.2 and s.score_stat == "top1_mean" and heat
+    s2, _ = cfg.roi_settings("st1", "other")
+    assert s2.score_stat == "max"

@@ -1,0 +1,68 @@
+"""The real ImageNet EfficientNet-Lite0 weights: strict load, identity, and a check that the
+architecture (TF 'SAME' padding, ReLU6, no SE) and input normalisation match the training: the
+activations entering the BatchNorm layers on real images follow the stored running statistics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.backbones import efficientnet_lite, sha256_file
+
+
+def weights_path(shared: Path) -> Path:
+    path = efficientnet_lite.default_weights_path()
+    if not path.is_file():
+        path = shared / "models" / efficientnet_lite.WEIGHTS_FILE
+    if not path.is_file():
+        msg = f"real EfficientNet-Lite0 weights missing at {path}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def test_real_weights_load_strictly_with_known_hash(shared: Path) -> None:
+    path = weights_path(shared)
+    assert sha256_file(path) == efficientnet_lite.WEIGHTS_SHA256
+    model = efficientnet_lite.build_efficientnet_lite0(path)
+    assert sum(p.numel() for p in model.parameters()) == 4_652_008  # 4,694,073 incl. BN buffers in the file
+
+
+def test_batchnorm_statistics_agree_on_real_images(shared: Path) -> None:
+    model = efficientnet_lite.build_efficientnet_lite0(weights_path(shared))
+    files = sorted((shared / "datasets" / "mvtec_3d_ad" / "tire" / "train" / "good" / "rgb").glob("*.png"))[:6]
+    files += sorted((shared / "datasets" / "mvtec_loco_ad" / "juice_bottle" / "train" / "good").glob("*.png"))[:6]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((224, 224)), np.float32))
+                     .permute(2, 0, 1) / 255 for f in files])
+    deviations: list[float] = []
+
+    def hook(bn: torch.nn.BatchNorm2d):
+        def fn(_m, inp, _out) -> None:
+            ok = bn.running_var > 1e-3
+            z = (inp[0].mean((0, 2, 3)) - bn.running_mean).abs() / bn.running_var.sqrt()
+            deviations.append(float(z[ok].median()))
+        return fn
+
+    hooks = [m.register_forward_hook(hook(m)) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        model((x - 0.5) / 0.5)  # the extractor's normalisation for this backbone
+    for h in hooks:
+        h.remove()
+    # Wrong padding or normalisation shows up as biased activations (e.g. ImageNet mean/std: ~1.0 at the stem).
+    assert deviations[0] < 0.5, deviations[:4]
+    assert float(np.mean(deviations)) < 0.3, float(np.mean(deviations))
+
+
+def test_extractor_features_are_unit_patch_vectors(extractor) -> None:
+    img = np.random.default_rng(0).random((300, 500, 3), dtype=np.float32)
+    feats, grid = extractor.extract([img])
+    w, h = extractor.input_size(500, 300)
+    assert w % 16 == 0 and h % 16 == 0 and abs(w / h - 500 / 300) < 0.15
+    assert grid == (h // 8, w // 8) and feats.shape == (1, grid[0] * grid[1], 152)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(1, grid[0] * grid[1]))

@@ -1,0 +1,226 @@
+"""PatchCore per ROI on real images: fit, predict, incremental coreset, thresholds, storage, rebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from core.errors import InputError, ModelNotReadyError
+from core.image_io import decode_image
+from core.model import ModelSettings, RoiModel
+
+
+def sample(path: Path, mm: float | None = 0.1) -> tuple[bytes, object, dict]:
+    data = path.read_bytes()
+    return data, decode_image(data, mm_per_px=mm), {"source": "test"}
+
+
+@pytest.fixture(scope="module")
+def tire_files(tire: Path) -> dict[str, list[Path]]:
+    return {"train": sorted((tire / "train" / "good" / "rgb").glob("*.png")),
+            "good": sorted((tire / "test" / "good" / "rgb").glob("*.png")),
+            "hole": sorted((tire / "test" / "hole" / "rgb").glob("*.png")),
+            "cut": sorted((tire / "test" / "cut" / "rgb").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, extractor, tire_files) -> tuple[Path, RoiModel]:
+    root = tmp_path_factory.mktemp("data")
+    model = RoiModel(root, "station1", "tire", extractor, ModelSettings(coreset_min=1000, coreset_max=3000))
+    model.fit_ok([sample(p) for p in tire_files["train"][:12]])
+    return root, model
+
+
+def test_predict_separates_real_defects(fitted, tire_files) -> None:
+    _, model = fitted
+    goods = [sample(p)[1] for p in tire_files["good"][:8]]
+    bads = [sample(p)[1] for p in tire_files["hole"][:8]]
+    res = model.predict(goods + bads)
+    scores = [r["score"] for r in res]
+    auroc = roc_auc_score([0] * 8 + [1] * 8, scores)
+    assert auroc >= 0.8, (auroc, scores)
+    r = res[-1]
+    for key in ("is_anomaly", "score", "threshold", "inference_ms", "timings_ms", "model_version", "mm_per_px",
+                "defects"):
+        assert key in r
+    assert set(r["timings_ms"]) == {"preprocess", "backbone", "knn", "postprocess"}
+    assert r["inference_ms"] == pytest.approx(sum(r["timings_ms"].values()), abs=0.05)
+
+
+def test_defect_regions_and_heatmap(fitted, tire_files) -> None:
+    _, model = fitted
+    flagged = [r for r in model.predict([sample(p)[1] for p in tire_files["hole"][:8]], heatmap=True)
+               if r["is_anomaly"]]
+    assert flagged, "no hole image flagged at the auto threshold"
+    r = flagged[0]
+    d = r["defects"]
+    assert d["count"] >= 1 and d["regions"]
+    reg = d["regions"][0]
+    assert reg["area_mm2"] == pytest.approx(reg["area_px"] * 0.01, rel=1e-6)
+    x, y, w, h = reg["bbox"]
+    assert 0 <= x < 384 and 0 <= y < 512 and w > 0 and h > 0 and reg["max_score"] > r["threshold"]
+    png = cv2.imdecode(np.frombuffer(r["heatmap_png"], np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (512, 384, 3)
+
+
+def test_auto_threshold_comes_from_leave_one_out_ok_scores(fitted, tire_files) -> None:
+    _, model = fitted
+    m = model.manifest
+    assert m["threshold"]["method"] == "ok_percentile"
+    assert len(m["ok_scores"]) == 12
+    assert model.threshold == pytest.approx(np.percentile(m["ok_scores"], 99), rel=1e-5)
+    # the bank's own images score lower than their leave-one-out scores: the threshold is not optimistic
+    own = [r["score"] for r in model.predict([sample(p)[1] for p in tire_files["train"][:4]])]
+    assert max(own) < min(m["ok_scores"])
+    goods = model.predict([sample(p)[1] for p in tire_files["good"][:10]])
+    assert sum(r["is_anomaly"] for r in goods) <= 2
+
+
+def test_single_ok_sample_still_gets_a_sane_threshold(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "one", extractor)
+    model.fit_ok([sample(tire_files["train"][0])])
+    th = model.threshold
+    assert th is not None and np.isfinite(th) and th > 0.05
+    own = model.predict([sample(tire_files["train"][0])[1]])[0]
+    assert not own["is_anomaly"] and own["score"] < th
+
+
+def test_predict_before_fit_is_a_clear_error(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "empty", extractor)
+    with pytest.raises(ModelNotReadyError, match="fit_ok"):
+        model.predict([sample(tire_files["good"][0])[1]])
+
+
+def test_ng_calibration_and_manual_override(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "cal", extractor, ModelSettings(coreset_min=1000))
+    model.fit_ok([sample(p) for p in tire_files["train"][:6]])
+    ok_only = model.threshold
+    state = model.send_ng([sample(p) for p in tire_files["hole"][:4]])
+    th = model.manifest["threshold"]
+    assert state["samples"]["ng"] == 4 and th["method"] == "ng_calibrated"
+    ok_max, ng_min = max(model.manifest["ok_scores"]), min(model.manifest["ng_scores"])
+    if th["details"]["separable"]:
+        assert ok_max < model.threshold < ng_min
+    else:
+        assert th["details"]["false_rejects"] + th["details"]["false_accepts"] >= 1
+    assert model.threshold != ok_only
+    model.set_threshold(0.9)
+    assert model.threshold == 0.9 and model.manifest["threshold"]["method"] == "manual_override"
+    model.fit_ok([sample(tire_files["train"][7])])
+    assert model.threshold == 0.9  # an override survives new samples
+    with pytest.raises(InputError):
+        model.set_threshold(-1)
+    model.set_threshold(None)
+    assert model.manifest["threshold"]["method"] == "ng_calibrated"
+
+
+def test_manual_policy_from_settings(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "man", extractor, ModelSettings(threshold_policy="manual", threshold_value=0.5))
+    model.fit_ok([sample(p) for p in tire_files["train"][:2]])
+    assert model.threshold == 0.5 and model.manifest["threshold"]["method"] == "manual"
+
+
+def test_incremental_fit_extends_the_selection(tmp_path, extractor, tire_files) -> None:
+    settings = ModelSettings(coreset_min=600, coreset_ratio=0.1, coreset_max=100_000)
+    model = RoiModel(tmp_path, "r", "inc", extractor, settings)
+    model.fit_ok([sample(p) for p in tire_files["train"][:4]])
+    first = set(model.bank_rows.tolist())
+    patches = model.manifest["counts"]["patches"]
+    assert len(first) == max(600, int(np.ceil(0.1 * patches)))
+    model.fit_ok([sample(p) for p in tire_files["train"][4:12]])
+    second = set(model.bank_rows.tolist())
+    assert first < second  # the old selection is kept and extended, not recomputed
+    total = model.manifest["counts"]["patches"]
+    assert len(second) == max(600, int(np.ceil(0.1 * total)))
+    assert all(r >= patches for r in second - first)  # additions come from the new samples
+
+
+def test_bank_never_exceeds_coreset_max(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "cap", extractor, ModelSettings(coreset_min=200, coreset_max=400,
+                                                                    coreset_ratio=0.5))
+    model.fit_ok([sample(p) for p in tire_files["train"][:6]])
+    assert 0 < model.bank_rows.size <= 400
+
+
+def test_samples_are_stored_with_metadata_and_duplicates_skipped(fitted, tire_files) -> None:
+    root, model = fitted
+    samples = sorted((root / "models" / "station1" / "tire" / "samples" / "ok").glob("*.json"))
+    assert len(samples) == 12
+    meta = json.loads(samples[0].read_text())
+    for key in ("role_id", "roi_id", "mm_per_px", "timestamp_utc", "source", "sha256"):
+        assert key in meta
+    assert meta["role_id"] == "station1" and meta["mm_per_px"] == 0.1
+    image = samples[0].with_name(meta["image_file"])
+    assert image.read_bytes() in {p.read_bytes() for p in tire_files["train"][:12]}
+    rep = model.fit_ok([sample(tire_files["train"][0])])
+    assert rep["added"] == [] and len(rep["duplicates"]) == 1 and model.manifest["counts"]["ok"] == 12
+
+
+def test_reload_from_index_and_rebuild_from_samples(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
+    model.fit_ok([sample(p) for p in tire_files["train"][:5]])
+    probe = [sample(tire_files["cut"][0])[1]]
+    before = model.predict(probe)[0]
+    again = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
+    assert np.array_equal(again.bank_rows, model.bank_rows) and again.threshold == model.threshold
+    assert again.predict(probe)[0]["score"] == before["score"]
+    shutil.rmtree(tmp_path / "models" / "r" / "store" / "index")
+    rebuilt = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
+    assert sorted(rebuilt.bank_rows.tolist()) == sorted(model.bank_rows.tolist())
+    assert rebuilt.predict(probe)[0]["score"] == pytest.approx(before["score"], abs=1e-5)
+
+
+def test_crash_leftovers_in_the_index_are_ignored(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "crash", extractor)
+    model.fit_ok([sample(p) for p in tire_files["train"][:2]])
+    with open(tmp_path / "models" / "r" / "crash" / "index" / "ok.f32", "ab") as fh:
+        fh.write(b"\x01" * 1000)  # an append that never committed
+    again = RoiModel(tmp_path, "r", "crash", extractor)
+    assert again.manifest["counts"]["ok"] == 2
+    again.fit_ok([sample(tire_files["train"][2])])
+    third = RoiModel(tmp_path, "r", "crash", extractor)
+    assert third.manifest["counts"]["ok"] == 3
+    assert third.predict([sample(tire_files["good"][0])[1]])[0]["score"] > 0
+
+
+def test_other_backbone_rebuilds_the_index(tmp_path, extractor, tire_files) -> None:
+    from core.backbones import get_extractor
+
+    model = RoiModel(tmp_path, "r", "bb", extractor)
+    model.fit_ok([sample(p) for p in tire_files["train"][:2]])
+    other = get_extractor("efficientnet_lite0", resolution=128, device="cpu")
+    moved = RoiModel(tmp_path, "r", "bb", other)
+    assert moved.manifest["backbone"]["resolution"] == 128
+    assert moved.store.embeddings("ok").meta["identity"]["resolution"] == 128
+    assert moved.manifest["counts"]["ok"] == 2 and moved.predict([sample(tire_files["good"][0])[1]])
+
+
+def test_memory_mapped_fit_selects_the_same_bank(tmp_path, extractor, tire_files) -> None:
+    samples = [sample(p) for p in tire_files["train"][:5]]
+    ram = RoiModel(tmp_path / "a", "r", "m", extractor, ModelSettings(coreset_min=500, memory_fit=True))
+    disk = RoiModel(tmp_path / "b", "r", "m", extractor, ModelSettings(coreset_min=500, memory_fit=False))
+    ram.fit_ok(samples)
+    disk.fit_ok(samples)
+    assert np.array_equal(ram.bank_rows, disk.bank_rows) and ram.threshold == pytest.approx(disk.threshold)
+
+
+def test_mask_limits_where_anomalies_count(tmp_path, extractor, tire_files) -> None:
+    model = RoiModel(tmp_path, "r", "mask", extractor, ModelSettings(coreset_min=800))
+    model.fit_ok([sample(p) for p in tire_files["train"][:4]])
+    probe = sample(tire_files["hole"][0])[1]
+    full = model.predict([probe], return_map=True)[0]
+    peak_y, peak_x = np.unravel_index(np.argmax(full["anomaly_map"]), full["anomaly_map"].shape)
+    mask = np.full((512, 384), 255, np.uint8)
+    mask[max(0, peak_y - 60) : peak_y + 60, max(0, peak_x - 60) : peak_x + 60] = 0
+    ok, png = cv2.imencode(".png", mask)
+    model.set_mask(png.tobytes())
+    masked = model.predict([probe])[0]
+    assert masked["score"] < full["score"]
+    with pytest.raises(InputError):
+        model.set_mask(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
