@@ -43,7 +43,7 @@ class ModelSettings:
     ok_percentile: float = 99.0
     holdout_max: int = 50
     ng_margin: float = 0.5
-    memory_fit: bool = True
+    memory_fit: bool = False
     fit_batch_size: int = 8
     min_defect_area_px: int = 0
     knn_backend: str = "auto"
@@ -186,8 +186,9 @@ class RoiModel:
         manifest_ok = (self.manifest.get("backbone") == self.identity
                        and self.manifest.get("bank_key") == self.settings.bank_key()
                        and self.manifest.get("bank_rows_total") == ok.rows)
-        if bank is not None and manifest_ok and (bank.size == 0 or bank.max() < ok.rows):
-            self._set_bank(bank)
+        if (bank is not None and manifest_ok and bank[1].shape == (bank[0].size, ok.meta["dim"])
+                and (bank[0].size == 0 or bank[0].max() < ok.rows)):
+            self._set_bank(*bank)
         else:
             self._reselect()
         self._refresh_knn()
@@ -205,29 +206,33 @@ class RoiModel:
         for e in store.entries:
             lo, hi = e["offset"], e["offset"] + e["count"]
             self._extend_bank(np.asarray(data[lo:hi]), lo, total_rows=hi)
-        self.store.save_bank(self.bank_rows)
+        self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
 
-    def _set_bank(self, rows: np.ndarray) -> None:
-        """Bank rows (order kept) plus their features and projections, gathered from the index."""
-        data = self._emb["ok"].array(self.settings.memory_fit)
+    def _set_bank(self, rows: np.ndarray, feats: np.ndarray | None = None) -> None:
+        """Bank rows (order kept) plus their features (given, or gathered from the index) and projections."""
         self.bank_rows = rows.astype(np.int64)
-        feats = np.asarray(data[rows], dtype=np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
+        if feats is None:
+            data = self._emb["ok"].array(self.settings.memory_fit)
+            feats = np.asarray(data[rows], np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
         self._bank_feats = torch.from_numpy(feats)
         self._bank_proj = project(self._bank_feats, self._proj)
 
     def _extend_bank(self, new_feats: np.ndarray, offset: int, total_rows: int) -> None:
         """Incremental k-center greedy over one sample's patches, given their distance to the bank.
 
-        The bank grows to max(coreset_min, coreset_ratio x all patches) and never past coreset_max:
-        beyond it, the most redundant entries (closest to another entry) are pruned, 5 % at a time.
+        Target size: every patch while there are at most coreset_min, then coreset_ratio of all
+        patches (but at least coreset_min), never more than coreset_max. Each sample contributes at
+        least its coreset_ratio share, chosen by greedy farthest-first from the current bank; when
+        the bank overshoots the target by 5 % (or hits coreset_max), its most redundant entries
+        (closest to another entry) are pruned, so early samples do not crowd out later ones.
         """
         s = self.settings
         n_new = new_feats.shape[0]
-        target = min(total_rows, max(s.coreset_min, math.ceil(s.coreset_ratio * total_rows)))
-        n_add = int(np.clip(target - self.bank_rows.size, 0, n_new))
+        target = min(total_rows, max(s.coreset_min, math.ceil(s.coreset_ratio * total_rows)), s.coreset_max)
+        n_add = int(np.clip(max(target - self.bank_rows.size, math.ceil(s.coreset_ratio * n_new)), 0, n_new))
         if n_add == 0:
             return
-        feats = torch.from_numpy(np.ascontiguousarray(new_feats, dtype=np.float32))
+        feats = torch.from_numpy(np.array(new_feats, dtype=np.float32))  # a copy: memmaps are read-only
         p_new = project(feats, self._proj)
         if n_add == n_new:
             sel = torch.arange(n_new)
@@ -237,8 +242,10 @@ class RoiModel:
         self.bank_rows = np.concatenate([self.bank_rows, offset + sel.numpy()])
         self._bank_feats = torch.cat([self._bank_feats, feats[sel]])
         self._bank_proj = torch.cat([self._bank_proj, p_new[sel]])
-        if self.bank_rows.size > s.coreset_max:
-            self._prune(max(self.bank_rows.size - s.coreset_max, s.coreset_max // 20))
+        slack = max(1, target // 20)
+        if self.bank_rows.size > min(target + slack, s.coreset_max):
+            keep = target if target < s.coreset_max else s.coreset_max - slack
+            self._prune(self.bank_rows.size - keep)
 
     def _prune(self, n_remove: int) -> None:
         """Drop the n_remove bank entries that lie closest to another entry (least coverage lost)."""
@@ -286,7 +293,7 @@ class RoiModel:
             exclude = torch.from_numpy(self._bank_sample == i)
             if bool(exclude.all()):
                 continue
-            q = torch.from_numpy(np.asarray(data[e["offset"] : e["offset"] + e["count"]]))
+            q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
             dist = self._knn.distances(q.to(self.extractor.device), exclude).numpy()
             scores.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
         if not scores:  # a single OK sample: score translated copies of it (half a patch) instead
@@ -310,7 +317,7 @@ class RoiModel:
         data = store.array(True)
         out = []
         for e in store.entries:
-            q = torch.from_numpy(np.asarray(data[e["offset"] : e["offset"] + e["count"]]))
+            q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
             dist = self._knn.distances(q.to(self.extractor.device)).numpy()
             out.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
         return out
@@ -381,7 +388,7 @@ class RoiModel:
             t_backbone += tc - tb
             t_coreset += time.perf_counter() - tc
         if records:
-            self.store.save_bank(self.bank_rows)
+            self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
             self._dirty = True
         tt = time.perf_counter()
         if finalize:

@@ -205,16 +205,20 @@ class RoiStore:
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
 
-    def save_bank(self, rows: np.ndarray) -> None:
+    def save_bank(self, rows: np.ndarray, feats: np.ndarray) -> None:
+        """The coreset: row numbers into ok.f32 and their features (so start-up reads only this file)."""
         buf = io.BytesIO()
-        np.savez(buf, rows=rows.astype(np.int64))
+        np.savez(buf, rows=rows.astype(np.int64), feats=feats.astype(np.float32))
         atomic_write_bytes(self.bank_path, buf.getvalue())
 
-    def load_bank(self) -> np.ndarray | None:
+    def load_bank(self) -> tuple[np.ndarray, np.ndarray] | None:
         if not self.bank_path.exists():
             return None
-        with np.load(self.bank_path) as z:
-            return z["rows"]
+        try:
+            with np.load(self.bank_path) as z:
+                return z["rows"], z["feats"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def load_mask(self) -> np.ndarray | None:
         if not self.mask_path.exists():

@@ -38,7 +38,7 @@ def tile(shared: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def extractor():
-    """Real ImageNet EfficientNet-Lite0 at a small resolution, so the suite stays fast."""
+    """Real ImageNet EfficientNet-Lite0 at a reduced resolution (256), so the suite stays fast."""
     from core.backbones import get_extractor
 
-    return get_extractor("efficientnet_lite0", resolution=192, device="cpu")
+    return get_extractor("efficientnet_lite0", resolution=256, device="cpu")

@@ -61,7 +61,7 @@ def test_predict_lines_errors_and_exit_code(fitted: Path, tire: Path, tmp_path: 
         assert o["mm_per_px"] == 0.2
         png = cv2.imdecode(np.frombuffer(base64.b64decode(o["heatmap_png_b64"]), np.uint8), cv2.IMREAD_COLOR)
         assert png.shape == (512, 384, 3) and Path(o["heatmap_file"]).is_file()
-    assert out[3]["score"] > out[0]["score"]
+    assert out[0]["threshold"] == out[3]["threshold"] > 0
 
 
 def test_calibrate_manual_threshold_and_models(fitted: Path, tire: Path) -> None:
