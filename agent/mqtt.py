@@ -1,0 +1,331 @@
+"""MQTT ingestion and publishing (paho-mqtt 2.x; MQTT v5, or 3.1.1 as an option).
+
+Requests:  <base>/<role_id>/<roi_id>/{predict,fit_ok,send_ng,calibrate}
+Results:   <base>/<role_id>/<roi_id>/result (QoS 1, not retained), and the v5 response topic if any
+State:     <base>/<role_id>/<roi_id>/state (retained)
+Status:    <base>/status  online / offline (retained; offline is also the Last Will)
+Health:    <base>/health_check -> <base>/health
+
+A request is acknowledged only after it is recorded on disk (manual ack), and only when the worker
+queue has room (backpressure); results go to a disk outbox and leave it after the broker's PUBACK.
+See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import queue
+import ssl
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from core.errors import InputError
+from core.ids import validate_id
+from core.storage import RoiStore, list_rois
+
+from .config import AgentConfig
+from .durable import Spool
+from .jobs import ACTIONS, Job, error_result
+from .runtime import Runtime
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+OUTPUT_SUFFIXES = ("result", "state")
+
+
+class MqttIngest:
+    def __init__(self, cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> None:
+        self.cfg = cfg
+        self.mc = cfg.mqtt
+        self.worker = worker
+        self.rt = rt
+        self.started = started
+        self.base = self.mc.base_topic
+        self.spool = Spool(cfg.data_root / "mqtt" / self.mc.client_id)
+        self.v5 = self.mc.protocol == "5"
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._feed: queue.Queue[tuple[Job, int | None] | None] = queue.Queue()
+        self._acks: dict[int, threading.Event] = {}
+        self._ack_lock = threading.Lock()
+        self._wake = threading.Event()
+        self.client = self._make_client()
+        worker.on_state = self.publish_state
+        self._threads = [threading.Thread(target=self._feeder, name="mqtt-feed", daemon=True),
+                         threading.Thread(target=self._publisher, name="mqtt-out", daemon=True)]
+
+    # ------------------------------------------------------------- client
+    def _make_client(self) -> mqtt.Client:
+        kw = {"client_id": self.mc.client_id, "manual_ack": True}
+        if self.v5:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, **kw)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, clean_session=False, **kw)
+        if self.mc.username:
+            password = self.mc.password_file.read_text().strip() if self.mc.password_file else None
+            client.username_pw_set(self.mc.username, password)
+        if self.mc.tls:
+            t = self.mc.tls
+            client.tls_set(ca_certs=str(t.ca) if t.ca else None, certfile=str(t.cert) if t.cert else None,
+                           keyfile=str(t.key) if t.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.will_set(f"{self.base}/status", "offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=15)
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        for meta, payload in self.spool.pending():  # requests recorded before a crash come first
+            log.info("mqtt: resuming recorded request %s", meta["key"])
+            self._dispatch(meta, payload, mid=None)
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.mc.session_expiry_s
+            props.ReceiveMaximum = max(1, min(65535, self.cfg.worker.queue_size))
+        kwargs = {"clean_start": False, "properties": props} if self.v5 else {}
+        self.client.connect_async(self.mc.host, self.mc.port, self.mc.keepalive, **kwargs)
+        self.client.loop_start()
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop intake: no more requests are taken from the broker (unacked ones are redelivered)."""
+        self._stop.set()
+        self._feed.put(None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """After the worker drained: flush the outbox, publish offline, disconnect."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.spool.outgoing() and self._connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._connected.is_set():
+            info = self.client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
+            info.wait_for_publish(timeout=max(0.5, deadline - time.monotonic()))
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # ---------------------------------------------------------- callbacks
+    def _topic_filter(self) -> str:
+        t = f"{self.base}/+/+/+"
+        return f"$share/{self.mc.shared_group}/{t}" if self.mc.shared_group else t
+
+    def _on_connect(self, client: mqtt.Client, _ud: object, _flags: object, reason: object, _props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("mqtt: connection refused: %s", reason)
+            return
+        log.info("mqtt: connected to %s:%d (session present: %s)", self.mc.host, self.mc.port,
+                 getattr(_flags, "session_present", None))
+        if self.v5:
+            opts = mqtt.SubscribeOptions(qos=self.mc.qos, noLocal=not self.mc.shared_group)
+            client.subscribe([(self._topic_filter(), opts), (f"{self.base}/health_check", mqtt.SubscribeOptions(
+                qos=self.mc.qos, noLocal=True))])
+        else:
+            client.subscribe([(self._topic_filter(), self.mc.qos), (f"{self.base}/health_check", self.mc.qos)])
+        client.publish(f"{self.base}/status", "online", qos=1, retain=True)
+        for role, roi in list_rois(self.cfg.data_root):
+            st = RoiStore(self.cfg.data_root, role, roi).read_manifest()
+            if st:
+                self.publish_state(role, roi, self.rt.model(role, roi).state())
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _c: object, _ud: object, _flags: object, reason: object, _p: object) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("mqtt: disconnected (%s); reconnecting, results wait in the outbox", reason)
+
+    def _on_publish(self, _c: object, _ud: object, mid: int, _reason: object, _p: object) -> None:
+        with self._ack_lock:
+            ev = self._acks.pop(mid, None)
+        if ev is not None:
+            ev.set()
+
+    def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle_message(msg)
+        except Exception:
+            log.exception("mqtt: could not record a message on %s; it will be redelivered", msg.topic)
+
+    def _handle_message(self, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        if topic == f"{self.base}/health_check":
+            self._health()
+            self.client.ack(msg.mid, msg.qos)
+            return
+        parts = topic[len(self.base) + 1 :].split("/")
+        if len(parts) != 3 or parts[2] in OUTPUT_SUFFIXES:
+            self.client.ack(msg.mid, msg.qos)
+            return
+        props = msg.properties
+        user = dict(getattr(props, "UserProperty", []) or []) if props else {}
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        request_id = self._peek_request_id(msg.payload, user)
+        key = request_id or ("sha:" + hashlib.sha256(topic.encode() + b"\0" + msg.payload).hexdigest())
+        if self.spool.known(key) and (request_id or msg.dup):
+            log.info("mqtt: duplicate request %s dropped (already recorded or answered)", key)
+            self.client.ack(msg.mid, msg.qos)
+            return
+        if not request_id:
+            key = f"gen:{uuid.uuid4().hex}"
+        meta = {"topic": topic, "user": user, "response_topic": response_topic,
+                "correlation_b64": base64.b64encode(correlation).decode() if correlation else None,
+                "request_id": request_id or key, "received": time.time()}
+        seq = self.spool.record(key, meta, msg.payload)  # durable before the PUBACK
+        meta.update(key=key, seq=seq)
+        self._dispatch(meta, msg.payload, msg.mid, msg.qos)
+
+    @staticmethod
+    def _peek_request_id(payload: bytes, user: dict) -> str | None:
+        if payload[:1] == b"{":
+            try:
+                rid = json.loads(payload).get("request_id")
+                return str(rid)[:200] if rid is not None else None
+            except (ValueError, AttributeError):
+                return None
+        rid = user.get("request_id")
+        return str(rid)[:200] if rid else None
+
+    # ------------------------------------------------------------ requests
+    def _dispatch(self, meta: dict, payload: bytes, mid: int | None, qos: int = 1) -> None:
+        parts = meta["topic"][len(self.base) + 1 :].split("/")
+        role, roi, action = parts
+        job = Job(role, roi, action, [], meta["request_id"], {"source": "mqtt"}, on_result=self._deliver)
+        job.meta["_mqtt"] = meta
+        try:
+            validate_id(role, "role_id")
+            validate_id(roi, "roi_id")
+            if action not in ACTIONS:
+                raise InputError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "unknown_action")
+            self._parse(job, payload, meta.get("user") or {})
+        except InputError as exc:
+            self._deliver(job, error_result(job, exc.code, exc.message))
+            if mid is not None:
+                self.client.ack(mid, qos)
+            return
+        self._feed.put((job, mid if mid is None else (mid, qos)))
+
+    def _parse(self, job: Job, payload: bytes, user: dict) -> None:
+        if len(payload) > self.mc.max_payload_bytes:
+            raise InputError(f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes "
+                             f"({self.mc.max_payload_bytes})", "payload_too_large")
+        if payload[:1] == b"{":
+            try:
+                body = json.loads(payload)
+            except ValueError as exc:
+                raise InputError(f"payload is not valid JSON: {exc}", "invalid_json") from None
+            if not isinstance(body, dict):
+                raise InputError("JSON payload must be an object", "invalid_json")
+            images = body.get("images_b64") if job.action == "fit_ok" and "images_b64" in body else None
+            if images is None and body.get("image_b64") is not None:
+                images = [body["image_b64"]]
+            if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) for i in images)):
+                raise InputError("image_b64 must be a string and images_b64 a list of strings", "invalid_base64")
+            try:
+                job.images = [base64.b64decode(i, validate=True) for i in images or []]
+            except (binascii.Error, ValueError):
+                raise InputError("image_b64 is not valid base64", "invalid_base64") from None
+            for k in ("mm_per_px", "source", "heatmap", "threshold", "reset"):
+                if k in body:
+                    job.meta[k] = body[k]
+        else:
+            job.images = [payload] if payload else []
+            for k in ("mm_per_px", "source", "heatmap", "threshold"):
+                if k in user:
+                    job.meta[k] = user[k] if k == "source" else _parse_scalar(user[k])
+        if job.action != "calibrate" and not job.images:
+            raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
+        if job.action == "calibrate" and not job.images and "threshold" not in job.meta and not job.meta.get("reset"):
+            raise InputError("calibrate needs NG images, a 'threshold' or 'reset': true", "missing_image")
+        if job.meta.get("reset"):
+            job.meta["threshold"] = None
+
+    def _feeder(self) -> None:
+        """Hand recorded requests to the worker; ack each one only when the worker took it."""
+        while True:
+            item = self._feed.get()
+            if item is None:
+                return
+            job, ack = item
+            while not self.worker.submit(job, timeout=0.5):
+                if self._stop.is_set() and ack is not None:
+                    return  # not acked: the broker redelivers; the journal has it anyway
+            if ack is not None:
+                self.client.ack(*ack)
+
+    # ------------------------------------------------------------- output
+    def _deliver(self, job: Job, result: dict) -> None:
+        meta = job.meta.get("_mqtt", {})
+        payload = json.dumps(result)
+        msgs = [{"topic": f"{self.base}/{job.role_id}/{job.roi_id}/result", "payload": payload, "qos": 1}]
+        if meta.get("response_topic"):
+            msgs.append({"topic": meta["response_topic"], "payload": payload, "qos": 1,
+                         "correlation_b64": meta.get("correlation_b64")})
+        self.spool.answer(meta.get("key"), meta.get("seq"), msgs)
+        self._wake.set()
+
+    def publish_state(self, role: str, roi: str, state: dict) -> None:
+        self.client.publish(f"{self.base}/{role}/{roi}/state", json.dumps(state), qos=1, retain=True)
+
+    def _health(self) -> None:
+        ex = self.rt.extractor
+        body = {"status": "online", "queue_depth": self.worker.depth(), "device": str(ex.device),
+                "backbone": ex.identity.to_dict(), "uptime_s": round(time.monotonic() - self.started, 1),
+                "counts": dict(self.worker.counts), "last": self.worker.last_timing,
+                "outbox": len(self.spool.outgoing())}
+        self.spool.enqueue({"topic": f"{self.base}/health", "payload": json.dumps(body), "qos": 1})
+        self._wake.set()
+
+    def _publisher(self) -> None:
+        """Send the outbox in order; a file is deleted only after the broker's PUBACK."""
+        while True:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            for path in self.spool.outgoing():
+                if not self._connected.is_set():
+                    break
+                try:
+                    msg = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    path.unlink(missing_ok=True)
+                    continue
+                props = None
+                if msg.get("correlation_b64") and self.v5:
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.CorrelationData = base64.b64decode(msg["correlation_b64"])
+                ev = threading.Event()
+                with self._ack_lock:
+                    info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1),
+                                               retain=False, properties=props)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                    self._acks[info.mid] = ev
+                if not ev.wait(timeout=15) and not info.is_published():
+                    break  # no PUBACK (broker gone?): keep the file, retry after reconnect
+                path.unlink(missing_ok=True)
+
+
+def _parse_scalar(raw: str) -> object:
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
+
