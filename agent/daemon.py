@@ -53,7 +53,10 @@ def run_daemon(cfg: AgentConfig) -> int:
     if cfg.mqtt.enabled:
         from .mqtt import MqttIngest
 
-        sources.append(MqttIngest(cfg, worker, rt, started))
+        mqtt_ingest = MqttIngest(cfg, worker, rt, started)
+        for s in sources:
+            s.mirror = mqtt_ingest.mirror  # folder results are published on MQTT too
+        sources.append(mqtt_ingest)
     if not sources:
         log.error("nothing to do: enable folder and/or mqtt in the config")
         return 2

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -52,6 +53,7 @@ class FolderIngest(FileSystemEventHandler):
         self._seen: dict[Path, tuple[int, float, float]] = {}  # path -> (size, mtime, first seen)
         self._lock = threading.Lock()
         self._scanner = threading.Thread(target=self._rescan_loop, name="folder-rescan", daemon=True)
+        self.mirror: Callable[[dict], None] | None = None  # e.g. MQTT: publish folder results too
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -187,6 +189,8 @@ class FolderIngest(FileSystemEventHandler):
 
             atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", base64.b64decode(png_b64))
             payload["data"]["heatmap_file"] = f"{claimed.stem}.heatmap.png"
+        if self.mirror is not None:  # first: a crash after this repeats the result, never loses it
+            self.mirror({k: v for k, v in payload.items() if k != "claim"})
         atomic_write_json(out_dir / f"{claimed.stem}.json", payload)
         if result["status"] == "error":
             err_dir = self.data_root / "rejected" / job.role_id / job.roi_id / job.action

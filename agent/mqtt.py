@@ -269,9 +269,16 @@ class MqttIngest:
                 self.client.ack(*ack)
 
     # ------------------------------------------------------------- output
+    def mirror(self, result: dict) -> None:
+        """Publish a result that came in through another channel (the watched folder)."""
+        payload = json.dumps({**result, "agent_id": self.mc.client_id})
+        self.spool.answer(None, None, [{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result",
+                                        "payload": payload, "qos": 1}])
+        self._wake.set()
+
     def _deliver(self, job: Job, result: dict) -> None:
         meta = job.meta.get("_mqtt", {})
-        payload = json.dumps(result)
+        payload = json.dumps({**result, "agent_id": self.mc.client_id})
         msgs = [{"topic": f"{self.base}/{job.role_id}/{job.roi_id}/result", "payload": payload, "qos": 1}]
         if meta.get("response_topic"):
             msgs.append({"topic": meta["response_topic"], "payload": payload, "qos": 1,
@@ -284,7 +291,8 @@ class MqttIngest:
 
     def _health(self) -> None:
         ex = self.rt.extractor
-        body = {"status": "online", "queue_depth": self.worker.depth(), "device": str(ex.device),
+        body = {"status": "online", "agent_id": self.mc.client_id, "queue_depth": self.worker.depth(),
+                "device": str(ex.device),
                 "backbone": ex.identity.to_dict(), "uptime_s": round(time.monotonic() - self.started, 1),
                 "counts": dict(self.worker.counts), "last": self.worker.last_timing,
                 "outbox": len(self.spool.outgoing())}

@@ -1,0 +1,111 @@
+"""Helpers for end-to-end tests: the agent as a subprocess, an MQTT observer, waiting."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "config" / "agent.yaml"
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 60, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Agent:
+    """`anomaly-agent run` from the shipped config, pointed at a temp data root and the test broker."""
+
+    def __init__(self, data_root: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 client_id: str = "agent-test") -> None:
+        self.data_root = data_root
+        self.env = {**os.environ, "ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0",
+                    "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192", "ANOMALY_AGENT_FOLDER__STABLE_S": "0.3",
+                    "ANOMALY_AGENT_FOLDER__RESCAN_S": "1", "ANOMALY_AGENT_MQTT__CLIENT_ID": client_id,
+                    "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.args = [sys.executable, "-m", "agent.cli", "--config", str(SHIPPED), "--data-root", str(data_root),
+                     "run"]
+        if port is not None:
+            self.env["ANOMALY_AGENT_MQTT__ENABLED"] = "true"
+            self.args += ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(port)]
+        self.proc: subprocess.Popen | None = None
+        self.log = data_root.parent / f"{client_id}.log"
+
+    def start(self, wait_ready: bool = True) -> Agent:
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "ab"), cwd=ROOT)
+        if wait_ready:
+            wait_for(lambda: "anomaly-agent ready" in self.log.read_text(errors="replace") or self._died(),
+                     90, "agent ready")
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+        return self
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def sigterm(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Observer:
+    """A plain MQTT v5 client subscribed to the agent's topics, recording everything."""
+
+    def __init__(self, port: int, topics: tuple[str, ...] = ("anomaly/#",), persistent: bool = False) -> None:
+        self.messages: list[tuple[str, bytes, bool, object]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                                  client_id=f"obs-{time.monotonic_ns()}")
+        self.client.on_message = self._on
+        self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        props = None
+        if persistent:  # the broker keeps our messages while we (or it) are away
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
+        self.client.loop_start()
+        time.sleep(0.3)
+
+    def _on(self, _c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((m.topic, m.payload, m.retain, m.properties))
+
+    def publish(self, topic: str, payload: bytes | str, props: object = None) -> None:
+        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
+
+    def results(self, topic_suffix: str = "/result") -> list[dict]:
+        with self.lock:
+            return [json.loads(p) for t, p, _, _ in self.messages if t.endswith(topic_suffix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
