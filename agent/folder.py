@@ -80,8 +80,30 @@ class FolderIngest(FileSystemEventHandler):
 
     def _rescan_loop(self) -> None:
         self.scan(initial=True)
+        last_cleanup = 0.0
         while not self._stop.wait(min(self.cfg.folder.rescan_s, max(0.2, self.cfg.folder.stable_s))):
             self.scan()
+            if time.monotonic() - last_cleanup > 3600:
+                last_cleanup = time.monotonic()
+                self.cleanup_done()
+
+    def cleanup_done(self, now: float | None = None) -> int:
+        """Delete processed images in done/ older than folder.done_retention_days (None: keep)."""
+        days = self.cfg.folder.done_retention_days
+        if days is None:
+            return 0
+        cutoff = (now or time.time()) - days * 86400
+        removed = 0
+        for path in (self.data_root / "done").glob("*/*/*/*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("retention: removed %d processed files older than %s days from done/", removed, days)
+        return removed
 
     def scan(self, initial: bool = False) -> None:
         """Take files whose size and mtime have not changed for stable_s."""

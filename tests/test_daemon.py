@@ -301,3 +301,18 @@ def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Pat
         pass
     assert any("STOPPING=1" in m for m in rest), rest
     sock.close()
+
+
+def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from agent.folder import FolderIngest
+
+    cfg = load_config(None, env={}, overrides={"data_root": str(tmp_path), "folder.done_retention_days": 1})
+    done = tmp_path / "done" / "st1" / "roi" / "predict"
+    done.mkdir(parents=True)
+    old, new = done / "old.png", done / "new.png"
+    old.write_bytes(b"x")
+    new.write_bytes(b"x")
+    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    ingest = FolderIngest(cfg, worker=None)  # type: ignore[arg-type]
+    assert ingest.cleanup_done() == 1 and not old.exists() and new.exists()
