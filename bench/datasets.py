@@ -11,7 +11,7 @@ import numpy as np
 
 
 def shared_root() -> Path:
-    env = os.environ.get("ANOMALY_AGENT_SHARED")
+    env = os.environ.get("ANOMALY_SHARED_DIR")
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
 
 

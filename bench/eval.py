@@ -84,13 +84,15 @@ def main() -> None:
     ap.add_argument("--coreset-max", type=int, default=None)
     ap.add_argument("--blur-sigma", type=float, default=None)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--layers", default=None, help="EfficientNet-Lite0 blocks to tap, e.g. 10,14")
     args = ap.parse_args()
     settings = ModelSettings()
     for key in ("score_stat", "coreset_ratio", "coreset_min", "coreset_max", "blur_sigma"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
+    kw = {"layers": tuple(int(x) for x in args.layers.split(","))} if args.layers else {}
     extractor = get_extractor(args.backbone, resolution=args.resolution, keep_aspect=not args.square,
-                              random_weights=args.random_weights)
+                              random_weights=args.random_weights, **kw)
     root = shared_root()
     results = []
     for name in args.datasets:

@@ -11,15 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_root() -> Path:
-    return Path(os.environ.get("ANOMALY_AGENT_SHARED", ROOT.parent / "shared"))
+    return Path(os.environ.get("ANOMALY_SHARED_DIR", ROOT.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    """../shared (or $ANOMALY_AGENT_SHARED). Missing: a failure under CI=true, a skip elsewhere."""
+    """../shared (or $ANOMALY_SHARED_DIR). Missing: a failure under CI=true, a skip elsewhere."""
     root = shared_root()
     if not (root / "datasets").is_dir():
-        msg = f"shared assets not found at {root} (set ANOMALY_AGENT_SHARED)"
+        msg = f"shared assets not found at {root} (set ANOMALY_SHARED_DIR)"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

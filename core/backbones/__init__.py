@@ -73,12 +73,13 @@ class FeatureExtractor:
         self.keep_aspect = keep_aspect
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
         self.is_vit = name.startswith("dinov2")
-        self.align = 14 if self.is_vit else 16
-        self.stride = 14 if self.is_vit else 8
+        self.taps = () if self.is_vit else tuple(layers)
+        self.stride = 14 if self.is_vit else efficientnet_lite.block_stride(min(self.taps))
+        # ViT: sides multiples of the patch; CNN: of the deepest tapped stride, so every map aligns
+        self.align = 14 if self.is_vit else efficientnet_lite.block_stride(max(self.taps))
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if self.is_vit else ((0.5,) * 3, (0.5,) * 3)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.taps = () if self.is_vit else tuple(layers)
         self.feature_dim = 384 if self.is_vit else sum(efficientnet_lite.block_channels(i) for i in self.taps)
         ident_name = name if self.is_vit or self.taps == EFFNET_LAYERS else f"{name}@{'-'.join(map(str, self.taps))}"
         self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)

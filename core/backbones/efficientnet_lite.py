@@ -33,6 +33,17 @@ def block_channels(index: int) -> int:
     raise IndexError(f"EfficientNet-Lite0 has 16 blocks, not {index + 1}")
 
 
+def block_stride(index: int) -> int:
+    """Total stride (2 from the stem) after block `index`."""
+    stride, seen = 2, 0
+    for _, _, s, _, _, repeats in STAGES:
+        stride *= s
+        seen += repeats
+        if index < seen:
+            return stride
+    raise IndexError(f"EfficientNet-Lite0 has 16 blocks, not {index + 1}")
+
+
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding (asymmetric for even inputs with stride 2)."""
 
