@@ -89,6 +89,11 @@ class MqttConfig(Strict):
     shared_group: str | None = None
     max_payload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: object) -> object:
+        return str(v) if isinstance(v, (int, float)) else v  # `protocol: 5` in YAML is a number
+
     @field_validator("base_topic")
     @classmethod
     def _topic(cls, v: str) -> str:

@@ -316,3 +316,22 @@ def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
     os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
     ingest = FolderIngest(cfg, worker=None)  # type: ignore[arg-type]
     assert ingest.cleanup_done() == 1 and not old.exists() and new.exists()
+
+
+def test_mqtt_3_1_1_clients_are_served(data_root: Path, tire: Path, broker: Broker) -> None:
+    import paho.mqtt.client as mqtt
+
+    agent = Agent(data_root, broker.port, env={"ANOMALY_AGENT_MQTT__PROTOCOL": "3.1.1"}).start()
+    got: list[dict] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, client_id="plc-311")
+    c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload))
+    c.connect("127.0.0.1", broker.port)
+    c.subscribe("anomaly/st1/tire/result", qos=1)
+    c.loop_start()
+    time.sleep(0.3)
+    c.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "v311", "image_b64": base64.b64encode(
+        img_bytes(tire)).decode()}), qos=1).wait_for_publish(10)
+    wait_for(lambda: any(r["request_id"] == "v311" for r in got), 60, "3.1.1 result")
+    assert got[-1]["status"] == "ok"
+    c.loop_stop()
+    assert agent.sigterm() == 0
