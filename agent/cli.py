@@ -52,6 +52,16 @@ def _role_roi(args: argparse.Namespace) -> tuple[str, str]:
     return validate_id(args.role, "role_id"), validate_id(args.roi, "roi_id")
 
 
+def _load_sample(rt: Runtime, path: Path, args: argparse.Namespace) -> tuple[bytes, object, dict] | None:
+    """(bytes, decoded image, metadata) for a sample file, or None after printing its error line."""
+    try:
+        data = _read(path)
+        return data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli", "file_name": path.name}
+    except InputError as exc:
+        _emit(_error_line(path, exc))
+        return None
+
+
 def cmd_fit(rt: Runtime, args: argparse.Namespace) -> int:
     role, roi = _role_roi(args)
     model = rt.model(role, roi)
@@ -63,14 +73,12 @@ def cmd_fit(rt: Runtime, args: argparse.Namespace) -> int:
     with tqdm(total=len(files), desc=f"fit {role}/{roi}", unit="img", file=sys.stderr,
               disable=args.quiet) as bar:
         for i, path in enumerate(files):
-            try:
-                data = _read(path)
-                chunk.append((data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli",
-                                                                         "file_name": path.name}))
-            except InputError as exc:
+            sample = _load_sample(rt, path, args)
+            if sample is None:
                 failed += 1
-                _emit(_error_line(path, exc))
                 bar.update(1)
+            else:
+                chunk.append(sample)
             if len(chunk) >= bs or (i == len(files) - 1 and chunk):
                 rep = model.fit_ok(chunk, finalize=False)
                 added += len(rep["added"])
@@ -126,15 +134,9 @@ def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.images:
         raise InputError("give NG images, --threshold V or --reset", code="usage")
-    samples, failed = [], 0
-    for path in expand_inputs(args.images):
-        try:
-            data = _read(path)
-            samples.append((data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli",
-                                                                     "file_name": path.name}))
-        except InputError as exc:
-            failed += 1
-            _emit(_error_line(path, exc))
+    loaded = [_load_sample(rt, path, args) for path in expand_inputs(args.images)]
+    samples = [s for s in loaded if s is not None]
+    failed = len(loaded) - len(samples)
     rep = model.send_ng(samples)
     _emit({"calibrated": f"{role}/{roi}", "added": len(rep["added"]), "duplicates": len(rep["duplicates"]),
            "failed": failed, **{k: v for k, v in rep.items() if k not in ("added", "duplicates")}})
@@ -147,16 +149,15 @@ def cmd_mask(rt: Runtime, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_models(cfg_data_root: Path, rt_factory: object) -> int:
+def cmd_models(data_root: Path) -> int:
+    from core.model import manifest_state
     from core.storage import RoiStore
 
-    for role, roi in list_rois(cfg_data_root):
-        m = RoiStore(cfg_data_root, role, roi).read_manifest() or {}
-        _emit({"role_id": role, "roi_id": roi, "samples": {"ok": m.get("counts", {}).get("ok", 0),
-                                                           "ng": m.get("counts", {}).get("ng", 0)},
-               "bank_size": m.get("counts", {}).get("bank", 0), "threshold": m.get("threshold", {}).get("value"),
-               "threshold_method": m.get("threshold", {}).get("method"), "backbone": m.get("backbone", {}),
-               "model_version": m.get("version"), "updated_utc": m.get("updated_utc")})
+    for role, roi in list_rois(data_root):
+        store = RoiStore(data_root, role, roi)
+        manifest = store.read_manifest()
+        if manifest:
+            _emit(manifest_state(manifest, store.mask_path.exists()))
     return EXIT_OK
 
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(cfg.log_level)
     if args.command == "models":
-        return cmd_models(cfg.data_root, None)
+        return cmd_models(cfg.data_root)
     try:
         if args.command == "run":
             from .daemon import run_daemon

@@ -36,6 +36,14 @@ class BackboneConfig(Strict):
     resolution: int | None = Field(None, ge=56, le=1344)
     keep_aspect: bool = True
     allow_download: bool = False
+    layers: list[int] | None = None  # EfficientNet-Lite0 blocks to tap (0-15); null: the default
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(i < 0 or i > 15 for i in v) or len(set(v)) != len(v)):
+            raise ValueError("must be distinct EfficientNet-Lite0 block numbers 0-15, e.g. [4, 10]")
+        return sorted(v) if v else v
 
 
 class RoiSettings(Strict):

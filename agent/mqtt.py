@@ -30,6 +30,7 @@ from paho.mqtt.properties import Properties
 
 from core.errors import InputError
 from core.ids import validate_id
+from core.model import manifest_state
 from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
@@ -55,8 +56,6 @@ class MqttIngest:
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._feed: queue.Queue[tuple[Job, int | None] | None] = queue.Queue()
-        self._acks: dict[int, threading.Event] = {}
-        self._ack_lock = threading.Lock()
         self._wake = threading.Event()
         self.client = self._make_client()
         worker.on_state = self.publish_state
@@ -84,7 +83,6 @@ class MqttIngest:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_publish = self._on_publish
         return client
 
     def start(self) -> None:
@@ -137,10 +135,11 @@ class MqttIngest:
         else:
             client.subscribe([(self._topic_filter(), self.mc.qos), (f"{self.base}/health_check", self.mc.qos)])
         client.publish(f"{self.base}/status", "online", qos=1, retain=True)
-        for role, roi in list_rois(self.cfg.data_root):
-            st = RoiStore(self.cfg.data_root, role, roi).read_manifest()
-            if st:
-                self.publish_state(role, roi, self.rt.model(role, roi).state())
+        for role, roi in list_rois(self.cfg.data_root):  # read-only: the worker owns the models
+            store = RoiStore(self.cfg.data_root, role, roi)
+            manifest = store.read_manifest()
+            if manifest:
+                self.publish_state(role, roi, manifest_state(manifest, store.mask_path.exists()))
         self._connected.set()
         self._wake.set()
 
@@ -148,12 +147,6 @@ class MqttIngest:
         self._connected.clear()
         if not self._stop.is_set():
             log.warning("mqtt: disconnected (%s); reconnecting, results wait in the outbox", reason)
-
-    def _on_publish(self, _c: object, _ud: object, mid: int, _reason: object, _p: object) -> None:
-        with self._ack_lock:
-            ev = self._acks.pop(mid, None)
-        if ev is not None:
-            ev.set()
 
     def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -300,31 +293,41 @@ class MqttIngest:
         self._wake.set()
 
     def _publisher(self) -> None:
-        """Send the outbox in order; a file is deleted only after the broker's PUBACK."""
+        """Send the outbox in order; a file is deleted only after the broker's PUBACK.
+
+        paho keeps an unacknowledged message and resends it after a reconnect, so a message that
+        timed out is waited on again (not published twice) on the next round.
+        """
+        inflight: dict[str, mqtt.MQTTMessageInfo] = {}
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
             for path in self.spool.outgoing():
                 if not self._connected.is_set():
                     break
-                try:
-                    msg = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    path.unlink(missing_ok=True)
-                    continue
-                props = None
-                if msg.get("correlation_b64") and self.v5:
-                    props = Properties(PacketTypes.PUBLISH)
-                    props.CorrelationData = base64.b64decode(msg["correlation_b64"])
-                ev = threading.Event()
-                with self._ack_lock:
+                info = inflight.get(path.name)
+                if info is None:
+                    try:
+                        msg = json.loads(path.read_text())
+                    except (OSError, ValueError):
+                        path.unlink(missing_ok=True)
+                        continue
+                    props = None
+                    if msg.get("correlation_b64") and self.v5:
+                        props = Properties(PacketTypes.PUBLISH)
+                        props.CorrelationData = base64.b64decode(msg["correlation_b64"])
                     info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1),
                                                retain=False, properties=props)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
                         break
-                    self._acks[info.mid] = ev
-                if not ev.wait(timeout=15) and not info.is_published():
-                    break  # no PUBACK (broker gone?): keep the file, retry after reconnect
+                    inflight[path.name] = info
+                try:
+                    info.wait_for_publish(timeout=15)
+                except (RuntimeError, ValueError):
+                    pass
+                if not info.is_published():
+                    break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
+                inflight.pop(path.name, None)
                 path.unlink(missing_ok=True)
 
 

@@ -25,8 +25,10 @@ class Runtime:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         b = cfg.backbone
+        kw = {"layers": tuple(b.layers)} if b.layers else {}
         self.extractor: FeatureExtractor = get_extractor(
-            b.name, str(b.weights) if b.weights else None, b.resolution, cfg.device, b.keep_aspect, b.allow_download)
+            b.name, str(b.weights) if b.weights else None, b.resolution, cfg.device, b.keep_aspect, b.allow_download,
+            **kw)
         if b.name == "auto" and self.extractor.name == "efficientnet_lite0":
             log.warning("running on EfficientNet-Lite0 (ImageNet) because no DINOv2 weights were found; "
                         "see docs/configuration.md (backbone.weights) to use DINOv2")

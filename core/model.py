@@ -62,6 +62,32 @@ class Embedded:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def manifest_state(m: dict, has_mask: bool) -> dict:
+    """The public state of a ROI (MQTT `state` topic, CLI `models`) from its manifest."""
+    return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
+            "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
+            "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
+            "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
+            "threshold_details": m["threshold"]["details"], "backbone": m["backbone"],
+            "has_mask": has_mask, "updated_utc": m["updated_utc"]}
+
+
+def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
+    """Copies of an OK image with the variation a new good part shows on a fixed station: shifted by
+    one feature stride, rotated by +-2 degrees, scaled by +-5 %, brightness +-10 %."""
+    w, h = img.size
+    centre = (w / 2, h / 2)
+    views = []
+    for angle, scale, dx, dy, gain in ((0, 1, stride_px, 0, 1), (0, 1, 0, stride_px, 1), (2, 1, 0, 0, 1),
+                                       (-2, 1, 0, 0, 1), (0, 1.05, 0, 0, 1), (0, 0.95, 0, 0, 1),
+                                       (0, 1, 0, 0, 1.1), (0, 1, 0, 0, 0.9)):
+        mat = cv2.getRotationMatrix2D(centre, angle, scale)
+        mat[:, 2] += (dx, dy)
+        rgb = cv2.warpAffine(img.rgb, mat, img.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        views.append(ImageInput(np.clip(rgb * gain, 0, 1), img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
+    return views
+
+
 class RoiModel:
     """Memory bank, threshold and stored samples of one ROI. Not thread-safe: one worker owns it."""
 
@@ -104,13 +130,7 @@ class RoiModel:
         return self.manifest["threshold"]["value"]
 
     def state(self) -> dict:
-        m = self.manifest
-        return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
-                "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
-                "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
-                "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
-                "threshold_details": m["threshold"]["details"], "backbone": m["backbone"],
-                "has_mask": self.mask is not None, "updated_utc": m["updated_utc"]}
+        return manifest_state(self.manifest, self.mask is not None)
 
     # ------------------------------------------------------------ embeddings
     def embed(self, images: list[ImageInput]) -> list[Embedded]:
@@ -296,15 +316,10 @@ class RoiModel:
             q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
             dist = self._knn.distances(q.to(self.extractor.device), exclude).numpy()
             scores.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
-        if not scores:  # a single OK sample: score translated copies of it (half a patch) instead
+        if not scores:  # a single OK sample: nothing to leave out; score nuisance views of it instead
             rec = self.store.list_samples("ok")[-1]
             img = self._records_images([rec])[0]
-            shift = self.extractor.stride / 2 * img.size[0] / entries[-1]["input_size"][0]
-            views = []
-            for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
-                mat = np.float32([[1, 0, dx], [0, 1, dy]])
-                rgb = cv2.warpAffine(img.rgb, mat, img.size, borderMode=cv2.BORDER_REFLECT)
-                views.append(ImageInput(rgb, img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
+            views = nuisance_views(img, self.extractor.stride * img.size[0] / entries[-1]["input_size"][0])
             for emb in self.embed(views):
                 dist = self._knn.distances(torch.from_numpy(emb.feats).to(self.extractor.device)).numpy()
                 scores.append(self._score_map(dist, emb.grid, emb.input_size)[0])

@@ -2,8 +2,9 @@
 
 - auto with OK only: the `ok_percentile` (default 99th) of leave-one-out OK scores, i.e. every stored
   OK sample scored against the bank without its own patches. With a single OK sample there is
-  nothing to leave out; its score against the bank of shifted copies of itself is used instead
-  (see model.py), so a one-shot model still gets a sane, not a zero, threshold.
+  nothing to leave out; copies of it with a station's usual nuisance (one-stride shift, +-2 degree
+  rotation, +-5 % scale, +-10 % brightness; `model.nuisance_views`) are scored instead, so a one-shot
+  model still gets a usable threshold, not one at its own (near-zero) self-distance.
 - with NG samples: if OK and NG scores separate, the threshold sits `ng_margin` of the way from the
   highest OK score to the lowest NG score (0.5: midway); otherwise the cut that maximises
   Youden's J (TPR - FPR) on the ROC curve (scikit-learn), reported with the errors it leaves.
