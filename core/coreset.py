@@ -1,8 +1,8 @@
 """k-center greedy coreset selection with a random projection (PatchCore, Roth et al. 2022).
 
 Distances are computed in a seeded random projection to `proj_dim` dimensions (Johnson-Lindenstrauss),
-as in the paper; the selected points keep their full features. The selection is incremental:
-`extend()` continues the greedy from an existing bank, using the new points' distances to it.
+as in the paper; the selected points keep their full features. The incremental bank built from
+these pieces (per-sample selection, redundancy pruning) lives in model.py (`_extend_bank`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,9 @@ def project(x: torch.Tensor, proj: torch.Tensor | None) -> torch.Tensor:
     return x if proj is None else x @ proj.to(x.device, x.dtype)
 
 
-def min_sq_dist(points: torch.Tensor, centers: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Squared distance of every point to its nearest center (chunked to bound memory)."""
-    c_norm = (centers * centers).sum(1)
-    out = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
-    for i in range(0, points.shape[0], chunk):
-        p = points[i : i + chunk]
-        d = torch.addmm(c_norm[None, :], p, centers.T, alpha=-2.0)  # |c|^2 - 2 p.c in one GEMM
-        out[i : i + chunk] = (d.min(1).values + (p * p).sum(1)).clamp_min_(0)
-    return out
+def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances [len(a), len(b)] (one GEMM)."""
+    return (torch.addmm((b * b).sum(1)[None, :], a, b.T, alpha=-2.0) + (a * a).sum(1)[:, None]).clamp_min_(0)
 
 
 def greedy_select(points: torch.Tensor, n_select: int, mindist: torch.Tensor | None = None) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 
 from . import thresholds
 from .backbones import FeatureExtractor
-from .coreset import greedy_select, min_sq_dist, project, projection
+from .coreset import greedy_select, project, projection, sq_dists
 from .errors import BackboneMismatchError, InputError, ModelNotReadyError
 from .heatmap import render_heatmap
 from .image_io import ImageInput, decode_image
@@ -236,15 +236,21 @@ class RoiModel:
             feats = np.asarray(data[rows], np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
         self._bank_feats = torch.from_numpy(feats)
         self._bank_proj = project(self._bank_feats, self._proj)
+        # nearest other entry of each bank entry (for pruning): kept up to date incrementally, computed
+        # on first need for a bank loaded from disk
+        empty = self.bank_rows.size == 0
+        self._nn_val: torch.Tensor | None = torch.zeros(0) if empty else None
+        self._nn_row: np.ndarray | None = np.zeros(0, np.int64) if empty else None
 
     def _extend_bank(self, new_feats: np.ndarray, offset: int, total_rows: int) -> None:
-        """Incremental k-center greedy over one sample's patches, given their distance to the bank.
+        """Incremental coreset: one sample's share joins the bank, redundancy is pruned.
 
         Target size: every patch while there are at most coreset_min, then coreset_ratio of all
         patches (but at least coreset_min), never more than coreset_max. Each sample contributes at
-        least its coreset_ratio share, chosen by greedy farthest-first from the current bank; when
-        the bank overshoots the target by 5 % (or hits coreset_max), its most redundant entries
-        (closest to another entry) are pruned, so early samples do not crowd out later ones.
+        least its coreset_ratio share, chosen by k-center greedy (farthest-first) over its patches;
+        when the bank overshoots the target by 5 % (or hits coreset_max), its most redundant entries
+        (closest to another entry, new ones included) are pruned, so early samples do not crowd out
+        later ones and a new sample's patches that the bank already covers go first.
         """
         s = self.settings
         n_new = new_feats.shape[0]
@@ -257,9 +263,13 @@ class RoiModel:
         if n_add == n_new:
             sel = torch.arange(n_new)
         else:
-            mindist = min_sq_dist(p_new, self._bank_proj) if self.bank_rows.size else None
-            sel = torch.as_tensor(greedy_select(p_new, n_add, mindist), dtype=torch.long)
-        self.bank_rows = np.concatenate([self.bank_rows, offset + sel.numpy()])
+            # farthest-first within the sample; overlap with the bank is resolved by pruning, which
+            # costs n_add x bank instead of the n_new x bank of a full distance-to-bank pass
+            sel = torch.as_tensor(greedy_select(p_new, n_add), dtype=torch.long)
+        new_rows = offset + sel.numpy()
+        if self._nn_val is not None:
+            self._update_neighbours(p_new[sel], new_rows)
+        self.bank_rows = np.concatenate([self.bank_rows, new_rows])
         self._bank_feats = torch.cat([self._bank_feats, feats[sel]])
         self._bank_proj = torch.cat([self._bank_proj, p_new[sel]])
         slack = max(1, target // 20)
@@ -267,19 +277,68 @@ class RoiModel:
             keep = target if target < s.coreset_max else s.coreset_max - slack
             self._prune(self.bank_rows.size - keep)
 
+    def _update_neighbours(self, new_p: torch.Tensor, new_rows: np.ndarray) -> None:
+        """Fold entries about to join the bank into the nearest-neighbour bookkeeping."""
+        inf = torch.full((new_p.shape[0],), float("inf"))
+        v_new, row_new = inf, np.full(new_p.shape[0], -1, np.int64)
+        if self.bank_rows.size:
+            d = sq_dists(new_p, self._bank_proj)
+            v_new, j_new = d.min(1)
+            row_new = self.bank_rows[j_new.numpy()]
+            v_old, j_old = d.min(0)
+            better = (v_old < self._nn_val).numpy()
+            self._nn_val = torch.minimum(self._nn_val, v_old)
+            self._nn_row[better] = new_rows[j_old.numpy()[better]]
+        if new_p.shape[0] > 1:
+            dn = sq_dists(new_p, new_p)
+            dn.fill_diagonal_(float("inf"))
+            v2, j2 = dn.min(1)
+            better = (v2 < v_new).numpy()
+            v_new = torch.minimum(v_new, v2)
+            row_new = np.where(better, new_rows[j2.numpy()], row_new)
+        self._nn_val = torch.cat([self._nn_val, v_new])
+        self._nn_row = np.concatenate([self._nn_row, row_new])
+
+    def _neighbours_of(self, idx: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Squared distance to, and row of, the nearest other bank entry for bank positions idx."""
+        vals = torch.empty(idx.numel())
+        pos = torch.empty(idx.numel(), dtype=torch.long)
+        for i in range(0, idx.numel(), 2048):
+            sub = idx[i : i + 2048]
+            d = sq_dists(self._bank_proj[sub], self._bank_proj)
+            d[torch.arange(sub.numel()), sub] = float("inf")
+            vals[i : i + 2048], pos[i : i + 2048] = d.min(1)
+        return vals, self.bank_rows[pos.numpy()]
+
     def _prune(self, n_remove: int) -> None:
-        """Drop the n_remove bank entries that lie closest to another entry (least coverage lost)."""
-        p = self._bank_proj
-        nn = torch.empty(p.shape[0])
-        norms = (p * p).sum(1)
-        for i in range(0, p.shape[0], 4096):
-            d = torch.addmm(norms[None, :], p[i : i + 4096], p.T, alpha=-2.0) + norms[i : i + 4096, None]
-            d[torch.arange(d.shape[0]), torch.arange(i, i + d.shape[0])] = float("inf")
-            nn[i : i + 4096] = d.min(1).values
-        keep = torch.sort(torch.argsort(nn, descending=True)[: p.shape[0] - n_remove]).values
-        self.bank_rows = self.bank_rows[keep.numpy()]
-        self._bank_feats = self._bank_feats[keep]
-        self._bank_proj = self._bank_proj[keep]
+        """Drop n_remove entries that lie closest to another entry (least coverage lost); of a close
+        pair only one goes. Neighbour distances are maintained incrementally, so this is O(M log M)."""
+        if self._nn_val is None or self._nn_row is None:
+            self._nn_val, self._nn_row = self._neighbours_of(torch.arange(self.bank_rows.size))
+        removed: set[int] = set()
+        order = torch.argsort(self._nn_val).tolist()
+        for i in order:
+            if len(removed) == n_remove:
+                break
+            if int(self._nn_row[i]) not in removed:
+                removed.add(int(self.bank_rows[i]))
+        for i in order:  # a large cut may need both members of some pairs
+            if len(removed) == n_remove:
+                break
+            removed.add(int(self.bank_rows[i]))
+        gone = np.fromiter(removed, np.int64)
+        keep = ~np.isin(self.bank_rows, gone)
+        keep_t = torch.from_numpy(keep)
+        self.bank_rows = self.bank_rows[keep]
+        self._bank_feats = self._bank_feats[keep_t]
+        self._bank_proj = self._bank_proj[keep_t]
+        self._nn_val = self._nn_val[keep_t]
+        self._nn_row = self._nn_row[keep]
+        stale = np.flatnonzero(np.isin(self._nn_row, gone))
+        if stale.size:  # their nearest entry is gone: look again
+            vals, rows = self._neighbours_of(torch.from_numpy(stale))
+            self._nn_val[torch.from_numpy(stale)] = vals
+            self._nn_row[stale] = rows
 
     def _refresh_knn(self) -> None:
         store = self._emb["ok"]

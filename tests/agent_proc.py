@@ -28,6 +28,9 @@ def wait_for(cond: Callable[[], object], timeout: float = 60, what: str = "condi
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+STARTED: list[Agent] = []
+
+
 class Agent:
     """`anomaly-agent run` from the shipped config, pointed at a temp data root and the test broker."""
 
@@ -50,6 +53,7 @@ class Agent:
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"), cwd=ROOT)
+        STARTED.append(self)
         if wait_ready:
             wait_for(lambda: "anomaly-agent ready" in self.log.read_text(errors="replace") or self._died(),
                      90, "agent ready")
@@ -68,6 +72,12 @@ class Agent:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        """After a test, pass or fail: no agent is left running."""
+        if self.alive():
+            self.proc.kill()  # type: ignore[union-attr]
+            self.proc.wait(timeout=10)  # type: ignore[union-attr]
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
