@@ -118,7 +118,8 @@ class MqttConfig(Strict):
 
 class WorkerConfig(Strict):
     queue_size: int = Field(64, ge=1)
-    max_batch: int = Field(8, ge=1, le=256)
+    # auto: 8 on CUDA, 1 on CPU, where a batched forward is slower than single ones (docs/benchmarks.md)
+    max_batch: int | Literal["auto"] = "auto"
     max_wait_ms: float = Field(5.0, ge=0)
 
 
@@ -155,6 +156,13 @@ class AgentConfig(Strict):
             parts = key.split("/")
             if len(parts) != 2 or not all(ID_PATTERN.match(p) for p in parts):
                 raise ValueError(f"key {key!r} must be '<role_id>/<roi_id>' with ids of [A-Za-z0-9_.-]{{1,64}}")
+        return v
+
+    @field_validator("worker")
+    @classmethod
+    def _batch(cls, v: WorkerConfig) -> WorkerConfig:
+        if isinstance(v.max_batch, int) and not 1 <= v.max_batch <= 256:
+            raise ValueError("max_batch must be 'auto' or 1-256")
         return v
 
     @model_validator(mode="after")

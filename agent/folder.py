@@ -32,6 +32,14 @@ from .jobs import Job
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+try:  # watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, which delays every rename-into by that much
+    from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+    InotifyMoveEventGrouper.delay = 0.02  # the kernel emits both halves of a rename together
+except ImportError:  # pragma: no cover - other platforms / watchdog versions
+    pass
+
 FOLDER_ACTIONS = ("predict", "fit_ok", "send_ng")
 IGNORED_SUFFIXES = (".part", ".tmp", ".json")
 

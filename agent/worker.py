@@ -37,6 +37,9 @@ class Worker:
         self._stop = threading.Event()
         self._pending: Job | None = None
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        mb = cfg.max_batch
+        self.max_batch = (8 if rt.extractor.device.type == "cuda" else 1) if mb == "auto" else int(mb)
+        log.info("worker: max batch %d on %s, queue %d", self.max_batch, rt.extractor.device, cfg.queue_size)
 
     def start(self) -> None:
         self._thread.start()
@@ -78,7 +81,7 @@ class Worker:
         if first.action not in ("predict", "fit_ok"):
             return batch
         deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
-        while len(batch) < self.cfg.max_batch:
+        while len(batch) < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
                 job = self.queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self.queue.get_nowait()

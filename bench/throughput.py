@@ -66,7 +66,7 @@ def mqtt_serial(obs: Observer, images: list[bytes], runs: int, tag: str) -> dict
         t0 = time.perf_counter()
         obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": rid, "image_b64": base64.b64encode(
             images[i % len(images)]).decode()}))
-        wait_for(lambda rid=rid: any(r["request_id"] == rid for r in obs.results()[-5:]), 60, rid)
+        obs.wait_result(rid, 60)
         if i >= 3:
             times.append((time.perf_counter() - t0) * 1000)
     return pct(times)
@@ -125,8 +125,8 @@ def main() -> None:
             for max_batch in (8, 1):
                 root = tmp / f"data{max_batch}"
                 shutil.copytree(template, root)
-                agent = Agent(root, broker.port, env={**ENV, "ANOMALY_AGENT_WORKER__MAX_BATCH": str(max_batch),
-                                                      "ANOMALY_AGENT_LOG_LEVEL": "WARNING"},
+                (root / "inbox" / "st1" / "tire" / "predict").mkdir(parents=True)  # as a station would
+                agent = Agent(root, broker.port, env={**ENV, "ANOMALY_AGENT_WORKER__MAX_BATCH": str(max_batch)},
                               client_id=f"bench{max_batch}").start()
                 obs = Observer(broker.port)
                 if max_batch == 8:

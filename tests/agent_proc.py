@@ -88,7 +88,8 @@ class Observer:
 
     def __init__(self, port: int, topics: tuple[str, ...] = ("anomaly/#",), persistent: bool = False) -> None:
         self.messages: list[tuple[str, bytes, bool, object]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=f"obs-{time.monotonic_ns()}")
         self.client.on_message = self._on
@@ -106,8 +107,22 @@ class Observer:
         time.sleep(0.3)
 
     def _on(self, _c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-        with self.lock:
+        with self.cond:
             self.messages.append((m.topic, m.payload, m.retain, m.properties))
+            self.cond.notify_all()
+
+    def wait_result(self, request_id: str, timeout: float = 60) -> dict:
+        """Block until a result with this request_id arrives (no polling delay)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for t, p, _, _ in reversed(self.messages):
+                    if t.endswith("/result") and json.loads(p).get("request_id") == request_id:
+                        return json.loads(p)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no result for {request_id} within {timeout}s")
+                self.cond.wait(left)
 
     def publish(self, topic: str, payload: bytes | str, props: object = None) -> None:
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
