@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from datasets import shared_root  # noqa: E402
 
-from tests.agent_proc import Agent, Observer, wait_for  # noqa: E402
+from tests.agent_proc import STARTED, Agent, Observer, wait_for  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 
 ENV = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "320",
@@ -136,6 +136,8 @@ def main() -> None:
                 obs.close()
                 agent.sigterm()
         finally:
+            for agent in STARTED:  # never leave an agent running, also when a step failed
+                agent.cleanup()
             broker.stop()
     c = out["core"]["p50_ms"]
     out["overhead_mqtt_p50"] = round(out["mqtt_serial"]["p50_ms"] / c - 1, 3)
