@@ -33,7 +33,7 @@ class ModelSettings:
 
     coreset_ratio: float = 0.1
     coreset_min: int = 4096
-    coreset_max: int = 16384
+    coreset_max: int = 8192
     proj_dim: int = 64
     score_stat: str = "max"
     score_percentile: float = 99.0
