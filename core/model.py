@@ -226,7 +226,10 @@ class RoiModel:
         for e in store.entries:
             lo, hi = e["offset"], e["offset"] + e["count"]
             self._extend_bank(np.asarray(data[lo:hi]), lo, total_rows=hi)
-        self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
+        if store.entries:  # a ROI nobody has fitted leaves nothing on disk
+            log.info("%s/%s: bank selected from %d samples: %d patches", self.store.role_id, self.store.roi_id,
+                     len(store.entries), self.bank_rows.size)
+            self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
 
     def _set_bank(self, rows: np.ndarray, feats: np.ndarray | None = None) -> None:
         """Bank rows (order kept) plus their features (given, or gathered from the index) and projections."""
