@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -101,6 +102,7 @@ class RoiModel:
         self._proj = projection(extractor.feature_dim, self.settings.proj_dim)
         self.manifest = self.store.read_manifest() or self._new_manifest()
         self.mask = self.store.load_mask()
+        self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
         self.bank_rows = np.zeros(0, np.int64)
         self._knn: NearestNeighbour | None = None
         self._bank_sample: np.ndarray = np.zeros(0, np.int64)
@@ -358,8 +360,16 @@ class RoiModel:
         self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]
     ) -> tuple[float, np.ndarray]:
         amap = input_res_map(dist, grid, input_size, self.settings.blur_sigma)
-        mask = resize_mask(self.mask, input_size)
+        mask = self._mask_at(input_size)
         return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile), amap
+
+    def _mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The ROI mask resized to (w, h), computed once per size (ROIs of a station share sizes)."""
+        if size not in self._mask_cache:
+            if len(self._mask_cache) >= 32:  # ROIs of varying size: keep the memory bounded
+                self._mask_cache.clear()
+            self._mask_cache[size] = resize_mask(self.mask, size)
+        return self._mask_cache[size]
 
     def _holdout_ok_scores(self) -> list[float]:
         """Leave-one-out scores of the most recent OK samples against the bank without their own patches."""
@@ -428,14 +438,12 @@ class RoiModel:
     def _store_samples(self, kind: str, samples: list[tuple[bytes, ImageInput, dict]]) -> tuple[list, list, list]:
         known = self.store.known_hashes(kind)
         records, images, duplicates = [], [], []
-        import hashlib
-
         for data, img, meta in samples:
-            sha = hashlib.sha256(data).hexdigest()
+            sha = hashlib.sha256(data).hexdigest()  # computed once: dedupe here, recorded by save_sample
             if sha in known:
                 duplicates.append(known[sha])
                 continue
-            rec = self.store.save_sample(kind, data, img.format, {"mm_per_px": img.mm_per_px, **meta})
+            rec = self.store.save_sample(kind, data, img.format, {"mm_per_px": img.mm_per_px, **meta}, sha=sha)
             known[sha] = rec.sample_id
             records.append(rec)
             images.append(img)
@@ -514,10 +522,9 @@ class RoiModel:
         mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
         if mask is None or not (mask > 0).any():
             raise InputError("mask must be a PNG with non-zero pixels where anomalies count", code="invalid_mask")
-        from .storage import atomic_write_bytes
-
-        atomic_write_bytes(self.store.mask_path, png)
+        self.store.save_mask(png)
         self.mask = mask > 0
+        self._mask_cache.clear()
         if self._knn is not None:
             self._update_threshold_and_save()
         return self.state()
@@ -537,7 +544,7 @@ class RoiModel:
             score, amap = self._score_map(dist, emb.grid, emb.input_size)
             threshold = float(self.threshold)
             full = cv2.resize(amap, img.size, interpolation=cv2.INTER_LINEAR)
-            mask_full = resize_mask(self.mask, img.size)
+            mask_full = self._mask_at(img.size)
             count, regions = defect_regions(full, threshold, mask_full, img.mm_per_px, self.settings.min_defect_area_px)
             is_anomaly = score > threshold
             png = render_heatmap(img.rgb, full, threshold, mask_full) if heatmap or self.debug_dir else None

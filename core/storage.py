@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .ids import safe_join, validate_id
@@ -168,9 +169,9 @@ class RoiStore:
     def embeddings(self, kind: str) -> EmbeddingStore:
         return EmbeddingStore(self.index_dir, kind)
 
-    def save_sample(self, kind: str, data: bytes, fmt: str, meta: dict) -> SampleRecord:
+    def save_sample(self, kind: str, data: bytes, fmt: str, meta: dict, sha: str | None = None) -> SampleRecord:
         """Store image bytes as received + metadata JSON; returns the record (id = time + sha prefix)."""
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha or hashlib.sha256(data).hexdigest()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         sample_id = f"{stamp}_{sha[:12]}"
         directory = self.samples_dir(kind)
@@ -223,10 +224,11 @@ class RoiStore:
     def load_mask(self) -> np.ndarray | None:
         if not self.mask_path.exists():
             return None
-        import cv2
-
         mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
         return None if mask is None else mask > 0
+
+    def save_mask(self, png: bytes) -> None:
+        atomic_write_bytes(self.mask_path, png)
 
 
 def list_rois(data_root: Path) -> list[tuple[str, str]]:
