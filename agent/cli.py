@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run the daemon (watched folders, MQTT)")
     sp.add_argument("--mqtt-host", default=None)
     sp.add_argument("--mqtt-port", type=int, default=None)
+    sp.add_argument("--http-port", type=int, default=None, help="serve HTTP on this port (needs http.enabled)")
     return p
 
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"data_root": args.data_root, "backbone.name": args.backbone, "device": args.device,
                  "log_level": args.log_level}
     if args.command == "run":
-        overrides.update({"mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port})
+        overrides.update({"mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port, "http.port": args.http_port})
     try:
         cfg = load_config(args.config, overrides={k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in overrides.items()})

@@ -116,6 +116,29 @@ class MqttConfig(Strict):
         return self
 
 
+class HttpConfig(Strict):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)  # 0: any free port (logged at start)
+    token_file: Path | None = None  # a bearer token; with it, every endpoint but /health needs it
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(300.0, gt=0)
+    recent_results: int = Field(20, ge=0, le=1000)  # results (with heatmaps) kept for the operator page
+    page_refresh_s: float = Field(5.0, ge=0)  # 0: the operator page does not reload itself
+
+    def read_token(self) -> str | None:
+        """The token from token_file; a missing or empty file is a configuration error."""
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"http.token_file: cannot read {self.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"http.token_file: {self.token_file} is empty")
+        return token
+
+
 class WorkerConfig(Strict):
     queue_size: int = Field(64, ge=1)
     # auto: 8 on CUDA, 1 on CPU, where a batched forward is slower than single ones (docs/benchmarks.md)
@@ -139,6 +162,7 @@ class AgentConfig(Strict):
     rois: dict[str, RoiSettings] = {}
     folder: FolderConfig = FolderConfig()
     mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
     worker: WorkerConfig = WorkerConfig()
     limits: LimitsConfig = LimitsConfig()
 
@@ -245,7 +269,8 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None,
     for key in ("data_root",):
         if isinstance(tree.get(key), str) and not Path(tree[key]).is_absolute():
             tree[key] = os.path.normpath(base / tree[key])
-    for section, key in (("backbone", "weights"), ("folder", "root")):
+    for section, key in (("backbone", "weights"), ("folder", "root"), ("http", "token_file"),
+                         ("mqtt", "password_file")):
         v = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
         if isinstance(v, str) and not Path(v).expanduser().is_absolute():
             tree[section][key] = os.path.normpath(base / v)
@@ -258,6 +283,8 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None,
         cfg = AgentConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, str(path))) from None
+    if cfg.http.enabled:
+        cfg.http.read_token()  # a token file that cannot be used stops the start here, not at the first request
     if cfg.backbone.name not in BACKBONES:  # pragma: no cover - Literal already guards this
         raise ConfigError(f"backbone.name must be one of {BACKBONES}")
     return cfg

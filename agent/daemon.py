@@ -57,11 +57,23 @@ def run_daemon(cfg: AgentConfig) -> int:
         for s in sources:
             s.mirror = mqtt_ingest.mirror  # folder results are published on MQTT too
         sources.append(mqtt_ingest)
+    if cfg.http.enabled:
+        from .http_server import HttpIngest
+
+        outbox = (lambda: {"outbox": len(mqtt_ingest.spool.outgoing())}) if cfg.mqtt.enabled else None
+        sources.append(HttpIngest(cfg, worker, rt, started, extra_health=outbox))
     if not sources:
-        log.error("nothing to do: enable folder and/or mqtt in the config")
+        log.error("nothing to do: enable folder, mqtt and/or http in the config")
         return 2
-    for s in sources:
-        s.start()
+    try:
+        for s in sources:
+            s.start()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        for s in sources:
+            s.stop()
+        worker.stop(drain=False, timeout=5)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -71,8 +83,8 @@ def run_daemon(cfg: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     notifier.send(f"READY=1\nSTATUS=serving on {rt.extractor.name} ({rt.extractor.device})")
-    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s", rt.extractor.name,
-             rt.extractor.device, cfg.folder.enabled, cfg.mqtt.enabled)
+    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s, http=%s", rt.extractor.name,
+             rt.extractor.device, cfg.folder.enabled, cfg.mqtt.enabled, cfg.http.enabled)
     while not stop.wait(1.0):
         pass
     notifier.send("STOPPING=1")

@@ -188,7 +188,7 @@ class FolderIngest(FileSystemEventHandler):
         meta: dict = {"source": "folder"}
         request_id = f"folder:{role}/{roi}/{action}/{claimed.name}"
         sidecar = claimed.with_suffix(".json")
-        job = Job(role, roi, action, [], request_id, meta, on_result=self._deliver)
+        job = Job(role, roi, action, [], request_id, meta, on_result=self._deliver, ingress="folder")
         job.meta["claim"] = str(claimed)
         try:
             if sidecar.exists():

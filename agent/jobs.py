@@ -1,4 +1,4 @@
-"""Jobs flowing from ingestion (folder, MQTT) to the worker, and the one result shape for both."""
+"""Jobs flowing from ingestion (folder, MQTT, HTTP) to the worker, and the one result shape for all."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class Job:
     meta: dict = field(default_factory=dict)  # mm_per_px, source, heatmap, threshold, ...
     on_result: Callable[[Job, dict], None] | None = None
     enqueued_at: float = 0.0
+    ingress: str = "unknown"  # folder, mqtt, http: for metrics and the operator page
 
 
 def ok_result(job: Job, data: dict) -> dict:

@@ -35,6 +35,7 @@ from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
 from .durable import Spool
+from .health import health_body
 from .jobs import ACTIONS, Job, error_result
 from .runtime import Runtime
 from .worker import Worker
@@ -198,7 +199,8 @@ class MqttIngest:
     def _dispatch(self, meta: dict, payload: bytes, mid: int | None, qos: int = 1) -> None:
         parts = meta["topic"][len(self.base) + 1 :].split("/")
         role, roi, action = parts
-        job = Job(role, roi, action, [], meta["request_id"], {"source": "mqtt"}, on_result=self._deliver)
+        job = Job(role, roi, action, [], meta["request_id"], {"source": "mqtt"}, on_result=self._deliver,
+                  ingress="mqtt")
         job.meta["_mqtt"] = meta
         try:
             validate_id(role, "role_id")
@@ -233,20 +235,17 @@ class MqttIngest:
                 job.images = [base64.b64decode(i, validate=True) for i in images or []]
             except (binascii.Error, ValueError):
                 raise InputError("image_b64 is not valid base64", "invalid_base64") from None
-            for k in ("mm_per_px", "source", "heatmap", "threshold", "reset"):
+            for k in ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin"):
                 if k in body:
                     job.meta[k] = body[k]
         else:
             job.images = [payload] if payload else []
-            for k in ("mm_per_px", "source", "heatmap", "threshold"):
+            for k in ("mm_per_px", "source", "heatmap", "threshold", "policy", "ok_percentile", "ng_margin"):
                 if k in user:
                     job.meta[k] = user[k] if k == "source" else _parse_scalar(user[k])
         if job.action != "calibrate" and not job.images:
             raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
-        if job.action == "calibrate" and not job.images and "threshold" not in job.meta and not job.meta.get("reset"):
-            raise InputError("calibrate needs NG images, a 'threshold' or 'reset': true", "missing_image")
-        if job.meta.get("reset"):
-            job.meta["threshold"] = None
+        # calibrate without images: `threshold` (manual), `reset`, `policy`, or nothing (recompute)
 
     def _feeder(self) -> None:
         """Hand recorded requests to the worker; ack each one only when the worker took it."""
@@ -283,11 +282,7 @@ class MqttIngest:
         self.client.publish(f"{self.base}/{role}/{roi}/state", json.dumps(state), qos=1, retain=True)
 
     def _health(self) -> None:
-        ex = self.rt.extractor
-        body = {"status": "online", "agent_id": self.mc.client_id, "queue_depth": self.worker.depth(),
-                "device": str(ex.device),
-                "backbone": ex.identity.to_dict(), "uptime_s": round(time.monotonic() - self.started, 1),
-                "counts": dict(self.worker.counts), "last": self.worker.last_timing,
+        body = {**health_body(self.rt, self.worker, self.started, self.mc.client_id),
                 "outbox": len(self.spool.outgoing())}
         self.spool.enqueue({"topic": f"{self.base}/health", "payload": json.dumps(body), "qos": 1})
         self._wake.set()

@@ -2,7 +2,8 @@
 
 Predicts for the same ROI that arrive within `max_wait_ms` are micro-batched (up to `max_batch`),
 consecutive fit_ok jobs of one ROI are fitted together. Every job ends in exactly one call of its
-`on_result` with an ok or error result.
+`on_result` with an ok or error result; observers (metrics, the operator page's recent results) see
+each result first, with the prediction's preview thumbnail.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Worker:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
         self.heartbeat = heartbeat or (lambda: None)
         self.on_state = on_state
+        self.observers: list[Callable[[Job, dict, dict | None], None]] = []
+        self.preview_px = 0  # > 0: predictions carry a thumbnail for observers (operator page)
         self.counts: Counter[str] = Counter()
         self.last_timing: dict = {}
         self._stop = threading.Event()
@@ -107,8 +110,13 @@ class Worker:
                 for j in batch:
                     self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
 
-    def _finish(self, job: Job, result: dict) -> None:
+    def _finish(self, job: Job, result: dict, preview: dict | None = None) -> None:
         self.counts[f"{job.action}_{result['status']}"] += 1
+        for observe in self.observers:
+            try:
+                observe(job, result, preview)
+            except Exception:
+                log.exception("worker: observer failed for %s", job.request_id)
         if job.on_result is not None:
             try:
                 job.on_result(job, result)
@@ -139,12 +147,10 @@ class Worker:
         elif action == "calibrate":
             for j in batch:
                 try:
-                    thr = j.meta.get("threshold")
                     if j.images:
                         self._fit(model, [j], "ng")
                         continue
-                    state = model.set_threshold(None if thr is None else float(thr))
-                    self._finish(j, ok_result(j, state))
+                    self._finish(j, ok_result(j, self._calibrate(model, j.meta)))
                     self._state_changed(model)
                 except (AnomalyError, ValueError, TypeError) as exc:
                     code = getattr(exc, "code", "invalid_threshold")
@@ -152,6 +158,19 @@ class Worker:
         else:
             for j in batch:
                 self._finish(j, error_result(j, "unknown_action", f"unknown action {action!r}"))
+
+    @staticmethod
+    def _calibrate(model: object, meta: dict) -> dict:
+        """calibrate without images: `threshold` (manual), `reset` (back to the config) or `policy`."""
+        def num(key: str) -> float | None:
+            return None if meta.get(key) is None else float(meta[key])
+
+        policy = meta.get("policy")
+        if meta.get("threshold") is not None and policy in (None, "manual"):
+            policy = "manual"
+        elif meta.get("reset") and policy is None:
+            policy = "config"
+        return model.calibrate(policy, num("threshold"), num("ok_percentile"), num("ng_margin"))  # type: ignore
 
     def _predict(self, model: object, batch: list[Job]) -> None:
         ready: list[tuple[Job, object, float]] = []
@@ -166,7 +185,8 @@ class Worker:
         heat_default = self.rt.heatmap_default(batch[0].role_id, batch[0].roi_id)
         want_heatmap = any(j.meta.get("heatmap", heat_default) for j, _, _ in ready)
         try:
-            results = model.predict([img for _, img, _ in ready], heatmap=want_heatmap)  # type: ignore[attr-defined]
+            results = model.predict([img for _, img, _ in ready], heatmap=want_heatmap,  # type: ignore[attr-defined]
+                                    preview_px=self.preview_px)
         except AnomalyError as exc:
             for j, _, _ in ready:
                 self._finish(j, error_result(j, exc.code, exc.message))
@@ -176,6 +196,7 @@ class Worker:
             res["inference_ms"] = round(res["inference_ms"] + decode_ms, 2)
             res["queue_ms"] = round((time.perf_counter() - j.enqueued_at) * 1000 - res["inference_ms"], 2)
             png = res.pop("heatmap_png", None)
+            preview = res.pop("preview", None)
             if png is not None and j.meta.get("heatmap", heat_default):
                 res["heatmap_png_b64"] = base64.b64encode(png).decode()
             self.last_timing = {"inference_ms": res["inference_ms"], "batch_size": res["batch_size"],
@@ -183,7 +204,7 @@ class Worker:
             log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s)",
                      j.role_id, j.roi_id, j.request_id, res["score"], res["threshold"], res["is_anomaly"],
                      res["inference_ms"], res["batch_size"], res["device"])
-            self._finish(j, ok_result(j, res))
+            self._finish(j, ok_result(j, res), preview)
 
     def _fit(self, model: object, batch: list[Job], kind: str) -> None:
         samples, owners = [], []

@@ -30,3 +30,14 @@ def render_heatmap(rgb: np.ndarray, full_map: np.ndarray, threshold: float, mask
     if not ok:  # pragma: no cover - cv2 encodes any uint8 BGR image
         raise RuntimeError("PNG encoding failed")
     return png.tobytes()
+
+
+def thumbnail(rgb: np.ndarray, full_map: np.ndarray, mask: np.ndarray | None, max_side: int) -> dict:
+    """A small copy of an image, its anomaly map and mask, to render a heatmap later (render_heatmap)."""
+    h, w = full_map.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    small = (np.clip(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), 0, 1) * 255).astype(np.uint8)
+    return {"rgb": small, "map": cv2.resize(full_map, size, interpolation=cv2.INTER_AREA).astype(np.float32),
+            "mask": None if mask is None else cv2.resize(mask.astype(np.uint8), size,
+                                                         interpolation=cv2.INTER_NEAREST) > 0}

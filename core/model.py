@@ -17,7 +17,7 @@ from . import thresholds
 from .backbones import FeatureExtractor
 from .coreset import greedy_select, project, projection, sq_dists
 from .errors import BackboneMismatchError, InputError, ModelNotReadyError
-from .heatmap import render_heatmap
+from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
 from .scoring import defect_regions, image_score, input_res_map, resize_mask
@@ -26,6 +26,9 @@ from .storage import RoiStore, SampleRecord, utc_now
 log = logging.getLogger(__name__)
 
 THRESHOLD_POLICIES = ("auto", "ok_only", "manual")
+
+
+CALIBRATION_POLICIES = (None, "auto", "ok_only", "manual", "config")
 
 
 @dataclass
@@ -63,13 +66,25 @@ class Embedded:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def policy_of(m: dict) -> dict:
+    """The threshold policy in force for a manifest: configured, or set by a calibrate request."""
+    s = m.get("settings", {})
+    base = {"policy": s.get("threshold_policy"), "ok_percentile": s.get("ok_percentile"),
+            "ng_margin": s.get("ng_margin")}
+    if m["threshold"]["method"] == "manual_override":
+        return {"policy": "manual", "source": "calibrate"}
+    if m.get("policy_override"):
+        return {**base, **m["policy_override"], "source": "calibrate"}
+    return {**base, "source": "config"}
+
+
 def manifest_state(m: dict, has_mask: bool) -> dict:
     """The public state of a ROI (MQTT `state` topic, CLI `models`) from its manifest."""
     return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
             "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
             "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
             "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
-            "threshold_details": m["threshold"]["details"], "backbone": m["backbone"],
+            "threshold_details": m["threshold"]["details"], "threshold_policy": policy_of(m), "backbone": m["backbone"],
             "has_mask": has_mask, "updated_utc": m["updated_utc"]}
 
 
@@ -413,16 +428,21 @@ class RoiModel:
         s = self.settings
         ok_scores = self._holdout_ok_scores()
         ng_scores = self._ng_scores()
-        if s.threshold_policy == "manual":
+        # a policy set by a calibrate request outlives later fits; the config's policy applies otherwise
+        over = self.manifest.get("policy_override") or {}
+        policy = over.get("policy", s.threshold_policy)
+        percentile = over.get("ok_percentile", s.ok_percentile)
+        margin = over.get("ng_margin", s.ng_margin)
+        if s.threshold_policy == "manual" and not over:
             if s.threshold_value is None:
                 raise ValueError("threshold_policy 'manual' needs threshold_value")
             th = thresholds.manual_threshold(s.threshold_value)
         elif self.manifest["threshold"]["method"] == "manual_override":
             th = self.manifest["threshold"]
-        elif s.threshold_policy == "auto" and ng_scores and ok_scores:
-            th = thresholds.ng_threshold(ok_scores, ng_scores, s.ng_margin)
+        elif policy == "auto" and ng_scores and ok_scores:
+            th = thresholds.ng_threshold(ok_scores, ng_scores, margin)
         elif ok_scores:
-            th = thresholds.ok_threshold(ok_scores, s.ok_percentile)
+            th = thresholds.ok_threshold(ok_scores, percentile)
         else:
             th = {"value": None, "method": "none", "details": {}}
         ok = self._emb["ok"]
@@ -509,14 +529,41 @@ class RoiModel:
 
     def set_threshold(self, value: float | None) -> dict:
         """Manual override (value) or back to the configured policy (None)."""
-        if value is not None:
-            if not math.isfinite(value) or value <= 0:
+        return self.calibrate("manual" if value is not None else "config", value)
+
+    def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,
+                  ng_margin: float | None = None) -> dict:
+        """Recompute the threshold from the stored OK/NG samples.
+
+        policy None: again with the current policy (e.g. after new NG samples); "auto" (NG-calibrated
+        when NG samples exist, else OK percentile) or "ok_only", optionally with their parameters, kept
+        for later fits; "manual" with `value`: a fixed override; "config": back to the configured policy.
+        """
+        if policy not in CALIBRATION_POLICIES:
+            raise InputError(f"policy must be one of {', '.join(p for p in CALIBRATION_POLICIES if p)}, got {policy!r}",
+                             code="invalid_policy")
+        if ok_percentile is not None and not 0 < ok_percentile <= 100:
+            raise InputError(f"ok_percentile must be in (0, 100], got {ok_percentile}", code="invalid_policy")
+        if ng_margin is not None and not 0 <= ng_margin <= 1:
+            raise InputError(f"ng_margin must be in [0, 1], got {ng_margin}", code="invalid_policy")
+        if policy == "manual":
+            if value is None or not math.isfinite(value) or value <= 0:
                 raise InputError(f"threshold must be a finite number > 0, got {value}", code="invalid_threshold")
             self.manifest["threshold"] = {"value": float(value), "method": "manual_override", "details": {}}
-        else:
+        elif policy is not None:
             self.manifest["threshold"] = {"value": None, "method": "none", "details": {}}
+            self.manifest.pop("policy_override", None)
+            if policy != "config":
+                over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin}
+                self.manifest["policy_override"] = {k: v for k, v in over.items() if v is not None}
+        if self._knn is None and policy != "manual":
+            raise ModelNotReadyError(
+                f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
         self._update_threshold_and_save()
         return self.state()
+
+    def policy(self) -> dict:
+        return policy_of(self.manifest)
 
     def set_mask(self, png: bytes) -> dict:
         mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
@@ -529,8 +576,13 @@ class RoiModel:
             self._update_threshold_and_save()
         return self.state()
 
-    def predict(self, images: list[ImageInput], heatmap: bool = False, return_map: bool = False) -> list[dict]:
-        """Score images (batched by size); one result dict per image, in order."""
+    def predict(self, images: list[ImageInput], heatmap: bool = False, return_map: bool = False,
+                preview_px: int = 0) -> list[dict]:
+        """Score images (batched by size); one result dict per image, in order.
+
+        preview_px > 0 adds `preview`: a thumbnail of the image, map and mask (heatmap.thumbnail) so a
+        heatmap can be drawn later without the cost of a full-size one on every prediction.
+        """
         if self._knn is None or self.threshold is None:
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
@@ -570,6 +622,8 @@ class RoiModel:
                 res["heatmap_png"] = png
             if return_map:
                 res["anomaly_map"] = full
+            if preview_px:
+                res["preview"] = thumbnail(img.rgb, full, mask_full, preview_px)
             if png is not None and self.debug_dir is not None:
                 self._save_debug(png, res)
             results.append(res)

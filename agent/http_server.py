@@ -1,0 +1,63 @@
+"""The HTTP ingress as a daemon source: uvicorn serving agent.http_api in a thread of the agent."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from .config import AgentConfig
+from .http_api import HttpContext, create_app
+from .metrics import Metrics
+from .recent import RecentResults
+from .runtime import Runtime
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+PREVIEW_PX = 256  # side of the thumbnails kept for the operator page's heatmaps
+
+
+class HttpIngest:
+    def __init__(self, cfg: AgentConfig, worker: Worker, rt: Runtime, started: float,
+                 extra_health: Callable[[], dict] | None = None) -> None:
+        self.cfg = cfg
+        h = cfg.http
+        recent = RecentResults(h.recent_results)
+        metrics = Metrics(rt, worker, cfg.data_root)
+        worker.observers += [metrics.observe, recent.observe]
+        if recent.enabled:
+            worker.preview_px = PREVIEW_PX
+        self.ctx = HttpContext(cfg, worker, rt, started, metrics, recent, token=h.read_token(),
+                               agent_id=cfg.mqtt.client_id, extra_health=extra_health)
+        self.server = uvicorn.Server(uvicorn.Config(
+            create_app(self.ctx), host=h.host, port=h.port, log_level="warning", access_log=False,
+            lifespan="off", timeout_graceful_shutdown=10, server_header=False))
+        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.port: int | None = None
+
+    def start(self) -> None:
+        h = self.cfg.http
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"http: could not listen on {h.host}:{h.port} (address in use or not available)")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        log.info("http: listening on http://%s:%d (token %s, docs at /docs, operator page at /)", h.host, self.port,
+                 "required" if self.ctx.token else "off")
+        if self.ctx.token is None and h.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("http: serving %s without a token: anyone on the network can fit and calibrate; "
+                        "set http.token_file", h.host)
+
+    def stop(self) -> None:
+        """Stop intake: new requests get 503 shutting_down; requests already queued still get their answer."""
+        self.ctx.accepting = False
+
+    def close(self, timeout: float = 15.0) -> None:
+        """After the worker drained: let open responses finish, then stop the server."""
+        self.server.should_exit = True
+        self._thread.join(timeout=timeout)

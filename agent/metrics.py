@@ -1,0 +1,88 @@
+"""Prometheus metrics (prometheus-client), fed by the worker's result observers; served at GET /metrics.
+
+One registry per agent (not the library's global one), so several agents in one process (tests) do
+not collide. Names are part of the public contract: docs/protocol.md lists them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from core.model import manifest_state
+from core.storage import RoiStore, list_rois
+
+from .jobs import Job
+from .runtime import Runtime
+from .worker import Worker
+
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+STAGES = ("decode", "preprocess", "backbone", "knn", "postprocess")
+
+
+class Metrics:
+    def __init__(self, rt: Runtime, worker: Worker, data_root: Path) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("anomaly_agent_requests", "Requests answered, by ingress, action, status and "
+                                "error code ('' when ok)", ["ingress", "action", "status", "code"], registry=r)
+        self.stage = Histogram("anomaly_agent_inference_stage_seconds", "Time per prediction and pipeline stage",
+                               ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.inference = Histogram("anomaly_agent_inference_seconds", "Inference time per prediction "
+                                   "(decode to result, without queueing)", buckets=STAGE_BUCKETS, registry=r)
+        self.latency = Histogram("anomaly_agent_request_seconds", "Time from enqueue to result, by ingress and "
+                                 "action", ["ingress", "action"], buckets=REQUEST_BUCKETS, registry=r)
+        self.batch = Histogram("anomaly_agent_batch_size", "Backbone batch size each prediction ran in",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.anomalies = Counter("anomaly_agent_anomalies", "Predictions flagged anomalous", ["role_id", "roi_id"],
+                                 registry=r)
+        self.samples = Gauge("anomaly_agent_samples", "Stored samples per ROI", ["role_id", "roi_id", "kind"],
+                             registry=r)
+        self.threshold = Gauge("anomaly_agent_threshold", "Decision threshold per ROI", ["role_id", "roi_id"],
+                               registry=r)
+        queue = Gauge("anomaly_agent_queue_depth", "Jobs waiting for the worker", registry=r)
+        queue.set_function(worker.depth)
+        ex = rt.extractor
+        Info("anomaly_agent_backbone", "Backbone and device", registry=r).info(
+            {"device": str(ex.device), "backbone": ex.name, "resolution": str(ex.identity.to_dict().get("resolution"))})
+        for role, roi in list_rois(data_root):
+            store = RoiStore(data_root, role, roi)
+            manifest = store.read_manifest()
+            if manifest:
+                self._set_state(manifest_state(manifest, False))
+
+    def _set_state(self, state: dict) -> None:
+        role, roi = state["role_id"], state["roi_id"]
+        for kind in ("ok", "ng"):
+            self.samples.labels(role, roi, kind).set(state["samples"][kind])
+        if state.get("threshold") is not None:
+            self.threshold.labels(role, roi).set(state["threshold"])
+
+    def observe(self, job: Job, result: dict, _preview: dict | None = None) -> None:
+        """A worker observer: one call per finished job."""
+        code = result["error"]["code"] if result["status"] == "error" else ""
+        self.requests.labels(job.ingress, job.action, result["status"], code).inc()
+        if job.enqueued_at:
+            self.latency.labels(job.ingress, job.action).observe(time.perf_counter() - job.enqueued_at)
+        data = result.get("data") or {}
+        if result["status"] != "ok":
+            return
+        if job.action == "predict":
+            for stage in STAGES:
+                if stage in data.get("timings_ms", {}):
+                    self.stage.labels(stage).observe(data["timings_ms"][stage] / 1000)
+            self.inference.observe(data["inference_ms"] / 1000)
+            self.batch.observe(data["batch_size"])
+            if data["is_anomaly"]:
+                self.anomalies.labels(job.role_id, job.roi_id).inc()
+        elif "samples" in data:
+            self._set_state({"role_id": job.role_id, "roi_id": job.roi_id, **data})
+
+    def rejected(self, ingress: str, action: str, code: str) -> None:
+        """A request refused before it reached the worker (queue full, bad fields, auth)."""
+        self.requests.labels(ingress, action, "error", code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
