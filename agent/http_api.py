@@ -137,11 +137,13 @@ class HttpContext:
 def error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
     status = STATUS_BY_CODE.get(code, 400)
     headers = {"X-Request-ID": request_id} if request_id else {}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer, Basic realm="anomaly-agent"'
     if status == 503:
         headers["Retry-After"] = "1"
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    response = JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    if status == 401:  # Basic first: a browser then asks the operator for the token (as password)
+        response.headers.append("WWW-Authenticate", 'Basic realm="anomaly-agent"')
+        response.headers.append("WWW-Authenticate", "Bearer")
+    return response
 
 
 def token_ok(header: bytes | None, token: str) -> bool:

@@ -148,5 +148,6 @@ def render_page(states: list[dict], scores: dict, recent: list[RecentResult], he
         f"up {up} · queue {health.get('queue_depth', 0)} · {escape(counts)}</p></header><main>"
         f"<h2>ROIs</h2>{_roi_rows(states, scores, recent)}"
         f"<h2>Last {len(recent)} results</h2>{_result_cards(recent)}"
-        f"<p class='muted'>Refreshes every {refresh_s:g} s · <a href='/docs'>API</a> · <a href='/metrics'>metrics</a>"
+        f"<p class='muted'>{f'Refreshes every {refresh_s:g} s' if refresh_s > 0 else 'Reload for new results'} · "
+        "<a href='/docs'>API</a> · <a href='/metrics'>metrics</a>"
         "</p></main></body></html>")

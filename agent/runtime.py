@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 from core.backbones import FeatureExtractor, get_extractor
+from core.errors import ModelNotReadyError
 from core.image_io import ImageInput, decode_image
 from core.model import RoiModel
+from core.storage import RoiStore
 
 from .config import AgentConfig
 
@@ -34,8 +36,11 @@ class Runtime:
                         "see docs/configuration.md (backbone.weights) to use DINOv2")
         self._models: dict[tuple[str, str], RoiModel] = {}
 
-    def model(self, role_id: str, roi_id: str) -> RoiModel:
+    def model(self, role_id: str, roi_id: str, create: bool = True) -> RoiModel:
+        """The ROI's model; create=False: ModelNotReadyError for a ROI never fitted (nothing made on disk)."""
         key = (role_id, roi_id)
+        if key not in self._models and not create and not RoiStore(self.cfg.data_root, role_id, roi_id).exists():
+            raise ModelNotReadyError(f"ROI {role_id}/{roi_id} has no fitted model: send fit_ok samples first")
         if key not in self._models:
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
             debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None

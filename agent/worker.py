@@ -132,7 +132,8 @@ class Worker:
     def _process(self, batch: list[Job]) -> None:
         first = batch[0]
         try:
-            model = self.rt.model(first.role_id, first.roi_id)
+            creates = first.action in ("fit_ok", "send_ng") or (first.action == "calibrate" and first.images)
+            model = self.rt.model(first.role_id, first.roi_id, create=bool(creates))
         except AnomalyError as exc:
             for j in batch:
                 self._finish(j, error_result(j, exc.code, exc.message))

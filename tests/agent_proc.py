@@ -35,7 +35,7 @@ class Agent:
     """`anomaly-agent run` from the shipped config, pointed at a temp data root and the test broker."""
 
     def __init__(self, data_root: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 client_id: str = "agent-test") -> None:
+                 client_id: str = "agent-test", http_port: int | None = None) -> None:
         self.data_root = data_root
         self.env = {**os.environ, "ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0",
                     "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192", "ANOMALY_AGENT_FOLDER__STABLE_S": "0.3",
@@ -46,6 +46,10 @@ class Agent:
         if port is not None:
             self.env["ANOMALY_AGENT_MQTT__ENABLED"] = "true"
             self.args += ["--mqtt-host", "127.0.0.1", "--mqtt-port", str(port)]
+        if http_port is not None:
+            self.env["ANOMALY_AGENT_HTTP__ENABLED"] = "true"
+            self.args += ["--http-port", str(http_port)]
+        self.http = f"http://127.0.0.1:{http_port}"
         self.proc: subprocess.Popen | None = None
         self.log = data_root.parent / f"{client_id}.log"
 

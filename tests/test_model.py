@@ -124,6 +124,18 @@ def test_ng_calibration_and_manual_override(tmp_path, extractor, tire_files) -> 
         model.set_threshold(-1)
     model.set_threshold(None)
     assert model.manifest["threshold"]["method"] == "ng_calibrated"
+    # a calibrate request's policy is kept for later fits, until "config" restores the configured one
+    st = model.calibrate("ok_only", ok_percentile=100)
+    assert st["threshold_method"] == "ok_percentile" and st["threshold_policy"]["source"] == "calibrate"
+    assert model.threshold == pytest.approx(max(model.manifest["ok_scores"]), abs=1e-5)
+    model.fit_ok([sample(tire_files["train"][8])])
+    assert model.manifest["threshold"]["method"] == "ok_percentile" and model.manifest["counts"]["ok"] == 8
+    assert RoiModel(tmp_path, "r", "cal", extractor, ModelSettings(coreset_min=1000)).policy()["policy"] == "ok_only"
+    assert model.calibrate("config")["threshold_method"] == "ng_calibrated"
+    with pytest.raises(InputError, match="policy must be one of"):
+        model.calibrate("bogus")
+    with pytest.raises(InputError, match="ok_percentile"):
+        model.calibrate("ok_only", ok_percentile=0)
 
 
 def test_manual_policy_from_settings(tmp_path, extractor, tire_files) -> None:
