@@ -132,8 +132,11 @@ def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
     if args.threshold is not None or args.reset:
         _emit(model.set_threshold(None if args.reset else args.threshold))
         return EXIT_OK
+    if args.policy is not None:
+        _emit(model.calibrate(args.policy, None, args.ok_percentile, args.ng_margin))
+        return EXIT_OK
     if not args.images:
-        raise InputError("give NG images, --threshold V or --reset", code="usage")
+        raise InputError("give NG images, --threshold V, --policy P or --reset", code="usage")
     loaded = [_load_sample(rt, path, args) for path in expand_inputs(args.images)]
     samples = [s for s in loaded if s is not None]
     failed = len(loaded) - len(samples)
@@ -193,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mm-per-px", type=float, default=None)
     sp.add_argument("--source", default=None)
     sp.add_argument("--threshold", type=float, default=None, help="manual threshold override")
-    sp.add_argument("--reset", action="store_true", help="drop a manual override, back to the policy")
+    sp.add_argument("--reset", action="store_true", help="drop a manual override or policy, back to the config")
+    sp.add_argument("--policy", choices=["auto", "ok_only", "config"], default=None,
+                    help="recompute the threshold with this policy (kept for later fits; config: the configured one)")
+    sp.add_argument("--ok-percentile", type=float, default=None, help="with --policy: percentile of OK scores")
+    sp.add_argument("--ng-margin", type=float, default=None, help="with --policy auto: 0..1 from top OK to lowest NG")
     sp = sub.add_parser("mask", help="set a ROI mask PNG (non-zero = inspected)")
     roi_args(sp)
     sp.add_argument("mask")

@@ -1,12 +1,14 @@
-"""Daemon overhead and batching: MQTT and folder round trips vs the bare core predict.
+"""Daemon overhead and batching: HTTP, MQTT and folder round trips vs the bare core predict.
 
     .venv/bin/python bench/throughput.py > bench/out/throughput.json
 
 Starts a private Mosquitto and `anomaly-agent run` (shipped config, EfficientNet-Lite0 at its
 default resolution, a ROI fitted on 20 real tire images), then measures on the same real images:
 - core: decode + RoiModel.predict in-process, one image at a time (p50 / p95 ms);
-- mqtt_serial / folder_serial: one request at a time, submit -> result received (p50 / p95 ms);
-- mqtt_burst: N requests published at once, requests per second, with worker.max_batch 8 and 1.
+- http_serial / mqtt_serial / folder_serial: one request at a time, submit -> result received
+  (p50 / p95 ms), interleaved with core round by round so that all see the same machine load;
+- mqtt_burst / http_burst: N requests at once (HTTP: 8 client threads), requests per second, with
+  worker.max_batch 8 and 1.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from datasets import shared_root  # noqa: E402
 
 from tests.agent_proc import STARTED, Agent, Observer, wait_for  # noqa: E402
-from tests.broker import Broker  # noqa: E402
+from tests.broker import Broker, free_port  # noqa: E402
 
 ENV = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "320",
        "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "4096"}
@@ -43,33 +48,64 @@ def pct(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def core_latency(root: Path, images: list[bytes], runs: int) -> dict:
-    from core.backbones import get_extractor
-    from core.image_io import decode_image
-    from core.model import ModelSettings, RoiModel
+class Core:
+    """decode + RoiModel.predict in this process: the reference every ingress is compared with."""
 
-    ex = get_extractor("efficientnet_lite0", resolution=320, device="cpu")
-    model = RoiModel(root, "st1", "tire", ex, ModelSettings())
-    times = []
-    for i in range(runs + 3):
-        t0 = time.perf_counter()
-        model.predict([decode_image(images[i % len(images)])])
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1000)
-    return pct(times)
+    def __init__(self, root: Path) -> None:
+        from core.backbones import get_extractor
+        from core.model import ModelSettings, RoiModel
+
+        ex = get_extractor("efficientnet_lite0", resolution=320, device="cpu")
+        self.model = RoiModel(root, "st1", "tire", ex, ModelSettings())
+
+    def __call__(self, image: bytes, _i: int) -> None:
+        from core.image_io import decode_image
+
+        self.model.predict([decode_image(image)])
 
 
-def mqtt_serial(obs: Observer, images: list[bytes], runs: int, tag: str) -> dict:
-    times = []
-    for i in range(runs + 3):
-        rid = f"{tag}{i}"
-        t0 = time.perf_counter()
-        obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": rid, "image_b64": base64.b64encode(
-            images[i % len(images)]).decode()}))
+def mqtt_one(obs: Observer) -> Callable[[bytes, int], None]:
+    def run(image: bytes, i: int) -> None:
+        rid = f"ser{i}"
+        obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": rid,
+                                                             "image_b64": base64.b64encode(image).decode()}))
         obs.wait_result(rid, 60)
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1000)
-    return pct(times)
+    return run
+
+
+def http_one(client: httpx.Client) -> Callable[[bytes, int], None]:
+    def run(image: bytes, i: int) -> None:
+        r = client.post("/predict", data={"role_id": "st1", "roi_id": "tire", "request_id": f"h{i}"},
+                        files={"file": ("img.png", image, "image/png")})
+        r.raise_for_status()
+    return run
+
+
+def folder_one(root: Path) -> Callable[[bytes, int], None]:
+    inbox = root / "inbox" / "st1" / "tire" / "predict"
+    inbox.mkdir(parents=True, exist_ok=True)
+    results = root / "results" / "st1" / "tire"
+
+    def run(image: bytes, i: int) -> None:
+        tmp = inbox / f".s{i}.png.part"
+        tmp.write_bytes(image)
+        os.rename(tmp, inbox / f"s{i}.png")
+        deadline = time.monotonic() + 60
+        while not (results / f"s{i}.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+    return run
+
+
+def interleaved(paths: dict[str, Callable[[bytes, int], None]], images: list[bytes], runs: int) -> dict:
+    """Round i sends image i through every path in turn, so slow phases of a shared machine hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(runs + 3):
+        for name, run in paths.items():
+            t0 = time.perf_counter()
+            run(images[i % len(images)], i)
+            if i >= 3:
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: pct(t) for name, t in times.items()}
 
 
 def mqtt_burst(obs: Observer, images: list[bytes], n: int, tag: str) -> dict:
@@ -85,22 +121,17 @@ def mqtt_burst(obs: Observer, images: list[bytes], n: int, tag: str) -> dict:
             "mean_batch": round(statistics.mean(batches), 2)}
 
 
-def folder_serial(root: Path, images: list[bytes], runs: int) -> dict:
-    inbox = root / "inbox" / "st1" / "tire" / "predict"
-    inbox.mkdir(parents=True, exist_ok=True)
-    results = root / "results" / "st1" / "tire"
-    times = []
-    for i in range(runs + 3):
-        tmp = inbox / f".s{i}.png.part"
-        tmp.write_bytes(images[i % len(images)])
-        t0 = time.perf_counter()
-        os.rename(tmp, inbox / f"s{i}.png")
-        deadline = time.monotonic() + 60
-        while not (results / f"s{i}.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.002)
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1000)
-    return pct(times)
+def http_burst(client: httpx.Client, images: list[bytes], n: int, concurrency: int = 8) -> dict:
+    """n predicts from `concurrency` client threads at once (the queue holds them; none refused)."""
+    def one(i: int) -> int:
+        return client.post("/predict", data={"role_id": "st1", "roi_id": "tire"},
+                           files={"file": ("img.png", images[i % len(images)], "image/png")}).status_code
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        codes = list(pool.map(one, range(n)))
+    dt = time.perf_counter() - t0
+    return {"requests": n, "ok": codes.count(200), "seconds": round(dt, 2), "rps": round(n / dt, 2)}
 
 
 def main() -> None:
@@ -118,7 +149,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(template), "--log-level", "WARNING",
                         "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
                        env={**os.environ, **ENV}, check=True, capture_output=True)
-        out["core"] = core_latency(template, images, args.runs)
+        core = Core(template)
         broker = Broker(tmp / "broker")
         broker.start()
         try:
@@ -126,13 +157,17 @@ def main() -> None:
                 root = tmp / f"data{max_batch}"
                 shutil.copytree(template, root)
                 (root / "inbox" / "st1" / "tire" / "predict").mkdir(parents=True)  # as a station would
+                port = free_port()
                 agent = Agent(root, broker.port, env={**ENV, "ANOMALY_AGENT_WORKER__MAX_BATCH": str(max_batch)},
-                              client_id=f"bench{max_batch}").start()
+                              client_id=f"bench{max_batch}", http_port=port).start()
                 obs = Observer(broker.port)
-                if max_batch == 8:
-                    out["mqtt_serial"] = mqtt_serial(obs, images, args.runs, "ser")
-                    out["folder_serial"] = folder_serial(root, images, args.runs)
-                out[f"mqtt_burst_max_batch_{max_batch}"] = mqtt_burst(obs, images, args.burst, f"b{max_batch}_")
+                with httpx.Client(base_url=agent.http, timeout=120) as client:
+                    if max_batch == 8:
+                        lat = interleaved({"core": core, "http": http_one(client), "mqtt": mqtt_one(obs),
+                                           "folder": folder_one(root)}, images, args.runs)
+                        out.update({f"{k}_serial" if k != "core" else k: v for k, v in lat.items()})
+                    out[f"mqtt_burst_max_batch_{max_batch}"] = mqtt_burst(obs, images, args.burst, f"b{max_batch}_")
+                    out[f"http_burst_max_batch_{max_batch}"] = http_burst(client, images, args.burst)
                 obs.close()
                 agent.sigterm()
         finally:
@@ -140,8 +175,9 @@ def main() -> None:
                 agent.cleanup()
             broker.stop()
     c = out["core"]["p50_ms"]
-    out["overhead_mqtt_p50"] = round(out["mqtt_serial"]["p50_ms"] / c - 1, 3)
-    out["overhead_folder_p50"] = round(out["folder_serial"]["p50_ms"] / c - 1, 3)
+    for ingress in ("http", "mqtt", "folder"):
+        out[f"overhead_{ingress}_p50"] = round(out[f"{ingress}_serial"]["p50_ms"] / c - 1, 3)
+    out["core_rps_serial"] = round(1000 / c, 2)
     out["batching_speedup"] = round(out["mqtt_burst_max_batch_8"]["rps"] / out["mqtt_burst_max_batch_1"]["rps"], 3)
     print(json.dumps(out, indent=1))
 

@@ -76,7 +76,13 @@ def test_calibrate_manual_threshold_and_models(fitted: Path, tire: Path) -> None
     rows = lines(r.stdout)
     assert rows == [row for row in rows if row["role_id"] == "st1"] and rows[0]["threshold"] == 0.75
     assert rows[0]["backbone"]["name"] == "efficientnet_lite0" and rows[0]["samples"] == {"ok": 6, "ng": 3}
-    run(["calibrate", "--role", "st1", "--roi", "tire", "--reset"], fitted)
+    r = run(["calibrate", "--role", "st1", "--roi", "tire", "--policy", "ok_only", "--ok-percentile", "100"], fitted)
+    st = lines(r.stdout)[-1]
+    assert r.returncode == 0 and st["threshold_method"] == "ok_percentile"
+    assert st["threshold_policy"] == {"policy": "ok_only", "ok_percentile": 100.0, "ng_margin": 0.5,
+                                      "source": "calibrate"}
+    r = run(["calibrate", "--role", "st1", "--roi", "tire", "--reset"], fitted)
+    assert lines(r.stdout)[-1]["threshold_method"] == "ng_calibrated"
 
 
 def test_usage_errors_have_clear_exit_codes(fitted: Path, tire: Path, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -251,8 +250,9 @@ def test_http_token_queue_full_and_operator_page_in_chromium(tmp_path: Path, fil
 
         with ThreadPoolExecutor(8) as pool:
             big = pool.submit(lambda: c.post("/fit_ok", headers=auth, data=form(roi="other"),
-                                             files=uploads(files["train"][20:40])))
-            time.sleep(1.5)
+                                             files=uploads(files["train"][20:50])))
+            other = agent.data_root / "models" / ROLE / "other" / "samples" / "ok"
+            wait_for(lambda: other.is_dir() and len(list(other.glob("*.json"))) == 30, 60, "the big fit to start")
             answers = list(pool.map(predict, range(6)))
             assert big.result().status_code == 200
         statuses = sorted(r.status_code for r in answers)
