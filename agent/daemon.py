@@ -42,9 +42,8 @@ class Notifier:
 def run_daemon(cfg: AgentConfig) -> int:
     notifier = Notifier()
     started = time.monotonic()
-    rt = Runtime(cfg)  # loads and warms the backbone
-    worker = Worker(rt, cfg.worker, heartbeat=notifier.ping)
-    worker.start()
+    worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=notifier.ping)
+    rt = worker.start()  # the worker thread loads and warms the backbone: all compute stays on that thread
     sources = []
     if cfg.folder.enabled:
         from .folder import FolderIngest

@@ -26,9 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, rt: Runtime, cfg: WorkerConfig, heartbeat: Callable[[], None] | None = None,
+    """Owns the backbone and the models. The runtime is built by the worker thread itself: PyTorch's
+    OpenMP pool belongs to the thread that first runs parallel work, and a second thread's pool next
+    to it made every forward 40-90 % slower on a 2-core CPU (docs/benchmarks.md, daemon overhead)."""
+
+    def __init__(self, rt_factory: Callable[[], Runtime], cfg: WorkerConfig,
+                 heartbeat: Callable[[], None] | None = None,
                  on_state: Callable[[str, str, dict], None] | None = None) -> None:
-        self.rt = rt
+        self._rt_factory = rt_factory
+        self.rt: Runtime
         self.cfg = cfg
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
         self.heartbeat = heartbeat or (lambda: None)
@@ -39,13 +45,32 @@ class Worker:
         self.last_timing: dict = {}
         self._stop = threading.Event()
         self._pending: Job | None = None
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
-        mb = cfg.max_batch
-        self.max_batch = (8 if rt.extractor.device.type == "cuda" else 1) if mb == "auto" else int(mb)
-        log.info("worker: max batch %d on %s, queue %d", self.max_batch, rt.extractor.device, cfg.queue_size)
+        self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self.max_batch = 1
 
-    def start(self) -> None:
+    def start(self) -> Runtime:
+        """Start the thread; returns once it has loaded and warmed the backbone (or re-raises its error)."""
         self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+        return self.rt
+
+    def _main(self) -> None:
+        try:
+            self.rt = self._rt_factory()
+        except BaseException as exc:  # handed to start() in the main thread
+            self._failure = exc
+            self._ready.set()
+            return
+        mb = self.cfg.max_batch
+        self.max_batch = (8 if self.rt.extractor.device.type == "cuda" else 1) if mb == "auto" else int(mb)
+        log.info("worker: max batch %d on %s, queue %d", self.max_batch, self.rt.extractor.device,
+                 self.cfg.queue_size)
+        self._ready.set()
+        self._run()
 
     def submit(self, job: Job, timeout: float | None = None) -> bool:
         """Enqueue (blocking while the queue is full: backpressure). False on timeout."""
