@@ -266,21 +266,23 @@ def create_app(ctx: HttpContext) -> FastAPI:
     def answer(body: dict) -> JSONResponse:
         return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
 
+    async def samples(action: str, role_id: str, roi_id: str, files: list[UploadFile], mm_per_px: float | None,
+                      source: str, request_id: str | None) -> JSONResponse:
+        job = new_job(action, role_id, roi_id, await read_files(files), request_id, mm_per_px=mm_per_px,
+                      source=source)
+        return answer(await run(job))
+
     @app.post("/fit_ok", response_model=FitResult, responses=ERRORS, tags=["samples"])
     async def fit_ok(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="OK images")],
                      mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
         """Store OK samples (image + JSON) and update the ROI's memory bank and threshold in one batch."""
-        job = new_job("fit_ok", role_id, roi_id, await read_files(files), request_id, mm_per_px=mm_per_px,
-                      source=source)
-        return answer(await run(job))
+        return await samples("fit_ok", role_id, roi_id, files, mm_per_px, source, request_id)
 
     @app.post("/send_ng", response_model=FitResult, responses=ERRORS, tags=["samples"])
     async def send_ng(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="NG images")],
                       mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
         """Store NG samples and recalibrate the threshold (policy auto: between OK and NG scores)."""
-        job = new_job("send_ng", role_id, roi_id, await read_files(files), request_id, mm_per_px=mm_per_px,
-                      source=source)
-        return answer(await run(job))
+        return await samples("send_ng", role_id, roi_id, files, mm_per_px, source, request_id)
 
     @app.post("/predict", response_model=PredictResult, responses=ERRORS, tags=["inference"])
     async def predict(role_id: Role, roi_id: Roi, file: Annotated[UploadFile, File(description="the ROI image")],

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Worker:
     """Owns the backbone and the models. The runtime is built by the worker thread itself: PyTorch's
     OpenMP pool belongs to the thread that first runs parallel work, and a second thread's pool next
-    to it made every forward 40-90 % slower on a 2-core CPU (docs/benchmarks.md, daemon overhead)."""
+    to it made every forward a third slower on a 2-core CPU (docs/benchmarks.md, daemon overhead)."""
 
     def __init__(self, rt_factory: Callable[[], Runtime], cfg: WorkerConfig,
                  heartbeat: Callable[[], None] | None = None,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_proc import STARTED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +44,11 @@ def extractor():
     from core.backbones import get_extractor
 
     return get_extractor("efficientnet_lite0", resolution=256, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_agent_left_behind():
+    """After every test, pass or fail: no agent subprocess is left running."""
+    yield
+    while STARTED:
+        STARTED.pop().cleanup()

@@ -19,18 +19,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.agent_proc import STARTED, Agent, Observer, wait_for
+from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker
 
 AGENT_ENV_KEYS = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
                   "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
-
-
-@pytest.fixture(autouse=True)
-def no_agent_left_behind():
-    yield
-    while STARTED:
-        STARTED.pop().cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent_proc import SHIPPED, STARTED, Agent, Observer, wait_for
+from tests.agent_proc import SHIPPED, Agent, Observer, wait_for
 from tests.broker import Broker, free_port
 from tests.test_daemon import drop
 
 ROLE, ROI = "st1", "tire"
-
-
-@pytest.fixture(autouse=True)
-def no_agent_left_behind():
-    yield
-    while STARTED:
-        STARTED.pop().cleanup()
 
 
 @pytest.fixture(scope="module")
