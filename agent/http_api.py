@@ -52,6 +52,10 @@ STATUS_BY_CODE = {
 }
 
 
+ENDPOINTS = ("fit_ok", "send_ng", "predict", "calibrate", "models", "health", "metrics", "docs", "openapi.json",
+             "ui")
+
+
 class ApiError(Exception):
     """An HTTP error answer; `counted`: the worker's result observers already counted the request."""
 
@@ -134,9 +138,20 @@ class HttpContext:
     accepting: bool = True
 
 
+def _rid_header(request_id: str | None) -> dict[str, str]:
+    """X-Request-ID, when the id can travel in a header (printable ASCII); it is in the body anyway."""
+    return {"X-Request-ID": request_id} if request_id and request_id.isascii() and request_id.isprintable() else {}
+
+
+def _action(path: str) -> str:
+    """A metrics label from a request path: the endpoint, never an arbitrary path (label cardinality)."""
+    name = path.strip("/").split("/")[0]
+    return name if name in ENDPOINTS else "page" if not name else "other"
+
+
 def error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
     status = STATUS_BY_CODE.get(code, 400)
-    headers = {"X-Request-ID": request_id} if request_id else {}
+    headers = _rid_header(request_id)
     if status == 503:
         headers["Retry-After"] = "1"
     response = JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -183,7 +198,7 @@ class Guard:
                     refusal = ("payload_too_large", f"request of {int(length)} bytes is over http.max_request_bytes "
                                f"({limit})")
             if refusal:
-                self.ctx.metrics.rejected("http", scope["path"].strip("/") or "page", refusal[0])
+                self.ctx.metrics.rejected("http", _action(scope["path"]), refusal[0])
                 await error_response(*refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -205,18 +220,18 @@ def create_app(ctx: HttpContext) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> JSONResponse:
         if not exc.counted:
-            ctx.metrics.rejected("http", request.url.path.strip("/"), exc.code)
+            ctx.metrics.rejected("http", _action(request.url.path), exc.code)
         return error_response(exc.code, exc.message)
 
     @app.exception_handler(AnomalyError)
     async def _anomaly_error(request: Any, exc: AnomalyError) -> JSONResponse:
-        ctx.metrics.rejected("http", request.url.path.strip("/"), exc.code)
+        ctx.metrics.rejected("http", _action(request.url.path), exc.code)
         return error_response(exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Any, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
-        ctx.metrics.rejected("http", request.url.path.strip("/"), "invalid_field")
+        ctx.metrics.rejected("http", _action(request.url.path), "invalid_field")
         return error_response("invalid_field", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
@@ -264,7 +279,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
                    ingress="http")
 
     def answer(body: dict) -> JSONResponse:
-        return JSONResponse(body, headers={"X-Request-ID": body["request_id"]})
+        return JSONResponse(body, headers=_rid_header(body["request_id"]))
 
     async def samples(action: str, role_id: str, roi_id: str, files: list[UploadFile], mm_per_px: float | None,
                       source: str, request_id: str | None) -> JSONResponse:

@@ -131,7 +131,10 @@ def test_http_fit_predict_calibrate_metrics_and_one_pipeline_with_mqtt_and_folde
             assert man["threshold"] == 0.9 and man["threshold_method"] == "manual_override"
             back = c.post("/calibrate", data=form(policy="config")).json()
             assert back["threshold_method"] == "ng_calibrated" and back["threshold_policy"]["source"] == "config"
-            after = c.post("/predict", data=form(), files=uploads(files["good"][:1], "file")).json()
+            after = c.post("/predict", data=form(request_id="Prüfteil 日本-1"),
+                           files=uploads(files["good"][:1], "file"))
+            assert after.json()["request_id"] == "Prüfteil 日本-1" and "x-request-id" not in after.headers
+            after = after.json()
             assert after["threshold"] == pytest.approx(back["threshold"], abs=1e-6)
 
             # every error status, in the one error shape, with the other ingresses' codes
@@ -232,6 +235,11 @@ def test_http_token_queue_full_and_operator_page_in_chromium(tmp_path: Path, fil
         assert r.status_code == 401
         assert c.get("/models", headers=auth).json() == []
         assert c.get("/models", auth=("operator", "s3cret-token")).status_code == 200  # a browser's Basic prompt
+        for probe in ("/wp-login.php", "/admin/../x", "/cgi-bin/a"):  # scanners: counted, but as one label
+            assert c.get(probe).status_code == 401
+        refused = metric_samples(c.get("/metrics", headers=auth).text)
+        assert refused[("anomaly_agent_requests_total", (("action", "other"), ("code", "unauthorized"),
+                                                         ("ingress", "http"), ("status", "error")))] == 3
 
         fit = c.post("/fit_ok", headers=auth, data=form(mm_per_px=0.05), files=uploads(files["train"][:8]))
         assert fit.status_code == 200, fit.text
