@@ -20,10 +20,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from core import __version__
 from core.errors import AnomalyError
@@ -52,8 +55,8 @@ STATUS_BY_CODE = {
 }
 
 
-ENDPOINTS = ("fit_ok", "send_ng", "predict", "calibrate", "models", "health", "metrics", "docs", "openapi.json",
-             "ui")
+ENDPOINTS = ("fit_ok", "send_ng", "predict", "calibrate", "models", "health", "metrics", "docs", "docs-static",
+             "openapi.json", "ui")
 
 
 class ApiError(Exception):
@@ -211,11 +214,22 @@ def _ids(role_id: str, roi_id: str) -> None:
 
 def create_app(ctx: HttpContext) -> FastAPI:
     cfg = ctx.cfg
-    app = FastAPI(title="anomaly-agent", version=__version__, description=(
+    app = FastAPI(title="anomaly-agent", version=__version__, docs_url=None, redoc_url=None, description=(
         "Visual anomaly detection per ROI (PatchCore). The same queue and worker serve the watched folder, "
         "MQTT and these endpoints. Errors: `{error: {code, message}}` with the codes of docs/protocol.md. "
         "With `http.token_file` set, every endpoint but /health needs `Authorization: Bearer <token>`."))
     app.add_middleware(Guard, ctx=ctx)
+    # the API page works offline (a factory network has no CDN): Swagger UI served from the package.
+    # Its Swagger UI 4 reads OpenAPI 3.0 documents; this schema uses nothing of 3.1 it cannot show.
+    app.openapi_version = "3.0.3"
+    app.mount("/docs-static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="anomaly-agent API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon-32x32.png")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> JSONResponse:
@@ -382,4 +396,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
         if png is None:
             raise ApiError("not_found", f"no heatmap for result {seq} (older results are not kept)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+    if ctx.token:  # Swagger UI's "Authorize" button: the token is sent with "Try it out"
+        schema = app.openapi()
+        schema.setdefault("components", {})["securitySchemes"] = {"token": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"token": []}]
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,18 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+def chromium_command(tmp_path: Path) -> tuple[str, list[str]]:
+    """Debian's Chromium, headless, with a fresh profile and no background traffic."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed (.ci/run installs the Debian package)")
+        pytest.skip("chromium not installed")
+    return chromium, ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                      f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,1600", "--hide-scrollbars"]
 
 
 def test_http_fit_predict_calibrate_metrics_and_one_pipeline_with_mqtt_and_folder(tmp_path: Path, files) -> None:
@@ -195,7 +208,13 @@ def test_http_fit_predict_calibrate_metrics_and_one_pipeline_with_mqtt_and_folde
             paths = c.get("/openapi.json").json()["paths"]
             assert {"/fit_ok", "/send_ng", "/predict", "/calibrate", "/models", "/models/{role_id}/{roi_id}",
                     "/health", "/metrics"} <= set(paths)
-            assert c.get("/docs").status_code == 200
+            # ... and the API page renders in a browser offline (Swagger UI from the package, no CDN)
+            chromium, flags = chromium_command(tmp_path)
+            api = subprocess.run([chromium, *flags, "--virtual-time-budget=8000", "--dump-dom", f"{agent.http}/docs"],
+                                 capture_output=True, text=True, timeout=120)
+            rendered = set(re.findall(r'data-path="([^"]+)"', api.stdout))
+            assert {"/fit_ok", "/send_ng", "/predict", "/calibrate", "/models", "/health", "/metrics"} <= rendered, \
+                api.stdout[-2000:]
 
         # SIGTERM while a fit is in flight: the request still gets its answer, the agent exits 0
         box: dict = {}
@@ -263,15 +282,8 @@ def test_http_token_queue_full_and_operator_page_in_chromium(tmp_path: Path, fil
             assert predict(i).status_code == 200
 
         # the operator page, rendered by a real headless browser
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("chromium is not installed (.ci/run installs the Debian package)")
-            pytest.skip("chromium not installed")
+        chromium, flags = chromium_command(tmp_path)
         url = f"http://operator:s3cret-token@127.0.0.1:{port}/"
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,1600", "--hide-scrollbars"]
         dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
         assert dom.returncode == 0, dom.stderr[-2000:]
         html = dom.stdout
