@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -35,8 +36,11 @@ class Broker:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.dir / "mosquitto.conf"
+        # `user`: started as root, mosquitto would switch to the user 'mosquitto', which cannot write its
+        # persistence file into our directory; sessions would then be lost across a broker restart
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {self.dir}/\nmax_queued_messages 5000\n")
+                             f"persistence_location {self.dir}/\nmax_queued_messages 5000\n"
+                             f"user {getpass.getuser()}\n")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -55,3 +59,5 @@ class Broker:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+            log = (self.dir / "broker.log").read_text(errors="replace")
+            assert "Error saving" not in log, f"the broker could not persist its sessions:\n{log[-1500:]}"
