@@ -121,10 +121,17 @@ class HttpConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (logged at start)
     token_file: Path | None = None  # a bearer token; with it, every endpoint but /health needs it
+    tls: TlsConfig | None = None  # {cert, key}: serve HTTPS (so the token does not cross the network in clear)
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(300.0, gt=0)
-    recent_results: int = Field(20, ge=0, le=1000)  # results (with heatmaps) kept for the operator page
+    recent_results: int = Field(20, ge=0, le=200)  # results (with heatmaps, ~0.35 MB each) for the operator page
     page_refresh_s: float = Field(5.0, ge=0)  # 0: the operator page does not reload itself
+
+    @model_validator(mode="after")
+    def _tls(self) -> HttpConfig:
+        if self.tls and not (self.tls.cert and self.tls.key):
+            raise ValueError("http.tls needs cert and key (PEM files)")
+        return self
 
     def read_token(self) -> str | None:
         """The token from token_file; a missing or empty file is a configuration error."""
@@ -270,10 +277,16 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None,
         if isinstance(tree.get(key), str) and not Path(tree[key]).is_absolute():
             tree[key] = os.path.normpath(base / tree[key])
     for section, key in (("backbone", "weights"), ("folder", "root"), ("http", "token_file"),
-                         ("mqtt", "password_file")):
-        v = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
-        if isinstance(v, str) and not Path(v).expanduser().is_absolute():
-            tree[section][key] = os.path.normpath(base / v)
+                         ("mqtt", "password_file"), ("http", "tls"), ("mqtt", "tls")):
+        node = tree.get(section)
+        parent, keys = (node, [key]) if isinstance(node, dict) else (None, [])
+        if key == "tls" and parent is not None:
+            parent, keys = (parent.get("tls"), ["ca", "cert", "key"]) if isinstance(parent.get("tls"), dict) else (
+                None, [])
+        for k in keys:
+            v = parent.get(k) if parent is not None else None
+            if isinstance(v, str) and not Path(v).expanduser().is_absolute():
+                parent[k] = os.path.normpath(base / v)
     for p, value in _env_overrides(dict(os.environ) if env is None else env):
         _set_path(tree, p, value)
     for dotted, value in (overrides or {}).items():

@@ -34,9 +34,17 @@ class HttpIngest:
                                agent_id=cfg.mqtt.client_id, extra_health=extra_health)
         self.server = uvicorn.Server(uvicorn.Config(
             create_app(self.ctx), host=h.host, port=h.port, log_level="warning", access_log=False,
-            lifespan="off", timeout_graceful_shutdown=10, server_header=False))
-        self._thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+            lifespan="off", timeout_graceful_shutdown=10, server_header=False,
+            ssl_certfile=str(h.tls.cert) if h.tls else None, ssl_keyfile=str(h.tls.key) if h.tls else None))
+        self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
+        self._error: BaseException | None = None
         self.port: int | None = None
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as exc:  # e.g. a bad certificate; uvicorn exits on a port in use
+            self._error = exc
 
     def start(self) -> None:
         h = self.cfg.http
@@ -45,10 +53,12 @@ class HttpIngest:
         while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self.server.started:
-            raise RuntimeError(f"http: could not listen on {h.host}:{h.port} (address in use or not available)")
+            why = (f"{type(self._error).__name__}: {self._error}" if self._error and not isinstance(
+                self._error, SystemExit) else "address in use or not available")
+            raise RuntimeError(f"http: could not serve on {h.host}:{h.port} ({why})")
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        log.info("http: listening on http://%s:%d (token %s, docs at /docs, operator page at /)", h.host, self.port,
-                 "required" if self.ctx.token else "off")
+        log.info("http: listening on %s://%s:%d (token %s, docs at /docs, operator page at /)",
+                 "https" if h.tls else "http", h.host, self.port, "required" if self.ctx.token else "off")
         if self.ctx.token is None and h.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("http: serving %s without a token: anyone on the network can fit and calibrate; "
                         "set http.token_file", h.host)

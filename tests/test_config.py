@@ -36,6 +36,10 @@ def test_shipped_config_is_valid_and_folder_mode_without_mqtt() -> None:
         ("device: gpu\n", "device:"),
         ("mqtt:\n  base_topic: 'a/#'\n", "mqtt.base_topic:"),
         ("- just\n- a list\n", "mapping"),
+        ("http:\n  port: 99999\n", "http.port:"),
+        ("http:\n  tls: {cert: c.pem}\n", "http.tls needs cert and key"),
+        ("http:\n  enabled: true\n  token_file: missing.token\n", "http.token_file: cannot read"),
+        ("http:\n  recent_results: 5000\n", "http.recent_results:"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -63,3 +67,14 @@ def test_roi_override_merges_over_defaults(tmp_path: Path) -> None:
     assert s.coreset_ratio == 0.2 and s.score_stat == "top1_mean" and heat
     s2, _ = cfg.roi_settings("st1", "other")
     assert s2.score_stat == "max"
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text("abc\n")
+    cfg = load_config(write(tmp_path, "http:\n  enabled: true\n  token_file: secrets/token\n"
+                                      "  tls: {cert: tls/c.pem, key: tls/k.pem}\nmqtt:\n  tls: {ca: tls/ca.pem}\n"),
+                      env={})
+    assert cfg.http.token_file == tmp_path / "secrets" / "token" and cfg.http.read_token() == "abc"
+    assert cfg.http.tls.cert == tmp_path / "tls" / "c.pem" and cfg.http.tls.key == tmp_path / "tls" / "k.pem"
+    assert cfg.mqtt.tls.ca == tmp_path / "tls" / "ca.pem"

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -317,3 +318,31 @@ def test_unusable_token_file_stops_the_start_with_the_key_named(tmp_path: Path) 
                            env={**os.environ, "ANOMALY_AGENT_HTTP__ENABLED": "true",
                                 "ANOMALY_AGENT_HTTP__TOKEN_FILE": str(path)})
         assert r.returncode == 2 and "http.token_file" in r.stderr and words in r.stderr, r.stderr
+
+
+def test_https_with_a_token_and_a_clear_error_for_a_bad_certificate(tmp_path: Path, files) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    (tmp_path / "token").write_text("t0ken")
+    port = free_port()
+    tls = {"ANOMALY_AGENT_HTTP__TLS": json.dumps({"cert": str(cert), "key": str(key)}),
+           "ANOMALY_AGENT_HTTP__TOKEN_FILE": str(tmp_path / "token")}
+    agent = Agent(tmp_path / "data", http_port=port, env=tls).start()
+    trust = ssl.create_default_context(cafile=str(cert))
+    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust, timeout=60) as c:
+        assert c.get("/models").status_code == 401
+        r = c.post("/fit_ok", headers={"Authorization": "Bearer t0ken"}, data=form(),
+                   files=uploads(files["train"][:2]))
+        assert r.status_code == 200 and r.json()["samples"]["ok"] == 2
+    with pytest.raises(httpx.HTTPError):  # no plain HTTP on that port
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+    assert agent.sigterm() == 0
+    # a key that does not belong to the certificate: the start fails and says why
+    other = tmp_path / "other.pem"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True)
+    bad = Agent(tmp_path / "data2", http_port=free_port(), client_id="bad", env={
+        "ANOMALY_AGENT_HTTP__TLS": json.dumps({"cert": str(cert), "key": str(other)})}).start(wait_ready=False)
+    assert bad.proc.wait(timeout=120) == 1
+    assert "http: could not serve on" in bad.log.read_text() and "SSLError" in bad.log.read_text()
