@@ -60,7 +60,10 @@ def run_daemon(cfg: AgentConfig) -> int:
         from .http_server import HttpIngest
 
         outbox = (lambda: {"outbox": len(mqtt_ingest.spool.outgoing())}) if cfg.mqtt.enabled else None
-        sources.append(HttpIngest(cfg, worker, rt, started, extra_health=outbox))
+        http_ingest = HttpIngest(cfg, worker, rt, started, extra_health=outbox)
+        if cfg.mqtt.enabled:
+            http_ingest.ctx.mirror = mqtt_ingest.mirror  # HTTP results reach MQTT subscribers (a PLC) too
+        sources.append(http_ingest)
     if not sources:
         log.error("nothing to do: enable folder, mqtt and/or http in the config")
         return 2

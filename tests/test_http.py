@@ -114,6 +114,10 @@ def test_http_fit_predict_calibrate_metrics_and_one_pipeline_with_mqtt_and_folde
             assert h["is_anomaly"] and not g["is_anomaly"] and h["defects"]["count"] >= 1, (h, g)
             assert h["defects"]["total_area_mm2"] > 0
 
+            # an HTTP result is published on MQTT too (a PLC listens there whatever the station speaks)
+            mirrored = obs.wait_result("p-good")
+            assert mirrored["data"]["score"] == g["score"] and mirrored["action"] == "predict"
+
             # the same ROI over MQTT and the folder: same model, same score for the same image
             obs.publish(f"anomaly/{ROLE}/{ROI}/predict", json.dumps({
                 "request_id": "m-1", "mm_per_px": 0.1,
