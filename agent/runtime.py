@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from core.backbones import FeatureExtractor, get_extractor
@@ -35,6 +36,7 @@ class Runtime:
             log.warning("running on EfficientNet-Lite0 (ImageNet) because no DINOv2 weights were found; "
                         "see docs/configuration.md (backbone.weights) to use DINOv2")
         self._models: dict[tuple[str, str], RoiModel] = {}
+        self.progress: Callable[[], None] | None = None  # the worker's heartbeat, passed to every model
 
     def model(self, role_id: str, roi_id: str, create: bool = True) -> RoiModel:
         """The ROI's model; create=False: ModelNotReadyError for a ROI never fitted (nothing made on disk)."""
@@ -44,7 +46,8 @@ class Runtime:
         if key not in self._models:
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
             debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None
-            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor, settings, debug_dir)
+            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor, settings, debug_dir,
+                                         progress=self.progress)
         return self._models[key]
 
     def heatmap_default(self, role_id: str, roi_id: str) -> bool:

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from core.errors import AnomalyError, InputError
@@ -23,6 +23,7 @@ from .jobs import Job, error_result, ok_result
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+FIT_STEP = 8  # images per step of a large fit_ok; waiting predictions of other ROIs are answered between steps
 
 
 class Worker:
@@ -44,7 +45,7 @@ class Worker:
         self.counts: Counter[str] = Counter()
         self.last_timing: dict = {}
         self._stop = threading.Event()
-        self._pending: Job | None = None
+        self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -82,24 +83,23 @@ class Worker:
             return False
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + len(self._backlog)
 
     def stop(self, drain: bool = True, timeout: float = 60.0) -> None:
         """Finish what is queued (drain) and stop the thread."""
         if drain:
             deadline = time.monotonic() + timeout
-            while (self.queue.qsize() or self._pending) and time.monotonic() < deadline:
+            while (self.queue.qsize() or self._backlog) and time.monotonic() < deadline:
                 time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=timeout)
 
     # ---------------------------------------------------------------- loop
     def _next(self, timeout: float) -> Job | None:
-        if self._pending is not None:
-            job, self._pending = self._pending, None
-            return job
+        if self._backlog:
+            return self._backlog.popleft()
         try:
-            return self.queue.get(timeout=timeout)
+            return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
 
@@ -110,30 +110,51 @@ class Worker:
             return batch
         deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
         while len(batch) < self.max_batch:
-            remaining = deadline - time.perf_counter()
-            try:
-                job = self.queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self.queue.get_nowait()
-            except queue.Empty:
+            job = self._next(max(0.0, deadline - time.perf_counter()))
+            if job is None:
                 break
             if (job.role_id, job.roi_id, job.action) != (first.role_id, first.roi_id, first.action):
-                self._pending = job
+                self._backlog.appendleft(job)  # the oldest job not yet run: next in line
                 break
             batch.append(job)
         return batch
 
     def _run(self) -> None:
+        self.rt.progress = self.heartbeat  # long model work (index rebuilds, big fits) keeps the watchdog fed
         while not self._stop.is_set():
             self.heartbeat()
             job = self._next(timeout=0.5)
             if job is None:
                 continue
-            batch = self._gather(job)
-            try:
-                self._process(batch)
-            except Exception as exc:  # never let one bad batch kill the worker
-                log.exception("worker: unexpected error on %s %s/%s", job.action, job.role_id, job.roi_id)
-                for j in batch:
-                    self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
+            self._process_safely(self._gather(job))
+
+    def _process_safely(self, batch: list[Job]) -> None:
+        try:
+            self._process(batch)
+        except Exception as exc:  # never let one bad batch kill the worker
+            job = batch[0]
+            log.exception("worker: unexpected error on %s %s/%s", job.action, job.role_id, job.roi_id)
+            for j in batch:
+                self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+    def _serve_others(self, busy: tuple[str, str]) -> None:
+        """Between steps of a long fit: answer the predictions of other ROIs that are waiting, so that one
+        station's big fit_ok does not stall every other station. Per-ROI order is kept: a prediction
+        waits if an earlier job of its ROI (or the ROI being fitted) is still waiting."""
+        self.heartbeat()
+        waiting = list(self._backlog)
+        self._backlog.clear()
+        # held jobs stay bounded (backpressure): at most one queue's worth taken out of the queue
+        while len(waiting) < self.cfg.queue_size and (job := self._next(0)) is not None:
+            waiting.append(job)
+        held = {busy}
+        for job in waiting:
+            key = (job.role_id, job.roi_id)
+            if job.action == "predict" and key not in held:
+                self._process_safely([job])
+            else:
+                held.add(key)
+                self._backlog.append(job)
 
     def _finish(self, job: Job, result: dict, preview: dict | None = None) -> None:
         self.counts[f"{job.action}_{result['status']}"] += 1
@@ -248,12 +269,34 @@ class Worker:
                 owners.append(j)
         if not samples:
             return
-        rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)  # type: ignore[attr-defined]
+        if kind == "ok" and len(samples) > FIT_STEP:
+            rep = self._fit_in_steps(model, samples, (batch[0].role_id, batch[0].roi_id))
+        else:
+            rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)  # type: ignore[attr-defined]
         state = {k: v for k, v in rep.items() if k not in ("added", "duplicates")}
         for j in dict.fromkeys(owners):
             n = sum(1 for o in owners if o is j)
             self._finish(j, ok_result(j, {"added": n, "duplicates_in_batch": len(rep["duplicates"]), **state}))
         self._state_changed(model)
+
+    def _fit_in_steps(self, model: object, samples: list, key: tuple[str, str]) -> dict:
+        """A large fit_ok in steps of FIT_STEP images, other ROIs' predictions served in between; the
+        threshold (leave-one-out scoring) once at the end. Same bank as one call: selection is per sample."""
+        added: list[str] = []
+        duplicates: list[str] = []
+        timings: Counter[str] = Counter()
+        for start in range(0, len(samples), FIT_STEP):
+            rep = model.fit_ok(samples[start : start + FIT_STEP], finalize=False)  # type: ignore[attr-defined]
+            added += rep["added"]
+            duplicates += rep["duplicates"]
+            timings.update(rep["timings_ms"])
+            self._serve_others(key)
+        t0 = time.perf_counter()
+        model.finalize()  # type: ignore[attr-defined]
+        threshold_ms = (time.perf_counter() - t0) * 1000
+        timings.update({"threshold": threshold_ms, "total": threshold_ms})
+        return {"added": added, "duplicates": duplicates, **model.state(),  # type: ignore[attr-defined]
+                "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": -(-len(samples) // FIT_STEP)}
 
     def _state_changed(self, model: object) -> None:
         if self.on_state is not None:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,7 +109,11 @@ class RoiModel:
     """Memory bank, threshold and stored samples of one ROI. Not thread-safe: one worker owns it."""
 
     def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
-                 settings: ModelSettings | None = None, debug_dir: Path | None = None) -> None:
+                 settings: ModelSettings | None = None, debug_dir: Path | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
+        # progress: called between steps of long work (index rebuild, fits, threshold scoring), e.g. to
+        # tell a service watchdog that the caller is busy, not hung
+        self.progress = progress or (lambda: None)
         self.store = RoiStore(Path(data_root), role_id, roi_id)
         self.extractor = extractor
         self.settings = settings or ModelSettings()
@@ -160,6 +165,7 @@ class RoiModel:
         for size, idxs in by_size.items():
             for start in range(0, len(idxs), bs):
                 chunk = idxs[start : start + bs]
+                self.progress()
                 t0 = time.perf_counter()
                 batch = self.extractor.preprocess([images[i].rgb for i in chunk])
                 t1 = time.perf_counter()
@@ -241,6 +247,7 @@ class RoiModel:
         data = store.array(self.settings.memory_fit)
         self._set_bank(np.zeros(0, np.int64))
         for e in store.entries:
+            self.progress()
             lo, hi = e["offset"], e["offset"] + e["count"]
             self._extend_bank(np.asarray(data[lo:hi]), lo, total_rows=hi)
         if store.entries:  # a ROI nobody has fitted leaves nothing on disk
@@ -396,6 +403,7 @@ class RoiModel:
         scores = []
         first = max(0, len(entries) - self.settings.holdout_max)
         for i in range(first, len(entries)):
+            self.progress()
             e = entries[i]
             exclude = torch.from_numpy(self._bank_sample == i)
             if bool(exclude.all()):
@@ -419,6 +427,7 @@ class RoiModel:
         data = store.array(True)
         out = []
         for e in store.entries:
+            self.progress()
             q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
             dist = self._knn.distances(q.to(self.extractor.device)).numpy()
             out.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
@@ -489,6 +498,7 @@ class RoiModel:
             tc = time.perf_counter()
             data = ok.array(self.settings.memory_fit)
             for lo, count in spans:
+                self.progress()
                 self._extend_bank(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
             t_backbone += tc - tb
             t_coreset += time.perf_counter() - tc

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.agent_proc import Agent, Observer, wait_for
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 
 AGENT_ENV_KEYS = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
                   "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
@@ -275,12 +276,14 @@ def test_two_agents_split_a_shared_subscription(tmp_path: Path, fitted_template:
     obs.close()
 
 
-def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Path) -> None:
+def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Path, tire: Path) -> None:
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(1.0)
-    agent = Agent(data_root, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+    port = free_port()
+    agent = Agent(data_root, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000",
+                                  "ANOMALY_AGENT_BACKBONE__RESOLUTION": "320"}, http_port=port)
     agent.start(wait_ready=False)
     got: list[str] = []
     deadline = time.monotonic() + 90
@@ -292,6 +295,32 @@ def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Pat
             continue
     assert any("READY=1" in m for m in got), got
     assert sum("WATCHDOG=1" in m for m in got) >= 2, got
+    # a fit of 60 images takes seconds: the watchdog keeps being fed during it (systemd would otherwise
+    # kill the agent mid-fit and, with the request journaled, again after every restart)
+    import httpx
+
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))
+    box: dict = {}
+
+    def fit() -> None:
+        t0 = time.monotonic()
+        box["r"] = httpx.post(f"http://127.0.0.1:{port}/fit_ok", data={"role_id": "st1", "roi_id": "big"},
+                              files=[("files", (p.name, p.read_bytes(), "image/png")) for p in train], timeout=300)
+        box["span"] = (t0, time.monotonic())
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    pings: list[float] = []
+    while thread.is_alive():
+        try:
+            if "WATCHDOG=1" in sock.recv(4096).decode():
+                pings.append(time.monotonic())
+        except TimeoutError:
+            continue
+    start, end = box["span"]
+    assert box["r"].status_code == 200 and end - start > 2.0, (box["r"].text[:300], end - start)
+    during = [start, *[t for t in pings if start < t < end], end]
+    assert max(b - a for a, b in zip(during, during[1:], strict=False)) < 1.5, during
     assert agent.sigterm() == 0
     rest = []
     try:

@@ -16,6 +16,8 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -268,21 +270,29 @@ def test_http_token_queue_full_and_operator_page_in_chromium(tmp_path: Path, fil
         fit = c.post("/fit_ok", headers=auth, data=form(mm_per_px=0.05), files=uploads(files["train"][:8]))
         assert fit.status_code == 200, fit.text
 
-        # queue of 1: while a long fit holds the worker, one predict waits in the queue, the rest get 503
+        # queue of 1: while a long fit of another ROI runs, one predict waits in the queue, the rest get 503;
+        # the waiting one is answered between the fit's steps, long before the fit ends
         def predict(i: int) -> httpx.Response:
             return c.post("/predict", headers=auth, data=form(mm_per_px=0.05, heatmap="false"),
                           files=uploads(files["hole" if i % 2 else "good"][i:i + 1], "file"))
 
+        def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+            r = call()
+            return r, time.monotonic()
+
         with ThreadPoolExecutor(8) as pool:
-            big = pool.submit(lambda: c.post("/fit_ok", headers=auth, data=form(roi="other"),
-                                             files=uploads(files["train"][20:50])))
+            big = pool.submit(timed, lambda: c.post("/fit_ok", headers=auth, data=form(roi="other"),
+                                                    files=uploads(files["train"][20:60])))
             other = agent.data_root / "models" / ROLE / "other" / "samples" / "ok"
-            wait_for(lambda: other.is_dir() and len(list(other.glob("*.json"))) == 30, 60, "the big fit to start")
-            answers = list(pool.map(predict, range(6)))
-            assert big.result().status_code == 200
-        statuses = sorted(r.status_code for r in answers)
+            wait_for(lambda: other.is_dir() and any(other.glob("*.json")), 60, "the big fit to start")
+            answers = list(pool.map(lambda i: timed(lambda: predict(i)), range(6)))
+            fit, fit_done = big.result()
+        assert fit.status_code == 200 and fit.json()["samples"]["ok"] == 40 and fit.json()["steps"] == 5
+        statuses = sorted(r.status_code for r, _ in answers)
         assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}, statuses
-        assert all(error_of(r) == "queue_full" and r.headers["retry-after"] for r in answers if r.status_code == 503)
+        assert all(error_of(r) == "queue_full" and r.headers["retry-after"] for r, _ in answers
+                   if r.status_code == 503)
+        assert max(t for r, t in answers if r.status_code == 200) < fit_done - 0.5
         for i in range(4):  # enough results for the page, one after the other
             assert predict(i).status_code == 200
 

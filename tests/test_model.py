@@ -249,3 +249,17 @@ def test_mask_limits_where_anomalies_count(tmp_path, extractor, tire_files) -> N
     assert masked["score"] < full["score"]
     with pytest.raises(InputError):
         model.set_mask(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
+
+
+def test_a_fit_in_steps_builds_the_same_model_as_one_call(tmp_path, extractor, tire_files) -> None:
+    """The worker fits large batches in steps (serving other ROIs in between): same bank, same threshold."""
+    samples = [sample(p) for p in tire_files["train"][:12]]
+    one = RoiModel(tmp_path / "a", "r", "x", extractor, ModelSettings(coreset_min=300))
+    one.fit_ok(samples)
+    steps = RoiModel(tmp_path / "b", "r", "x", extractor, ModelSettings(coreset_min=300))
+    for start in range(0, 12, 5):
+        steps.fit_ok(samples[start:start + 5], finalize=False)
+    steps.finalize()
+    assert np.array_equal(one.bank_rows, steps.bank_rows)
+    assert steps.threshold == pytest.approx(one.threshold, rel=1e-6)
+    assert steps.manifest["counts"] == one.manifest["counts"]
