@@ -129,6 +129,7 @@ class RoiModel:
         self._bank_feats = torch.zeros(0, extractor.feature_dim)
         self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
         self._dirty = False
+        self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
         t0 = time.perf_counter()
         self._sync_index()
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
@@ -465,7 +466,9 @@ class RoiModel:
 
     # --------------------------------------------------------------- public
     def _store_samples(self, kind: str, samples: list[tuple[bytes, ImageInput, dict]]) -> tuple[list, list, list]:
-        known = self.store.known_hashes(kind)
+        if kind not in self._known:  # read from the sample JSONs once; this model is their only writer
+            self._known[kind] = self.store.known_hashes(kind)
+        known = self._known[kind]
         records, images, duplicates = [], [], []
         for data, img, meta in samples:
             sha = hashlib.sha256(data).hexdigest()  # computed once: dedupe here, recorded by save_sample
