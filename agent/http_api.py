@@ -153,6 +153,16 @@ def _action(path: str) -> str:
     return name if name in ENDPOINTS else "page" if not name else "other"
 
 
+def refuse(ctx: HttpContext, scope: dict, code: str, message: str, count: bool = True) -> JSONResponse:
+    """A request answered with an error before or instead of a result: logged, counted, answered."""
+    client = scope.get("client") or ("?", 0)
+    log.info("http: %s %r from %s: %s %s: %s", scope.get("method"), scope.get("path"), client[0],
+             STATUS_BY_CODE.get(code, 400), code, message)
+    if count:
+        ctx.metrics.rejected("http", _action(scope.get("path", "")), code)
+    return error_response(code, message)
+
+
 def error_response(code: str, message: str, request_id: str | None = None) -> JSONResponse:
     status = STATUS_BY_CODE.get(code, 400)
     headers = _rid_header(request_id)
@@ -202,8 +212,7 @@ class Guard:
                     refusal = ("payload_too_large", f"request of {int(length)} bytes is over http.max_request_bytes "
                                f"({limit})")
             if refusal:
-                self.ctx.metrics.rejected("http", _action(scope["path"]), refusal[0])
-                await error_response(*refusal)(scope, receive, send)
+                await refuse(self.ctx, scope, *refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -234,20 +243,16 @@ def create_app(ctx: HttpContext) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> JSONResponse:
-        if not exc.counted:
-            ctx.metrics.rejected("http", _action(request.url.path), exc.code)
-        return error_response(exc.code, exc.message)
+        return refuse(ctx, request.scope, exc.code, exc.message, count=not exc.counted)
 
     @app.exception_handler(AnomalyError)
     async def _anomaly_error(request: Any, exc: AnomalyError) -> JSONResponse:
-        ctx.metrics.rejected("http", _action(request.url.path), exc.code)
-        return error_response(exc.code, exc.message)
+        return refuse(ctx, request.scope, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Any, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()]
-        ctx.metrics.rejected("http", _action(request.url.path), "invalid_field")
-        return error_response("invalid_field", "; ".join(parts))
+        return refuse(ctx, request.scope, "invalid_field", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
