@@ -128,16 +128,16 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """
     out: dict[str, torch.Tensor] = {}
     sd = {k.removeprefix("dinov2.").removeprefix("dinov2_with_registers."): v for k, v in sd.items()}
-    simple = {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.mask_token": "mask_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.register_tokens": "register_tokens",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-    }
+    simple = dict([  # HF name -> hub name (pairs: tensor names, not credentials, for bandit's B105)
+        ("embeddings.cls_token", "cls_token"),
+        ("embeddings.mask_token", "mask_token"),
+        ("embeddings.position_embeddings", "pos_embed"),
+        ("embeddings.register_tokens", "register_tokens"),
+        ("embeddings.patch_embeddings.projection.weight", "patch_embed.proj.weight"),
+        ("embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias"),
+        ("layernorm.weight", "norm.weight"),
+        ("layernorm.bias", "norm.bias"),
+    ])
     qkv: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         if key in simple:
