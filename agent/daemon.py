@@ -40,6 +40,8 @@ class Notifier:
 
 
 def run_daemon(cfg: AgentConfig) -> int:
+    # samples, models and results are product data: never readable by other users (the unit's UMask too)
+    os.umask(os.umask(0) | 0o027)
     notifier = Notifier()
     started = time.monotonic()
     worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=notifier.ping)

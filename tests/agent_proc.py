@@ -90,12 +90,17 @@ class Agent:
 class Observer:
     """A plain MQTT v5 client subscribed to the agent's topics, recording everything."""
 
-    def __init__(self, port: int, topics: tuple[str, ...] = ("anomaly/#",), persistent: bool = False) -> None:
+    def __init__(self, port: int, topics: tuple[str, ...] = ("anomaly/#",), persistent: bool = False,
+                 ca: Path | None = None, auth: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool, object]] = []
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
                                   client_id=f"obs-{time.monotonic_ns()}")
+        if ca is not None:
+            self.client.tls_set(ca_certs=str(ca))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._on
         self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)

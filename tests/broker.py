@@ -30,17 +30,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_test_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=anomaly test CA",
+        "-keyout", str(ca_key), "-out", str(ca))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+        "-extfile", str(ext), "-out", str(cert))
+    return ca, cert, key
+
+
 class Broker:
-    def __init__(self, directory: Path) -> None:
+    """secure=True: TLS with a test CA, no anonymous access, users from a password file, an ACL
+    (`users`: name -> (password, topic rights lines)). The CA is at `self.ca` for clients."""
+
+    def __init__(self, directory: Path, secure: bool = False,
+                 users: dict[str, tuple[str, list[str]]] | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = self.dir / "mosquitto.conf"
         # `user`: started as root, mosquitto would switch to the user 'mosquitto', which cannot write its
         # persistence file into our directory; sessions would then be lost across a broker restart
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                             f"persistence_location {self.dir}/\nmax_queued_messages 5000\n"
-                             f"user {getpass.getuser()}\n")
+        conf = (f"listener {self.port} 127.0.0.1\npersistence true\n"
+                f"persistence_location {self.dir}/\nmax_queued_messages 5000\nuser {getpass.getuser()}\n")
+        if not secure:
+            conf += "allow_anonymous true\n"
+        else:
+            self.ca, server_cert, server_key = make_test_pki(self.dir / "pki")
+            passwd, acl = self.dir / "passwd", self.dir / "acl"
+            passwd.touch()
+            lines = []
+            for name, (password, rights) in (users or {}).items():
+                subprocess.run(["mosquitto_passwd", "-b", str(passwd), name, password], check=True,
+                               capture_output=True)
+                lines += [f"user {name}", *rights, ""]
+            acl.write_text("\n".join(lines))
+            conf += (f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+                     f"cafile {self.ca}\ncertfile {server_cert}\nkeyfile {server_key}\n")
+        self.conf.write_text(conf)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
