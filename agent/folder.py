@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -243,7 +244,8 @@ class FolderIngest(FileSystemEventHandler):
         target_dir = self.data_root / "rejected" / "_invalid"
         target_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        dst = target_dir / f"{stamp}_{path.name}"
+        # unique: the same file name may be rejected from several bad folders within one second
+        dst = target_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{path.name}"
         os.replace(path, dst)
         if action not in FOLDER_ACTIONS:
             code, msg = "unknown_action", f"folder action {action!r} is not one of {', '.join(FOLDER_ACTIONS)}"

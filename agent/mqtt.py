@@ -216,36 +216,9 @@ class MqttIngest:
         self._feed.put((job, mid if mid is None else (mid, qos)))
 
     def _parse(self, job: Job, payload: bytes, user: dict) -> None:
-        if len(payload) > self.mc.max_payload_bytes:
-            raise InputError(f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes "
-                             f"({self.mc.max_payload_bytes})", "payload_too_large")
-        if payload[:1] == b"{":
-            try:
-                body = json.loads(payload)
-            except ValueError as exc:
-                raise InputError(f"payload is not valid JSON: {exc}", "invalid_json") from None
-            if not isinstance(body, dict):
-                raise InputError("JSON payload must be an object", "invalid_json")
-            images = body.get("images_b64") if job.action == "fit_ok" and "images_b64" in body else None
-            if images is None and body.get("image_b64") is not None:
-                images = [body["image_b64"]]
-            if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) for i in images)):
-                raise InputError("image_b64 must be a string and images_b64 a list of strings", "invalid_base64")
-            try:
-                job.images = [base64.b64decode(i, validate=True) for i in images or []]
-            except (binascii.Error, ValueError):
-                raise InputError("image_b64 is not valid base64", "invalid_base64") from None
-            for k in ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin"):
-                if k in body:
-                    job.meta[k] = body[k]
-        else:
-            job.images = [payload] if payload else []
-            for k in ("mm_per_px", "source", "heatmap", "threshold", "policy", "ok_percentile", "ng_margin"):
-                if k in user:
-                    job.meta[k] = user[k] if k == "source" else _parse_scalar(user[k])
-        if job.action != "calibrate" and not job.images:
-            raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
-        # calibrate without images: `threshold` (manual), `reset`, `policy`, or nothing (recompute)
+        images, meta = parse_request(job.action, payload, user, self.mc.max_payload_bytes)
+        job.images = images
+        job.meta.update(meta)
 
     def _feeder(self) -> None:
         """Hand recorded requests to the worker; ack each one only when the worker took it."""
@@ -324,6 +297,47 @@ class MqttIngest:
                     break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
                 inflight.pop(path.name, None)
                 path.unlink(missing_ok=True)
+
+
+REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin")
+
+
+def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int) -> tuple[list[bytes], dict]:
+    """An MQTT request payload -> (image bytes, metadata); InputError with a code for anything unusable.
+
+    JSON (`image_b64`, `images_b64` for fit_ok, metadata keys) or raw image bytes with the metadata in
+    v5 user properties. calibrate may come without images: `threshold`, `reset`, `policy` or nothing.
+    """
+    if len(payload) > max_payload_bytes:
+        raise InputError(f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes ({max_payload_bytes})",
+                         "payload_too_large")
+    meta: dict = {}
+    if payload[:1] == b"{":
+        try:
+            body = json.loads(payload)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"payload is not valid JSON: {exc}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise InputError("JSON payload must be an object", "invalid_json")
+        images = body.get("images_b64") if action == "fit_ok" and "images_b64" in body else None
+        if images is None and body.get("image_b64") is not None:
+            images = [body["image_b64"]]
+        if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) for i in images)):
+            raise InputError("image_b64 must be a string and images_b64 a list of strings", "invalid_base64")
+        try:
+            decoded = [base64.b64decode(i, validate=True) for i in images or []]
+        except (binascii.Error, ValueError):
+            raise InputError("image_b64 is not valid base64", "invalid_base64") from None
+        meta = {k: body[k] for k in REQUEST_KEYS if k in body}
+    else:
+        decoded = [payload] if payload else []
+        meta = {k: (user[k] if k == "source" else _parse_scalar(user[k])) for k in REQUEST_KEYS
+                if k in user and k != "reset"}
+    if action != "calibrate" and not decoded:
+        raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
+    if "source" in meta and not isinstance(meta["source"], str):
+        meta["source"] = str(meta["source"])[:200]
+    return decoded, meta
 
 
 def _parse_scalar(raw: str) -> object:

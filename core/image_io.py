@@ -6,6 +6,8 @@ Conversion rules (documented in docs/protocol.md):
 - Grayscale is replicated to three channels; palette images are expanded to RGB.
 - An alpha channel is composited over black (a fully transparent pixel becomes black), so that
   transparent regions look the same on every image of a ROI.
+- An EXIF orientation other than 1 is applied (the image is inspected as a viewer shows it); NaN
+  samples of float images become 0, +inf 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -27,6 +29,8 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DECODE_PIXELS = 100_000_000  # decompression-bomb limit: refuse before decoding
 DEFAULT_MAX_PIXELS = 12_000_000  # above this the image is downscaled (area interpolation)
 DEFAULT_MIN_SIDE = 14  # one ViT patch
+ORIENTATION_TAG = 0x0112
+MAX_MM_PER_PX = 1000.0  # 1 m per pixel: anything larger is a unit mistake (and would overflow areas in mm²)
 
 
 @dataclass
@@ -53,9 +57,18 @@ def validate_mm_per_px(value: object) -> float | None:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise InputError(f"mm_per_px must be a number, got {value!r}", code="invalid_mm_per_px") from None
-    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
-        raise InputError(f"mm_per_px must be a finite number > 0, got {value!r}", code="invalid_mm_per_px")
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0 or number > MAX_MM_PER_PX:
+        raise InputError(f"mm_per_px must be a finite number > 0 and <= {MAX_MM_PER_PX:g}, got {value!r}",
+                         code="invalid_mm_per_px")
     return number
+
+
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+         (b"BM", "BMP"))
+
+
+def _magic_format(data: bytes) -> str | None:
+    return next((fmt for sig, fmt in MAGIC if data.startswith(sig)), None)
 
 
 def _png_bit_depth(data: bytes) -> int:
@@ -69,8 +82,8 @@ def _to_float_rgb(arr: np.ndarray, bgr: bool) -> np.ndarray:
         f = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:
         f = arr.astype(np.float32) / 65535.0
-    elif arr.dtype in (np.float32, np.float64):
-        f = np.clip(arr.astype(np.float32), 0.0, 1.0)
+    elif arr.dtype in (np.float32, np.float64):  # NaN -> 0, +inf -> 1: one bad pixel must not poison the map
+        f = np.clip(np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
     else:
         raise InputError(f"unsupported sample type {arr.dtype}", code="unsupported_image")
     if f.ndim == 2:
@@ -99,6 +112,8 @@ def _decode_pixels(data: bytes, fmt: str, pil: Image.Image) -> tuple[np.ndarray,
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         pil.load()
+    if pil.getexif().get(ORIENTATION_TAG, 1) != 1:  # a camera's EXIF rotation: inspect what a viewer shows
+        pil = ImageOps.exif_transpose(pil)
     mode = pil.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         raw = np.asarray(pil)
@@ -132,7 +147,13 @@ def decode_image(
         raise InputError(f"the file has {len(data)} bytes, over the limit of {max_bytes}", code="file_too_large")
     try:
         pil = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, beyond ours: refused from the header
+        raise InputError(f"image declares too many pixels: {exc}", code="too_many_pixels") from None
     except UnidentifiedImageError:
+        magic = _magic_format(data)
+        if magic:  # the signature of an accepted format, but no readable header after it
+            raise InputError(f"{magic} signature but the header cannot be read (corrupt or truncated)",
+                             code="corrupt_image") from None
         raise InputError(
             "unknown image format: expected PNG, JPEG, BMP or TIFF content", code="unknown_format"
         ) from None
