@@ -17,7 +17,7 @@ import torch
 from . import thresholds
 from .backbones import FeatureExtractor
 from .coreset import greedy_select, project, projection, sq_dists
-from .errors import BackboneMismatchError, InputError, ModelNotReadyError
+from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
@@ -186,6 +186,22 @@ class RoiModel:
         return [decode_image(r.image_path.read_bytes(), mm_per_px=r.meta.get("mm_per_px"),
                              max_bytes=1 << 62, max_decode_pixels=1 << 62) for r in records]
 
+    def _readable_samples(self, kind: str) -> list[SampleRecord]:
+        """Stored samples, with the unreadable ones (corrupt JSON or image, image gone) quarantined."""
+        for meta_path in self.store.unreadable_samples(kind):
+            self.store.quarantine(kind, meta_path.stem, "sample JSON unreadable or its image missing")
+        return self.store.list_samples(kind)
+
+    def _decodable(self, kind: str, records: list[SampleRecord]) -> tuple[list[SampleRecord], list[ImageInput]]:
+        good, images = [], []
+        for rec in records:
+            try:
+                images.append(self._records_images([rec])[0])
+                good.append(rec)
+            except (AnomalyError, OSError) as exc:
+                self.store.quarantine(kind, rec.sample_id, f"image cannot be decoded: {exc}")
+        return good, images
+
     def _append_embeddings(
         self, kind: str, records: list[SampleRecord], images: list[ImageInput]
     ) -> list[tuple[int, int]]:
@@ -207,7 +223,7 @@ class RoiModel:
     def _sync_index(self) -> None:
         """Make the embedding index and bank match the stored samples and this backbone."""
         for kind in ("ok", "ng"):
-            records = self.store.list_samples(kind)
+            records = self._readable_samples(kind)
             store = self._emb[kind]
             indexed = [e["sample_id"] for e in store.entries]
             ids = [r.sample_id for r in records]
@@ -223,8 +239,9 @@ class RoiModel:
             if missing:
                 log.info("%s/%s: indexing %d %s samples", self.store.role_id, self.store.roi_id, len(missing), kind)
                 for start in range(0, len(missing), 64):
-                    chunk = missing[start : start + 64]
-                    self._append_embeddings(kind, chunk, self._records_images(chunk))
+                    chunk, images = self._decodable(kind, missing[start : start + 64])
+                    if chunk:
+                        self._append_embeddings(kind, chunk, images)
         ok = self._emb["ok"]
         bank = self.store.load_bank()
         manifest_ok = (self.manifest.get("backbone") == self.identity

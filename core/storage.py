@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import cv2
 import numpy as np
 
 from .ids import safe_join, validate_id
+
+log = logging.getLogger(__name__)
 
 KINDS = ("ok", "ng")
 EXT_BY_FORMAT = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif"}
@@ -68,10 +71,18 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON object in a file; None when the file is missing or unreadable (logged: corrupt)."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        log.warning("corrupt file %s (%s): ignored, rebuilt from what else is stored", path, exc)
+        return None
+    if not isinstance(obj, dict):
+        log.warning("corrupt file %s (not a JSON object): ignored", path)
+        return None
+    return obj
 
 
 @dataclass
@@ -89,6 +100,10 @@ class EmbeddingStore:
         self.data_path = directory / f"{kind}.f32"
         self.meta_path = directory / f"{kind}.json"
         self.meta = read_json(self.meta_path) or {"identity": None, "dim": 0, "rows": 0, "entries": []}
+        have = self.data_path.stat().st_size if self.data_path.exists() else 0
+        if have < self.rows * int(self.meta.get("dim") or 0) * 4:  # rows missing from the data file
+            log.warning("%s holds %d bytes, fewer than its %d rows need: rebuilt", self.data_path, have, self.rows)
+            self.meta = {"identity": None, "dim": 0, "rows": 0, "entries": []}
         self._ram: np.ndarray | None = None
         self._ram_rows = 0
 
@@ -196,6 +211,27 @@ class RoiStore:
             if image_path.is_file():
                 out.append(SampleRecord(meta_path.stem, kind, image_path, meta))
         return out
+
+    def unreadable_samples(self, kind: str) -> list[Path]:
+        """Sample JSONs that cannot be read (corrupt) or whose image is gone."""
+        directory = self.samples_dir(kind)
+        bad = []
+        for meta_path in sorted(directory.glob("*.json")) if directory.exists() else []:
+            meta = read_json(meta_path)
+            if not meta or not (directory / str(meta.get("image_file", ""))).is_file():
+                bad.append(meta_path)
+        return bad
+
+    def quarantine(self, kind: str, sample_id: str, reason: str) -> Path:
+        """Move a sample's files aside (never deleted) to quarantine/<kind>/ with the reason."""
+        target = self.root / "quarantine" / kind
+        target.mkdir(parents=True, exist_ok=True)
+        for path in self.samples_dir(kind).glob(f"{sample_id}.*"):
+            os.replace(path, target / path.name)
+        atomic_write_json(target / f"{sample_id}.reason.json", {"sample_id": sample_id, "reason": reason,
+                                                                "timestamp_utc": utc_now()})
+        log.warning("%s/%s: %s sample %s quarantined (%s)", self.role_id, self.roi_id, kind, sample_id, reason)
+        return target
 
     def known_hashes(self, kind: str) -> dict[str, str]:
         return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}
