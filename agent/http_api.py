@@ -51,7 +51,7 @@ STATUS_BY_CODE = {
     "method_not_allowed": 405, "backbone_mismatch": 409, "file_too_large": 413, "payload_too_large": 413,
     "unknown_format": 415, "unsupported_image": 415, "invalid_field": 422, "invalid_id": 422,
     "invalid_mm_per_px": 422, "invalid_threshold": 422, "invalid_policy": 422, "internal_error": 500,
-    "queue_full": 503, "shutting_down": 503, "timeout": 504,
+    "queue_full": 503, "shutting_down": 503, "timeout": 504, "disk_full": 507, "storage_error": 500,
 }
 
 

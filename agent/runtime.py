@@ -50,6 +50,10 @@ class Runtime:
                                          progress=self.progress)
         return self._models[key]
 
+    def forget(self, role_id: str, roi_id: str) -> None:
+        """Drop a ROI's model from memory: the next request loads it again from what is on disk."""
+        self._models.pop((role_id, roi_id), None)
+
     def heatmap_default(self, role_id: str, roi_id: str) -> bool:
         return self.cfg.roi_settings(role_id, roi_id)[1]
 

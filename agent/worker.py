@@ -9,10 +9,13 @@ each result first, with the prediction's preview thumbnail.
 from __future__ import annotations
 
 import base64
+import errno
 import logging
+import os
 import queue
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -41,6 +44,7 @@ class Worker:
         self.heartbeat = heartbeat or (lambda: None)
         self.on_state = on_state
         self.observers: list[Callable[[Job, dict, dict | None], None]] = []
+        self._finished: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs already answered (exactly once)
         self.preview_px = 0  # > 0: predictions carry a thumbnail for observers (operator page)
         self.counts: Counter[str] = Counter()
         self.last_timing: dict = {}
@@ -135,7 +139,8 @@ class Worker:
             job = batch[0]
             log.exception("worker: unexpected error on %s %s/%s", job.action, job.role_id, job.roi_id)
             for j in batch:
-                self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
+                if j not in self._finished:
+                    self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
 
     def _serve_others(self, busy: tuple[str, str]) -> None:
         """Between steps of a long fit: answer the predictions of other ROIs that are waiting, so that one
@@ -157,6 +162,7 @@ class Worker:
                 self._backlog.append(job)
 
     def _finish(self, job: Job, result: dict, preview: dict | None = None) -> None:
+        self._finished.add(job)
         self.counts[f"{job.action}_{result['status']}"] += 1
         for observe in self.observers:
             try:
@@ -177,13 +183,32 @@ class Worker:
 
     def _process(self, batch: list[Job]) -> None:
         first = batch[0]
+        if first.roi_id == os.environ.get("ANOMALY_DEBUG_STALL_ROI"):  # test hook: a hung worker (watchdog test)
+            log.warning("debug: ANOMALY_DEBUG_STALL_ROI=%s: the worker stalls now", first.roi_id)
+            threading.Event().wait()
         try:
             creates = first.action in ("fit_ok", "send_ng") or (first.action == "calibrate" and first.images)
-            model = self.rt.model(first.role_id, first.roi_id, create=bool(creates))
-        except AnomalyError as exc:
+            try:
+                model = self.rt.model(first.role_id, first.roi_id, create=bool(creates))
+            except AnomalyError as exc:
+                for j in batch:
+                    self._finish(j, error_result(j, exc.code, exc.message))
+                return
+            self._act(model, batch)
+        except AnomalyError as exc:  # e.g. disk_full refused before anything was written
             for j in batch:
-                self._finish(j, error_result(j, exc.code, exc.message))
-            return
+                if j not in self._finished:
+                    self._finish(j, error_result(j, exc.code, exc.message))
+        except OSError as exc:  # the data root could not be written: a clear error, the model reloaded from disk
+            code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error"
+            log.error("worker: %s on %s %s/%s: %s", code, first.action, first.role_id, first.roi_id, exc)
+            self.rt.forget(first.role_id, first.roi_id)
+            for j in batch:
+                if j not in self._finished:
+                    self._finish(j, error_result(j, code, f"could not write to the data root: {exc.strerror or exc}"))
+
+    def _act(self, model: object, batch: list[Job]) -> None:
+        first = batch[0]
         action = first.action
         if action == "predict":
             self._predict(model, batch)

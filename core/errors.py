@@ -40,3 +40,9 @@ class BackboneMismatchError(AnomalyError):
     """A memory bank was built with other features than the running backbone produces."""
 
     code = "backbone_mismatch"
+
+
+class StorageError(AnomalyError):
+    """The data root could not be written (disk full: code disk_full); nothing stored was damaged."""
+
+    code = "storage_error"

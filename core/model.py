@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ import torch
 from . import thresholds
 from .backbones import FeatureExtractor
 from .coreset import greedy_select, project, projection, sq_dists
-from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError
+from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError, StorageError
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
@@ -482,7 +483,23 @@ class RoiModel:
         self.store.write_manifest(m)
 
     # --------------------------------------------------------------- public
+    def _check_space(self, samples: list[tuple[bytes, ImageInput, dict]]) -> None:
+        """Refuse a fit before writing anything when the data root cannot hold its files (disk_full):
+        the images, their embedding rows, the rewritten bank and manifest, and 1 MB to spare."""
+        self.store.root.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.store.root.parent).free
+        rows = 0
+        for _, img, _ in samples:
+            w, h = self.extractor.input_size(*img.size)
+            rows += (w // self.extractor.stride) * (h // self.extractor.stride)
+        bank = self.store.bank_path.stat().st_size if self.store.bank_path.exists() else 0
+        need = sum(len(d) for d, _, _ in samples) + rows * self.extractor.feature_dim * 4 + 2 * bank + (1 << 20)
+        if free < need:
+            raise StorageError(f"the data root has {free // 1024} KiB free; storing these {len(samples)} samples needs "
+                               f"about {need // 1024} KiB: nothing was stored", code="disk_full")
+
     def _store_samples(self, kind: str, samples: list[tuple[bytes, ImageInput, dict]]) -> tuple[list, list, list]:
+        self._check_space(samples)
         if kind not in self._known:  # read from the sample JSONs once; this model is their only writer
             self._known[kind] = self.store.known_hashes(kind)
         known = self._known[kind]

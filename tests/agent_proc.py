@@ -55,12 +55,13 @@ class Agent:
 
     def start(self, wait_ready: bool = True) -> Agent:
         self.data_root.mkdir(parents=True, exist_ok=True)
+        offset = self.log.stat().st_size if self.log.exists() else 0  # a restart: only this run's lines count
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"), cwd=ROOT)
         STARTED.append(self)
         if wait_ready:
-            wait_for(lambda: "anomaly-agent ready" in self.log.read_text(errors="replace") or self._died(),
-                     90, "agent ready")
+            wait_for(lambda: "anomaly-agent ready" in self.log.read_bytes()[offset:].decode(errors="replace")
+                     or self._died(), 90, "agent ready")
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
         return self
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,26 @@ def no_agent_left_behind():
     yield
     while STARTED:
         STARTED.pop().cleanup()
+
+
+AGENT_ENV_KEYS = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
+                  "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
+
+
+@pytest.fixture(scope="session")
+def fitted_template(tmp_path_factory, tire: Path) -> Path:
+    """A data root with ROI st1/tire fitted on 6 real OK images (via the CLI, same settings as the agent)."""
+    root = tmp_path_factory.mktemp("template") / "data"
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:6]
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "WARNING",
+                        "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
+                       env={**os.environ, **AGENT_ENV_KEYS}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path: Path, fitted_template: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(fitted_template, root)
+    return root

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,28 +20,6 @@ from paho.mqtt.properties import Properties
 
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
-
-AGENT_ENV_KEYS = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
-                  "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
-
-
-@pytest.fixture(scope="module")
-def fitted_template(tmp_path_factory, tire: Path) -> Path:
-    """A data root with ROI st1/tire fitted on 6 real OK images (via the CLI, same settings as the agent)."""
-    root = tmp_path_factory.mktemp("template") / "data"
-    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:6]
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "WARNING",
-                        "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
-                       env={**os.environ, **AGENT_ENV_KEYS}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return root
-
-
-@pytest.fixture
-def data_root(tmp_path: Path, fitted_template: Path) -> Path:
-    root = tmp_path / "data"
-    shutil.copytree(fitted_template, root)
-    return root
 
 
 @pytest.fixture

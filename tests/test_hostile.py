@@ -25,8 +25,9 @@ from core.errors import InputError
 from core.image_io import decode_image
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
+from tests.conftest import AGENT_ENV_KEYS
 from tests.hostile_inputs import BAD_IDS, OK, Case, corpus
-from tests.test_daemon import AGENT_ENV_KEYS, drop
+from tests.test_daemon import drop
 
 CORPUS = corpus()
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

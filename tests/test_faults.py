@@ -1,0 +1,160 @@
+"""Faults: a full disk, kill -9 at random moments, a worker that stops making progress.
+
+ANOMALY_KILLS sets the number of kill -9 rounds (default 6 in the suite; docs/reliability.md has a run
+with 20); ANOMALY_RELIABILITY_OUT=dir writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.agent_proc import Agent, wait_for
+from tests.broker import free_port
+from tests.test_daemon import drop
+
+
+def _mount_tmpfs(path: Path, size_mb: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
+
+
+def test_disk_full_is_a_clear_error_and_the_agent_recovers(tmp_path: Path, fitted_template: Path, tire: Path) -> None:
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, 24)
+    try:
+        shutil.copytree(fitted_template, disk, dirs_exist_ok=True)
+        filler = disk / "filler"
+        free = shutil.disk_usage(disk).free
+        filler.write_bytes(b"\0" * max(0, free - 900_000))  # leaves ~0.9 MB: room for a request, not a fit
+        port = free_port()
+        agent = Agent(disk, http_port=port).start()  # data root = the small disk (the log lives outside)
+        train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[20:28]
+        probe = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[0].read_bytes()
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in train]
+        with httpx.Client(base_url=agent.http, timeout=120) as c:
+            before = c.post("/predict", data={"role_id": "st1", "roi_id": "tire"},
+                            files={"file": ("p.png", probe, "image/png")}).json()
+            r = c.post("/fit_ok", data={"role_id": "st1", "roi_id": "tire"}, files=files)
+            assert r.status_code == 507 and r.json()["error"]["code"] == "disk_full", r.text
+            # what was stored is intact: same samples counted, same score
+            assert c.get("/models/st1/tire").json()["samples"]["ok"] == 6
+            again = c.post("/predict", data={"role_id": "st1", "roi_id": "tire"},
+                           files={"file": ("p.png", probe, "image/png")}).json()
+            assert again["score"] == pytest.approx(before["score"], abs=1e-6), (before, again)
+            filler.unlink()  # space returns
+            r = c.post("/fit_ok", data={"role_id": "st1", "roi_id": "tire"}, files=files)
+            assert r.status_code == 200 and r.json()["samples"]["ok"] == 14, r.text
+        assert "disk_full" in agent.log.read_text()
+        assert agent.sigterm() == 0
+        agent.start()  # and it starts from what is on disk
+        with httpx.Client(base_url=agent.http, timeout=120) as c:
+            assert c.get("/models/st1/tire").json()["samples"]["ok"] == 14
+            assert c.post("/predict", data={"role_id": "st1", "roi_id": "tire"},
+                          files={"file": ("p.png", probe, "image/png")}).status_code == 200
+        assert agent.sigterm() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, tire: Path) -> None:
+    """Folder fit_ok batches and predict bursts; kill -9 at a random moment, restart, repeat. In the end
+    every accepted file has exactly one result, no stored sample is corrupt, the model predicts as an
+    undisturbed one would."""
+    rounds = int(os.environ.get("ANOMALY_KILLS", "6"))
+    rng = random.Random(7)
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))
+    goods = sorted((tire / "test" / "good" / "rgb").glob("*.png"))
+    inbox = data_root / "inbox" / "st1" / "tire"
+    agent = Agent(data_root, env={"ANOMALY_AGENT_FOLDER__RESCAN_S": "0.5"})
+    sent: list[str] = []
+    for k in range(rounds):
+        agent.start()
+        for i in range(3):  # new OK samples (distinct images), then a burst of predictions
+            name = f"k{k}_fit{i}.png"
+            drop(inbox / "fit_ok", name, train[(6 + 3 * k + i) % len(train)].read_bytes())
+            sent.append(name)
+        for i in range(6):
+            name = f"k{k}_p{i}.png"
+            drop(inbox / "predict", name, goods[(k + i) % len(goods)].read_bytes())
+            sent.append(name)
+        time.sleep(rng.uniform(0.05, 1.5))
+        agent.kill9()
+    agent.start()
+    results = data_root / "results" / "st1" / "tire"
+    wait_for(lambda: all((results / f"{Path(n).stem}.json").exists() for n in sent), 180, "every result")
+    wait_for(lambda: not any((data_root / "processing").rglob("*.png")), 30, "processing/ empty")
+    per_file = Counter(json.loads(p.read_text())["file"] for p in results.glob("k*.json"))
+    assert set(per_file) == set(sent) and set(per_file.values()) == {1}
+    statuses = Counter(json.loads((results / f"{Path(n).stem}.json").read_text())["status"] for n in sent)
+    done = data_root / "done" / "st1" / "tire"
+    in_done = [p.name for p in done.rglob("k*.png")]
+    assert sorted(in_done) == sorted(sent) and statuses == {"ok": len(sent)}, statuses
+    assert agent.sigterm() == 0
+    # no stored sample is corrupt, and the model equals one rebuilt from scratch from those samples
+    from core.backbones import get_extractor
+    from core.image_io import decode_image
+    from core.model import ModelSettings, RoiModel
+
+    roi = data_root / "models" / "st1" / "tire"
+    for meta in (roi / "samples" / "ok").glob("*.json"):
+        m = json.loads(meta.read_text())
+        decode_image((roi / "samples" / "ok" / m["image_file"]).read_bytes())
+    ex = get_extractor("efficientnet_lite0", resolution=192, device="cpu")
+    settings = ModelSettings(coreset_min=1000)
+    survived = RoiModel(data_root, "st1", "tire", ex, settings)
+    fresh_root = data_root.parent / "fresh"
+    shutil.copytree(roi / "samples", fresh_root / "models" / "st1" / "tire" / "samples")
+    fresh = RoiModel(fresh_root, "st1", "tire", ex, settings)
+    probe = decode_image(goods[0].read_bytes())
+    assert survived.manifest["counts"]["ok"] == fresh.manifest["counts"]["ok"] == 6 + 3 * rounds
+    assert survived.predict([probe])[0]["score"] == pytest.approx(fresh.predict([probe])[0]["score"], abs=1e-5)
+    figures = {"kills": rounds, "files": len(sent), "lost": len(set(sent) - set(per_file)),
+               "duplicated": sum(v - 1 for v in per_file.values()), "samples": fresh.manifest["counts"]["ok"]}
+    print(json.dumps(figures))
+    if os.environ.get("ANOMALY_RELIABILITY_OUT"):
+        out = Path(os.environ["ANOMALY_RELIABILITY_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kills.json").write_text(json.dumps(figures, indent=1))
+
+
+def test_a_stalled_worker_stops_feeding_the_watchdog(data_root: Path, tmp_path: Path, tire: Path) -> None:
+    """A worker that stops making progress (debug hook ANOMALY_DEBUG_STALL_ROI) stops the WATCHDOG=1
+    pings while the process lives on: systemd's WatchdogSec then kills and restarts it."""
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    agent = Agent(data_root, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000",
+                                  "ANOMALY_DEBUG_STALL_ROI": "stall"}).start(wait_ready=False)
+    pings: list[float] = []
+
+    def listen(until: float) -> None:
+        while time.monotonic() < until:
+            try:
+                if "WATCHDOG=1" in sock.recv(4096).decode():
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+
+    listen(time.monotonic() + 20)
+    assert len(pings) >= 10, pings  # alive and pinging every 0.5 s
+    drop(data_root / "inbox" / "st1" / "stall" / "predict", "x.png",
+         sorted((tire / "test" / "good" / "rgb").glob("*.png"))[0].read_bytes())
+    t_drop = time.monotonic()
+    listen(t_drop + 6)
+    assert agent.alive() and not [t for t in pings if t > t_drop + 2.5], "pings went on although the worker hung"
+    agent.kill9()
+    sock.close()
