@@ -1,0 +1,21 @@
+"""The soak benchmark's small CI variant (bench/soak.py runs 10,000): mixed requests through MQTT and the
+folder, none lost or duplicated, the agent alive, file descriptors and queue bounded."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_soak_small(tmp_path: Path, shared: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from soak import soak
+
+    out = soak(tmp_path, 300)
+    assert out["agent_alive"] and out["mqtt_lost"] == 0 and out["folder_lost"] == 0, out
+    assert out["mqtt_duplicated"] == 0 and out["mqtt_answered"] == out["mqtt_sent"], out
+    assert out["fds_after_warmup"]["max"] - out["fds_after_warmup"]["min"] < 20, out
+    assert out["queue_depth_max"] <= 64 + 64, out  # the queue and at most one queue's worth held by the worker
+    assert set(out["errors_by_code"]) <= {"truncated_file", "corrupt_image", "model_not_fitted", "invalid_base64"}, out
