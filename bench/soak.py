@@ -7,7 +7,8 @@ file descriptors flat, queue bounded. Optionally, memory while one ROI grows to 
 A private Mosquitto and `anomaly-agent run` (shipped config, EfficientNet-Lite0 at 192², HTTP on for
 /health) with three fitted ROIs; requests: 80 % predict (spread over the ROIs), 8 % fit_ok (new and
 repeated images), 4 % send_ng, 2 % calibrate, 6 % bad (corrupt bytes, unknown ROI, bad base64),
-half over MQTT (QoS 1, request ids) and half as files in the watched folder. The agent's RSS, open
+half over MQTT (QoS 1, request ids) and half as files in the watched folder, at most `--outstanding`
+(32) in flight, as stations that wait for their answers. The agent's RSS, open
 file descriptors and queue depth are sampled every second.
 """
 
@@ -73,7 +74,7 @@ def variants(images: list[bytes], n: int) -> list[bytes]:
     return out
 
 
-def soak(tmp: Path, n: int, seed: int = 1) -> dict:
+def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32) -> dict:
     tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
     train = [p.read_bytes() for p in sorted((tire / "train" / "good" / "rgb").glob("*.png"))]
     goods = [p.read_bytes() for p in sorted((tire / "test" / "good" / "rgb").glob("*.png"))]
@@ -117,8 +118,8 @@ def soak(tmp: Path, n: int, seed: int = 1) -> dict:
     def folder_result(rid: str) -> Path:
         return data / "results" / "soak" / folder_sent[rid][0] / f"{rid}.json"
 
-    def answered() -> int:
-        return len(arrived) + sum(1 for r in folder_sent if folder_result(r).exists())
+    def answered() -> int:  # (folder results are mirrored on MQTT too: count MQTT answers by our own ids)
+        return sum(1 for r in sent if r in arrived) + sum(1 for r in folder_sent if folder_result(r).exists())
 
     threading.Thread(target=sampler, daemon=True).start()
     t0 = time.monotonic()
@@ -157,8 +158,8 @@ def soak(tmp: Path, n: int, seed: int = 1) -> dict:
             tmpf.write_bytes(data_bytes)
             folder_sent[rid] = (roi, time.time())
             os.rename(tmpf, inbox / f"{rid}.png")
-        if i % 200 == 199:  # stations wait for answers: keep at most ~400 requests outstanding
-            wait_for(lambda k=i: answered() >= k - 400, 900, "backlog")
+        if i % 8 == 7:  # stations wait for answers: at most `outstanding` requests in flight
+            wait_for(lambda k=i: answered() >= k + 1 - outstanding, 900, "backlog")
     wait_for(lambda: answered() >= n, 1800, "every answer")
     elapsed = time.monotonic() - t0
     time.sleep(2)  # late duplicates, if any, would arrive now
@@ -178,7 +179,8 @@ def soak(tmp: Path, n: int, seed: int = 1) -> dict:
     rss = [s["rss_mb"] for s in steady] or [0]
     fds = [s["fds"] for s in steady] or [0]
     out = {
-        "requests": n, "mqtt_sent": len(sent), "folder_sent": len(folder_sent), "seconds": round(elapsed, 1),
+        "requests": n, "outstanding_max": outstanding, "mqtt_sent": len(sent), "folder_sent": len(folder_sent),
+        "seconds": round(elapsed, 1),
         "requests_per_s": round(n / elapsed, 2),
         "mqtt_answered": len(per_rid), "mqtt_lost": len(set(sent) - set(per_rid)),
         "mqtt_duplicated": sum(v - 1 for v in per_rid.values()),
@@ -229,6 +231,7 @@ def grow(tmp: Path, n: int, memory_fit: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--outstanding", type=int, default=32, help="requests in flight at most (stations waiting)")
     ap.add_argument("--grow", type=int, default=0, help="also fit this many images into one ROI, both memory_fit")
     args = ap.parse_args()
     out: dict = {}
@@ -236,7 +239,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         try:
             if args.requests:
-                out["soak"] = soak(tmp, args.requests)
+                out["soak"] = soak(tmp, args.requests, outstanding=args.outstanding)
             if args.grow:
                 out["grow"] = [grow(tmp, args.grow, mf) for mf in (False, True)]
         finally:
