@@ -74,7 +74,7 @@ def variants(images: list[bytes], n: int) -> list[bytes]:
     return out
 
 
-def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32) -> dict:
+def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: float = 0, outage_at_s: float = 20) -> dict:
     tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
     train = [p.read_bytes() for p in sorted((tire / "train" / "good" / "rgb").glob("*.png"))]
     goods = [p.read_bytes() for p in sorted((tire / "test" / "good" / "rgb").glob("*.png"))]
@@ -89,7 +89,7 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32) -> dict:
     broker.start()
     port = free_port()
     agent = Agent(data, broker.port, env=ENV, client_id="soak", http_port=port).start()
-    obs = Observer(broker.port, topics=("anomaly/soak/+/result",))
+    obs = Observer(broker.port, topics=("anomaly/soak/+/result",), persistent=True)
     rng = random.Random(seed)
     sent: dict[str, float] = {}  # MQTT request id -> monotonic send time
     arrived: dict[str, float] = {}  # MQTT request id -> monotonic arrival time of its (first) result
@@ -121,8 +121,22 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32) -> dict:
     def answered() -> int:  # (folder results are mirrored on MQTT too: count MQTT answers by our own ids)
         return sum(1 for r in sent if r in arrived) + sum(1 for r in folder_sent if folder_result(r).exists())
 
+    outages: list[dict] = []
+
+    def outage() -> None:  # the broker goes away for `outage_s` in the middle of the stream
+        stop.wait(outage_at_s)
+        if stop.is_set():
+            return
+        down = time.monotonic()
+        broker.stop()
+        stop.wait(outage_s)
+        broker.start()
+        outages.append({"down_s": round(time.monotonic() - down, 1), "at_s": round(down - t0, 1)})
+
     threading.Thread(target=sampler, daemon=True).start()
     t0 = time.monotonic()
+    if outage_s:
+        threading.Thread(target=outage, daemon=True).start()
     fresh = iter(variants(train, max(1, n // 10)))
     for i in range(n):
         roll = rng.random()
@@ -192,7 +206,7 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32) -> dict:
         "rss_drift_pct": round((rss[-1] / rss[0] - 1) * 100, 1) if rss[0] else None,
         "fds_after_warmup": {"min": min(fds), "max": max(fds), "last": fds[-1]},
         "queue_depth_max": max((s["queue"] for s in samples), default=0),
-        "agent_alive": agent.alive(),
+        "agent_alive": agent.alive(), "broker_outages": outages,
     }
     obs.close()
     agent.sigterm()
@@ -232,6 +246,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--outstanding", type=int, default=32, help="requests in flight at most (stations waiting)")
+    ap.add_argument("--outage", type=float, default=0, help="stop the broker this many seconds, 20 s into the run")
     ap.add_argument("--grow", type=int, default=0, help="also fit this many images into one ROI, both memory_fit")
     args = ap.parse_args()
     out: dict = {}
@@ -239,7 +254,7 @@ def main() -> None:
         tmp = Path(tmp_s)
         try:
             if args.requests:
-                out["soak"] = soak(tmp, args.requests, outstanding=args.outstanding)
+                out["soak"] = soak(tmp, args.requests, outstanding=args.outstanding, outage_s=args.outage)
             if args.grow:
                 out["grow"] = [grow(tmp, args.grow, mf) for mf in (False, True)]
         finally:

@@ -119,7 +119,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     shutil.copytree(roi / "samples", fresh_root / "models" / "st1" / "tire" / "samples")
     fresh = RoiModel(fresh_root, "st1", "tire", ex, settings)
     probe = decode_image(goods[0].read_bytes())
-    assert survived.manifest["counts"]["ok"] == fresh.manifest["counts"]["ok"] == 6 + 3 * rounds
+    distinct = len(set(range(6)) | {(6 + 3 * k + i) % len(train) for k in range(rounds) for i in range(3)})
+    assert survived.manifest["counts"]["ok"] == fresh.manifest["counts"]["ok"] == distinct  # repeats deduplicated
     # the same samples, the same scores: exact when the bank grew in one go; a bank that was reloaded
     # between kills and then extended can keep slightly different patches (coreset selection is incremental)
     s_survived, s_fresh = survived.predict([probe])[0]["score"], fresh.predict([probe])[0]["score"]
