@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,7 +23,6 @@ from core.errors import InputError
 from core.image_io import decode_image
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
-from tests.conftest import AGENT_ENV_KEYS
 from tests.hostile_inputs import BAD_IDS, OK, Case, corpus
 from tests.test_daemon import drop
 
@@ -111,22 +108,8 @@ def test_fuzz_mqtt_payload_parser(action: str, payload: bytes, user: dict) -> No
 
 
 # ----------------------------------------------------------------- through every ingress, end to end
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, tire: Path) -> Path:
-    root = tmp_path_factory.mktemp("hostile") / "data"
-    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:6]
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "WARNING",
-                        "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
-                       env={**os.environ, **AGENT_ENV_KEYS}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return root
-
-
-def test_hostile_corpus_through_folder_mqtt_and_http(tmp_path: Path, fitted: Path) -> None:
-    import shutil
-
-    root = tmp_path / "data"
-    shutil.copytree(fitted, root)
+def test_hostile_corpus_through_folder_mqtt_and_http(tmp_path: Path, data_root: Path) -> None:
+    root = data_root
     broker = Broker(tmp_path / "broker")
     broker.start()
     port = free_port()
