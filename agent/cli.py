@@ -19,7 +19,6 @@ from tqdm import tqdm
 from core import __version__
 from core.errors import AnomalyError, InputError, ModelNotReadyError, WeightsNotFoundError
 from core.ids import validate_id
-from core.storage import list_rois
 
 from .config import ConfigError, load_config
 from .runtime import Runtime, expand_inputs, setup_logging
@@ -153,14 +152,10 @@ def cmd_mask(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_models(data_root: Path) -> int:
-    from core.model import manifest_state
-    from core.storage import RoiStore
+    from core.model import stored_rois
 
-    for role, roi in list_rois(data_root):
-        store = RoiStore(data_root, role, roi)
-        manifest = store.read_manifest()
-        if manifest:
-            _emit(manifest_state(manifest, store.mask_path.exists()))
+    for _, state in stored_rois(data_root):
+        _emit(state)
     return EXIT_OK
 
 

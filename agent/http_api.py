@@ -31,8 +31,8 @@ from swagger_ui_bundle import swagger_ui_path
 from core import __version__
 from core.errors import AnomalyError
 from core.ids import validate_id
-from core.model import manifest_state
-from core.storage import RoiStore, list_rois
+from core.model import manifest_state, stored_rois
+from core.storage import RoiStore
 
 from .config import AgentConfig
 from .health import health_body
@@ -348,13 +348,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
     def roi_states(scores: dict | None = None) -> list[dict]:
         """Read from the manifests on disk (written atomically by the worker); scores: filled per ROI."""
         out = []
-        for role, roi in list_rois(cfg.data_root):
-            store = RoiStore(cfg.data_root, role, roi)
-            m = store.read_manifest()
-            if m:
-                out.append(manifest_state(m, store.mask_path.exists()))
-                if scores is not None:
-                    scores[(role, roi)] = (m.get("ok_scores", []), m.get("ng_scores", []))
+        for m, state in stored_rois(cfg.data_root):
+            out.append(state)
+            if scores is not None:
+                scores[(state["role_id"], state["roi_id"])] = (m.get("ok_scores", []), m.get("ng_scores", []))
         return out
 
     def render() -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from core.model import manifest_state
-from core.storage import RoiStore, list_rois
+from core.model import stored_rois
 
 from .jobs import Job
 from .runtime import Runtime
@@ -47,11 +46,8 @@ class Metrics:
         ex = rt.extractor
         Info("anomaly_agent_backbone", "Backbone and device", registry=r).info(
             {"device": str(ex.device), "backbone": ex.name, "resolution": str(ex.identity.to_dict().get("resolution"))})
-        for role, roi in list_rois(data_root):
-            store = RoiStore(data_root, role, roi)
-            manifest = store.read_manifest()
-            if manifest:
-                self._set_state(manifest_state(manifest, False))
+        for _, state in stored_rois(data_root):
+            self._set_state(state)
 
     def _set_state(self, state: dict) -> None:
         role, roi = state["role_id"], state["roi_id"]

@@ -30,8 +30,7 @@ from paho.mqtt.properties import Properties
 
 from core.errors import InputError
 from core.ids import validate_id
-from core.model import manifest_state
-from core.storage import RoiStore, list_rois
+from core.model import stored_rois
 
 from .config import AgentConfig
 from .durable import Spool
@@ -136,11 +135,8 @@ class MqttIngest:
         else:
             client.subscribe([(self._topic_filter(), self.mc.qos), (f"{self.base}/health_check", self.mc.qos)])
         client.publish(f"{self.base}/status", "online", qos=1, retain=True)
-        for role, roi in list_rois(self.cfg.data_root):  # read-only: the worker owns the models
-            store = RoiStore(self.cfg.data_root, role, roi)
-            manifest = store.read_manifest()
-            if manifest:
-                self.publish_state(role, roi, manifest_state(manifest, store.mask_path.exists()))
+        for _, state in stored_rois(self.cfg.data_root):  # read-only: the worker owns the models
+            self.publish_state(state["role_id"], state["roi_id"], state)
         self._connected.set()
         self._wake.set()
 

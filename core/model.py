@@ -23,7 +23,7 @@ from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
 from .scoring import defect_regions, image_score, input_res_map, resize_mask
-from .storage import RoiStore, SampleRecord, utc_now
+from .storage import RoiStore, SampleRecord, list_rois, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,18 @@ def manifest_state(m: dict, has_mask: bool) -> dict:
             "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
             "threshold_details": m["threshold"]["details"], "threshold_policy": policy_of(m), "backbone": m["backbone"],
             "has_mask": has_mask, "updated_utc": m["updated_utc"]}
+
+
+def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
+    """(manifest, public state) of every ROI with a model on disk. Read-only, safe beside the worker:
+    manifests are written atomically."""
+    out = []
+    for role, roi in list_rois(data_root):
+        store = RoiStore(data_root, role, roi)
+        manifest = store.read_manifest()
+        if manifest:
+            out.append((manifest, manifest_state(manifest, store.mask_path.exists())))
+    return out
 
 
 def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
