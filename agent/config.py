@@ -61,6 +61,7 @@ class RoiSettings(Strict):
     holdout_max: int | None = Field(None, ge=1)
     ng_margin: float | None = Field(None, ge=0, le=1)
     memory_fit: bool | None = None
+    memory_fit_max_mb: float | None = Field(None, gt=0)
     fit_batch_size: int | None = Field(None, ge=1, le=256)
     min_defect_area_px: int | None = Field(None, ge=0)
     knn_backend: Literal["auto", "faiss", "torch"] | None = None

@@ -17,6 +17,7 @@ import torch
 
 from . import thresholds
 from .backbones import FeatureExtractor
+from .bank_distances import BankDistances
 from .coreset import greedy_select, project, projection, sq_dists
 from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError, StorageError
 from .heatmap import render_heatmap, thumbnail
@@ -50,6 +51,7 @@ class ModelSettings:
     holdout_max: int = 50
     ng_margin: float = 0.5
     memory_fit: bool = False
+    memory_fit_max_mb: float = 512.0
     fit_batch_size: int = 8
     min_defect_area_px: int = 0
     knn_backend: str = "auto"
@@ -143,6 +145,7 @@ class RoiModel:
         self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
         self._dirty = False
         self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
+        self._distances = BankDistances()  # threshold samples' patch distances, updated by bank deltas
         t0 = time.perf_counter()
         self._sync_index()
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
@@ -215,13 +218,23 @@ class RoiModel:
                 self.store.quarantine(kind, rec.sample_id, f"image cannot be decoded: {exc}")
         return good, images
 
+    def _index_array(self, kind: str, in_ram: bool | None = None) -> np.ndarray:
+        """The embedding rows of one kind: in RAM (memory_fit, bounded by memory_fit_max_mb) or memory-mapped."""
+        fit = self.settings.memory_fit if in_ram is None else in_ram
+        return self._emb[kind].array(fit, self.settings.memory_fit_max_mb)
+
+    def _reset_index(self, kind: str) -> None:
+        """Empty one embedding index (other backbone, stale rows): its rows get new meanings."""
+        self._emb[kind].reset(self.identity, self.extractor.feature_dim)
+        self._distances.clear()
+
     def _append_embeddings(
         self, kind: str, records: list[SampleRecord], images: list[ImageInput]
     ) -> list[tuple[int, int]]:
         """Embed and append; returns (offset, count) row spans of the new samples."""
         store = self._emb[kind]
         if store.meta["identity"] != self.identity:
-            store.reset(self.identity, self.extractor.feature_dim)
+            self._reset_index(kind)
         items, spans, offset = [], [], store.rows
         for emb, rec in zip(self.embed(images), records, strict=True):
             entry = {"sample_id": rec.sample_id, "grid": list(emb.grid), "input_size": list(emb.input_size),
@@ -244,7 +257,7 @@ class RoiModel:
                 if records:
                     log.warning("%s/%s: %s index stale (backbone or samples changed): rebuilding from %d samples",
                                 self.store.role_id, self.store.roi_id, kind, len(records))
-                store.reset(self.identity, self.extractor.feature_dim)
+                self._reset_index(kind)
                 indexed = []
                 if kind == "ok":
                     self.store.bank_path.unlink(missing_ok=True)
@@ -275,7 +288,7 @@ class RoiModel:
     def _reselect(self) -> None:
         """Select the bank from scratch by streaming the stored embeddings sample by sample."""
         store = self._emb["ok"]
-        data = store.array(self.settings.memory_fit)
+        data = self._index_array("ok")
         self._set_bank(np.zeros(0, np.int64))
         for e in store.entries:
             self.progress()
@@ -290,7 +303,7 @@ class RoiModel:
         """Bank rows (order kept) plus their features (given, or gathered from the index) and projections."""
         self.bank_rows = rows.astype(np.int64)
         if feats is None:
-            data = self._emb["ok"].array(self.settings.memory_fit)
+            data = self._index_array("ok")
             feats = np.asarray(data[rows], np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
         self._bank_feats = torch.from_numpy(feats)
         self._bank_proj = project(self._bank_feats, self._proj)
@@ -430,18 +443,15 @@ class RoiModel:
         entries = store.entries
         if self._knn is None or not entries:
             return []
-        data = store.array(self.settings.memory_fit)
+        data = self._index_array("ok")
         scores = []
         first = max(0, len(entries) - self.settings.holdout_max)
         for i in range(first, len(entries)):
             self.progress()
-            e = entries[i]
             exclude = torch.from_numpy(self._bank_sample == i)
             if bool(exclude.all()):
                 continue
-            q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
-            dist = self._knn.distances(q.to(self.extractor.device), exclude).numpy()
-            scores.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
+            scores.append(self._sample_score("ok", entries[i], data, exclude))
         if not scores:  # a single OK sample: nothing to leave out; score nuisance views of it instead
             rec = self.store.list_samples("ok")[-1]
             img = self._records_images([rec])[0]
@@ -455,19 +465,30 @@ class RoiModel:
         store = self._emb["ng"]
         if self._knn is None or not store.entries:
             return []
-        data = store.array(True)
+        data = self._index_array("ng", in_ram=True)
         out = []
         for e in store.entries:
             self.progress()
-            q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]]))
-            dist = self._knn.distances(q.to(self.extractor.device)).numpy()
-            out.append(self._score_map(dist, tuple(e["grid"]), tuple(e["input_size"]))[0])
+            out.append(self._sample_score("ng", e, data, None))
         return out
+
+    def _sample_score(self, kind: str, e: dict, data: np.ndarray, exclude: torch.Tensor | None) -> float:
+        """A stored sample's score, from its cached patch distances brought up to date with the bank."""
+        q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]])).to(self.extractor.device)
+        grid, size = tuple(e["grid"]), tuple(e["input_size"])
+        return self._distances.score((kind, e["sample_id"]), q, exclude,
+                                     lambda dist: self._score_map(dist, grid, size)[0])
 
     def _update_threshold_and_save(self) -> None:
         s = self.settings
+        t0 = time.perf_counter()
+        if self._knn is not None:
+            self._distances.begin(self._knn, self.bank_rows, self._bank_feats)
         ok_scores = self._holdout_ok_scores()
         ng_scores = self._ng_scores()
+        if self._knn is not None:
+            log.debug("%s/%s: threshold samples scored in %.0f ms: %s", self.store.role_id, self.store.roi_id,
+                      (time.perf_counter() - t0) * 1000, self._distances.end())
         # a policy set by a calibrate request outlives later fits; the config's policy applies otherwise
         over = self.manifest.get("policy_override") or {}
         policy = over.get("policy", s.threshold_policy)
@@ -538,14 +559,14 @@ class RoiModel:
         t_backbone = t_coreset = 0.0
         ok = self._emb["ok"]
         if ok.meta["identity"] != self.identity:
-            ok.reset(self.identity, self.extractor.feature_dim)
+            self._reset_index("ok")
         bs = max(1, self.settings.fit_batch_size)
         for start in range(0, len(records), bs):
             recs, imgs = records[start : start + bs], images[start : start + bs]
             tb = time.perf_counter()
             spans = self._append_embeddings("ok", recs, imgs)
             tc = time.perf_counter()
-            data = ok.array(self.settings.memory_fit)
+            data = self._index_array("ok")
             for lo, count in spans:
                 self.progress()
                 self._extend_bank(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
@@ -576,15 +597,24 @@ class RoiModel:
 
     def send_ng(self, samples: list[tuple[bytes, ImageInput, dict]]) -> dict:
         """Store NG calibration samples and recalibrate the threshold (policy auto)."""
+        t0 = time.perf_counter()
         records, images, duplicates = self._store_samples("ng", samples)
+        t1 = t2 = time.perf_counter()
         if records:
             self._append_embeddings("ng", records, images)
+            t2 = time.perf_counter()
             if self._knn is not None:
                 self._update_threshold_and_save()
             else:
                 self.manifest["counts"]["ng"] = len(self._emb["ng"].entries)
                 self.store.write_manifest(self.manifest)
-        return {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state()}
+        t3 = time.perf_counter()
+        timings = {"embed": round((t2 - t1) * 1000, 1), "threshold": round((t3 - t2) * 1000, 1),
+                   "total": round((t3 - t0) * 1000, 1)}
+        log.info("send_ng %s/%s: +%d samples (%d duplicates), threshold %s, timings %s", self.store.role_id,
+                 self.store.roi_id, len(records), len(duplicates), self.threshold, timings)
+        return {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state(),
+                "timings_ms": timings}
 
     def set_threshold(self, value: float | None) -> dict:
         """Manual override (value) or back to the configured policy (None)."""
@@ -631,6 +661,7 @@ class RoiModel:
         self.store.save_mask(png)
         self.mask = mask > 0
         self._mask_cache.clear()
+        self._distances.clear()  # scores depend on the mask
         if self._knn is not None:
             self._update_threshold_and_save()
         return self.state()

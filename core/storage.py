@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class EmbeddingStore:
             self.meta = {"identity": None, "dim": 0, "rows": 0, "entries": []}
         self._ram: np.ndarray | None = None
         self._ram_rows = 0
+        self._ram_cap = 1 << 62  # rows the RAM copy may hold (memory_fit_max_mb), set by array()
+        self._over_bound_logged = False
 
     @property
     def rows(self) -> int:
@@ -139,28 +142,43 @@ class EmbeddingStore:
         self.meta["entries"].extend(new_entries)
         self.meta["rows"] = rows
         atomic_write_json(self.meta_path, self.meta)
+        if self._ram is not None and rows > self._ram_cap:  # over the RAM bound: memory-mapped from now on
+            self._drop_ram()
         if self._ram is not None:  # keep the RAM copy in step (capacity doubling) instead of reloading
             need = rows
             if need > self._ram.shape[0]:
-                grown = np.empty((max(need, 2 * self._ram.shape[0]), self.meta["dim"]), np.float32)
+                grown = np.empty((min(max(need, 2 * self._ram.shape[0]), self._ram_cap), self.meta["dim"]), np.float32)
                 grown[: self._ram_rows] = self._ram[: self._ram_rows]
                 self._ram = grown
             for entry, (_, feats) in zip(new_entries, items, strict=True):
                 self._ram[entry["offset"] : entry["offset"] + entry["count"]] = feats
             self._ram_rows = rows
 
-    def array(self, in_ram: bool) -> np.ndarray:
-        """All valid rows: a RAM copy (memory_fit) or a read-only memory map (loaded on demand)."""
+    def array(self, in_ram: bool, ram_max_mb: float = float("inf")) -> np.ndarray:
+        """All valid rows: a RAM copy (memory_fit, while it fits in ram_max_mb) or a read-only memory map
+        (pages read on demand and left to the page cache, which the kernel can reclaim)."""
         dim, rows = self.meta["dim"], self.rows
         if rows == 0:
             return np.zeros((0, dim), np.float32)
         mm = np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(rows, dim))
+        self._ram_cap = int(ram_max_mb * 2**20 // (4 * dim)) if math.isfinite(ram_max_mb) else 1 << 62
+        if in_ram and rows > self._ram_cap:
+            if not self._over_bound_logged:
+                log.warning("%s: %d MB of embeddings exceed memory_fit_max_mb (%g MB): memory-mapped instead of "
+                            "held in RAM", self.data_path, rows * dim * 4 >> 20, ram_max_mb)
+                self._over_bound_logged = True
+            self._drop_ram()
+            return mm
         if not in_ram:
             return mm
         if self._ram is None or self._ram_rows != rows:
             self._ram = np.array(mm)
             self._ram_rows = rows
         return self._ram[:rows]
+
+    def _drop_ram(self) -> None:
+        self._ram = None
+        self._ram_rows = 0
 
 
 class RoiStore:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from core.bank_distances import BankDistances
 from core.errors import InputError, ModelNotReadyError
 from core.image_io import decode_image
 from core.model import ModelSettings, RoiModel
@@ -263,3 +264,52 @@ def test_a_fit_in_steps_builds_the_same_model_as_one_call(tmp_path, extractor, t
     assert np.array_equal(one.bank_rows, steps.bank_rows)
     assert steps.threshold == pytest.approx(one.threshold, rel=1e-6)
     assert steps.manifest["counts"] == one.manifest["counts"]
+
+
+def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
+    cached, model._distances = model._distances, BankDistances()
+    model._distances.begin(model._knn, model.bank_rows, model._bank_feats)
+    try:
+        return model._holdout_ok_scores(), model._ng_scores()
+    finally:
+        model._distances = cached
+
+
+def test_threshold_updates_by_bank_delta_equal_a_full_search(tmp_path, extractor, tire_files) -> None:
+    """Each fit_ok / send_ng rescores the threshold samples only against what changed in the bank
+    (added entries, patches whose neighbour was pruned): same scores as searching the whole bank."""
+    model = RoiModel(tmp_path, "r", "delta", extractor, ModelSettings(coreset_min=300, coreset_max=600, holdout_max=5))
+    model.fit_ok([sample(p) for p in tire_files["train"][:4]])
+    model.send_ng([sample(p) for p in tire_files["hole"][:3]])
+    for i, path in enumerate(tire_files["train"][4:12]):
+        model.fit_ok([sample(path)])
+        if i == 3:
+            model.send_ng([sample(p) for p in tire_files["cut"][:2]])
+            model.set_mask(cv2.imencode(".png", np.pad(np.full((200, 200), 255, np.uint8), 50))[1].tobytes())
+        stats = model._distances.stats
+        assert model.bank_rows.size <= 600
+        ok, ng = _scores_by_full_search(model)
+        assert model.manifest["ok_scores"] == pytest.approx(ok, abs=2e-5)
+        assert model.manifest["ng_scores"] == pytest.approx(ng, abs=2e-5)
+        assert len(ok) == 5 and len(ng) == (5 if i >= 3 else 3)
+        if i != 3:  # one new hold-out sample searched in full, every other one updated by the delta
+            assert stats["full"] == 1 and stats["updated"] + stats["unchanged"] == len(ok) + len(ng) - 1, stats
+
+
+def test_memory_fit_keeps_the_index_in_ram_only_up_to_its_bound(tmp_path, extractor, tire_files) -> None:
+    """memory_fit: the raw embeddings live in RAM until they outgrow memory_fit_max_mb, then they are
+    memory-mapped (RAM stays bounded however many samples a ROI gets) and the model stays the same."""
+    samples = [sample(p) for p in tire_files["train"][:6]]
+    ram = RoiModel(tmp_path / "a", "r", "m", extractor, ModelSettings(coreset_min=500, memory_fit=True))
+    ram.fit_ok(samples[:1])
+    per_image_mb = ram._emb["ok"].rows * ram._emb["ok"].meta["dim"] * 4 / 2**20
+    bounded = RoiModel(tmp_path / "b", "r", "m", extractor,
+                       ModelSettings(coreset_min=500, memory_fit=True, memory_fit_max_mb=3.5 * per_image_mb))
+    bounded.fit_ok(samples[:3])
+    assert isinstance(bounded._emb["ok"]._ram, np.ndarray) and not isinstance(bounded._index_array("ok"), np.memmap)
+    bounded.fit_ok(samples[3:])
+    assert bounded._emb["ok"]._ram is None and isinstance(bounded._index_array("ok"), np.memmap)
+    ram.fit_ok(samples[1:3])
+    ram.fit_ok(samples[3:])
+    assert isinstance(ram._emb["ok"]._ram, np.ndarray)
+    assert np.array_equal(ram.bank_rows, bounded.bank_rows) and ram.threshold == pytest.approx(bounded.threshold)
