@@ -44,13 +44,25 @@ ENV = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACK
 ROIS = ("a", "b", "c")
 
 
-def proc_stats(pid: int) -> tuple[float, int]:
-    """(RSS in MB, open file descriptors) of a process."""
-    rss = 0.0
+def proc_memory(pid: int) -> dict[str, float]:
+    """RSS split as the kernel reports it (MB): rss, anon (heap: what the process holds), file (mapped
+    files such as a memory-mapped index: page cache the kernel can reclaim), hwm (peak RSS so far)."""
+    keys = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "VmHWM:": "hwm"}
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) / 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+        k = line.split(":")[0] + ":"
+        if k in keys:
+            out[keys[k]] = int(line.split()[1]) / 1024
+    return out
+
+
+def flatness(t: list[float], mb: list[float]) -> dict:
+    """Median per quarter of the run and the least-squares slope (MB per hour) of a memory series."""
+    if len(mb) < 8:
+        return {}
+    q = np.array_split(np.asarray(mb), 4)
+    slope = float(np.polyfit(np.asarray(t), np.asarray(mb), 1)[0]) * 3600
+    return {"quarter_medians_mb": [round(float(np.median(x)), 1) for x in q], "slope_mb_per_h": round(slope, 1)}
 
 
 def pct(values: list[float]) -> dict:
@@ -61,27 +73,45 @@ def pct(values: list[float]) -> dict:
 
 
 def variants(images: list[bytes], n: int) -> list[bytes]:
-    """n distinct PNGs from real images: flips and small brightness changes (distinct bytes, same part)."""
+    """n distinct PNGs from real images: the four flips x brightness -5..+5 (distinct bytes, same part)."""
+    import hashlib
+
     import cv2
 
-    out = []
+    per_source = 4 * 11
+    if n > per_source * len(images):
+        raise ValueError(f"{len(images)} images give at most {per_source * len(images)} distinct variants")
+    out, seen = [], set()
     for i in range(n):
         img = cv2.imdecode(np.frombuffer(images[i % len(images)], np.uint8), cv2.IMREAD_COLOR)
         k = i // len(images)
-        img = cv2.flip(img, 1) if k % 2 else img
-        img = np.clip(img.astype(np.int16) + (k // 2) % 7 - 3, 0, 255).astype(np.uint8)
-        out.append(cv2.imencode(".png", img)[1].tobytes())
+        flip = k % 4
+        img = img if flip == 0 else cv2.flip(img, (1, 0, -1)[flip - 1])
+        img = np.clip(img.astype(np.int16) + (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5)[k // 4], 0, 255).astype(np.uint8)
+        png = cv2.imencode(".png", img)[1].tobytes()
+        seen.add(hashlib.sha256(png).hexdigest())
+        out.append(png)
+    assert len(seen) == n, f"only {len(seen)} of {n} variants are distinct"
     return out
 
 
-def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: float = 0, outage_at_s: float = 20) -> dict:
+def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: float = 0, outage_at_s: float = 20,
+         fit_share: float = 0.04, ng_share: float = 0.02, prefit: int = 6) -> dict:
     tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
     train = [p.read_bytes() for p in sorted((tire / "train" / "good" / "rgb").glob("*.png"))]
     goods = [p.read_bytes() for p in sorted((tire / "test" / "good" / "rgb").glob("*.png"))]
     holes = [p.read_bytes() for p in sorted((tire / "test" / "hole" / "rgb").glob("*.png"))]
+    cuts = [p.read_bytes() for p in sorted((tire / "test" / "cut" / "rgb").glob("*.png"))]
     data = tmp / "data"
+    n_fresh = int(n * fit_share * 0.9) + 1
+    pool = variants(train, min(prefit + n_fresh, 44 * len(train)))  # distinct images: prefit, then fits
+    prefit_dir = tmp / "prefit"
+    prefit_dir.mkdir()
+    paths = []
+    for i, png in enumerate(pool[:prefit]):
+        paths.append(prefit_dir / f"{i}.png")
+        paths[-1].write_bytes(png)
     for roi in ROIS:
-        paths = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:6]
         subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(data), "--log-level", "WARNING", "fit",
                         "--role", "soak", "--roi", roi, "--quiet", *map(str, paths)], env={**os.environ, **ENV},
                        check=True, capture_output=True, cwd=ROOT)
@@ -110,16 +140,19 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
     def sampler() -> None:
         with httpx.Client(base_url=agent.http, timeout=10) as c:
             while not stop.is_set():
-                rss, fds = proc_stats(agent.proc.pid)  # type: ignore[union-attr]
+                mem = proc_memory(agent.proc.pid)  # type: ignore[union-attr]
+                fds = len(os.listdir(f"/proc/{agent.proc.pid}/fd"))  # type: ignore[union-attr]
                 depth = c.get("/health").json()["queue_depth"]
-                samples.append({"t": time.monotonic(), "rss_mb": rss, "fds": fds, "queue": depth})
+                samples.append({"t": time.monotonic(), "rss_mb": mem["rss"], "anon_mb": mem["anon"], "fds": fds,
+                                "queue": depth, "answered": answered()})
                 stop.wait(1.0)
 
     def folder_result(rid: str) -> Path:
         return data / "results" / "soak" / folder_sent[rid][0] / f"{rid}.json"
 
     def answered() -> int:  # (folder results are mirrored on MQTT too: count MQTT answers by our own ids)
-        return sum(1 for r in sent if r in arrived) + sum(1 for r in folder_sent if folder_result(r).exists())
+        return (sum(1 for r in list(sent) if r in arrived)
+                + sum(1 for r in list(folder_sent) if folder_result(r).exists()))
 
     outages: list[dict] = []
 
@@ -137,17 +170,20 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
     t0 = time.monotonic()
     if outage_s:
         threading.Thread(target=outage, daemon=True).start()
-    fresh = iter(variants(train, max(1, n // 10)))
+    # distinct new images for the fits (a repeat is a cheap duplicate), 10 % of them sent again
+    fresh = iter(pool[prefit:])
+    fresh_ng = iter(variants(holes + cuts, min(int(n * ng_share * 0.9) + 1, 44 * len(holes + cuts))))
+    fit_at, ng_at, calibrate_at = 1 - 0.05 - 0.005 - ng_share - fit_share, 1 - 0.05 - 0.005 - ng_share, 1 - 0.05 - 0.005
     for i in range(n):
         roll = rng.random()
         roi = rng.choice(ROIS)
         bad = roll >= 0.95
-        if roll < 0.93 or bad:
+        if roll < fit_at or bad:
             action, image = "predict", rng.choice(goods + holes)
-        elif roll < 0.94:
-            action, image = "fit_ok", next(fresh, rng.choice(train))
-        elif roll < 0.945:
-            action, image = "send_ng", rng.choice(holes)
+        elif roll < ng_at:
+            action, image = "fit_ok", next(fresh, rng.choice(train)) if rng.random() < 0.9 else rng.choice(train)
+        elif roll < calibrate_at:
+            action, image = "send_ng", next(fresh_ng, rng.choice(holes)) if rng.random() < 0.9 else rng.choice(holes)
         else:
             action, image = "calibrate", None
         rid = f"s{i}"
@@ -192,6 +228,11 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
     steady = [s for s in samples if s["t"] - t0 > 0.1 * elapsed]
     rss = [s["rss_mb"] for s in steady] or [0]
     fds = [s["fds"] for s in steady] or [0]
+    t_steady = [s["t"] - t0 for s in steady]
+    step = max(1, len(samples) // 120)
+    series = [[round(s["t"] - t0, 1), s["answered"], round(s["rss_mb"], 1), round(s["anon_mb"], 1), s["fds"],
+               s["queue"]] for s in samples[::step]]
+    states = httpx.get(f"{agent.http}/models", timeout=10).json()
     out = {
         "requests": n, "outstanding_max": outstanding, "mqtt_sent": len(sent), "folder_sent": len(folder_sent),
         "seconds": round(elapsed, 1),
@@ -204,42 +245,77 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
         "mqtt_round_trip": pct(mqtt_lat), "folder_drop_to_result": pct(folder_lat),
         "rss_mb_after_warmup": {"first": round(rss[0], 1), "last": round(rss[-1], 1), "max": round(max(rss), 1)},
         "rss_drift_pct": round((rss[-1] / rss[0] - 1) * 100, 1) if rss[0] else None,
+        "rss_flatness": flatness(t_steady, rss), "anon_flatness": flatness(t_steady, [s["anon_mb"] for s in steady]),
+        "prefit_per_roi": prefit, "mix": {"fit_ok": fit_share, "send_ng": ng_share, "calibrate": 0.005, "bad": 0.05},
+        "final_samples": {m["roi_id"]: m["samples"] for m in states},
+        "series_columns": ["t_s", "answered", "rss_mb", "anon_mb", "fds", "queue"], "series": series,
         "fds_after_warmup": {"min": min(fds), "max": max(fds), "last": fds[-1]},
         "queue_depth_max": max((s["queue"] for s in samples), default=0),
         "agent_alive": agent.alive(), "broker_outages": outages,
     }
-    obs.close()
-    agent.sigterm()
-    broker.stop()
+    try:  # the figures are in; a failing teardown is reported with them, not instead of them
+        obs.close()
+        agent.sigterm()
+        broker.stop()
+    except Exception as exc:  # noqa: BLE001
+        out["teardown_error"] = repr(exc)
     return out
 
 
-def grow(tmp: Path, n: int, memory_fit: bool) -> dict:
-    """fit_ok of n distinct images into one ROI (batches of 50 over HTTP); the agent's RSS throughout."""
+def grow(tmp: Path, n: int, memory_fit: bool, ram_max_mb: float = 512) -> dict:
+    """fit_ok of n distinct images into one ROI (batches of 50 over HTTP); the agent's memory throughout
+    (sampled every 0.25 s), against the configured bound: memory_fit_max_mb (memory_fit only) plus the bank."""
     tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
     train = [p.read_bytes() for p in sorted((tire / "train" / "good" / "rgb").glob("*.png"))]
     data = tmp / f"grow_{memory_fit}"
     port = free_port()
     agent = Agent(data, env={**ENV, "ANOMALY_AGENT_DEFAULTS__MEMORY_FIT": str(memory_fit).lower(),
+                             "ANOMALY_AGENT_DEFAULTS__MEMORY_FIT_MAX_MB": str(ram_max_mb),
                              "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "4096"}, http_port=port,
                   client_id=f"grow{memory_fit}").start()
-    rss = []
-    t0 = time.monotonic()
+    pid = agent.proc.pid  # type: ignore[union-attr]
     images = variants(train, n)
+    baseline = proc_memory(pid)
+    mem: list[dict] = []
+    fitted = [0]
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.is_set():
+            mem.append({**proc_memory(pid), "fitted": fitted[0]})
+            stop.wait(0.25)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    t0 = time.monotonic()
     with httpx.Client(base_url=agent.http, timeout=1800) as c:
         for start in range(0, n, 50):
             files = [("files", (f"{i}.png", images[i], "image/png")) for i in range(start, min(n, start + 50))]
             r = c.post("/fit_ok", data={"role_id": "grow", "roi_id": "one"}, files=files)
             r.raise_for_status()
-            rss.append(proc_stats(agent.proc.pid)[0])  # type: ignore[union-attr]
+            fitted[0] = min(n, start + 50)
         state = c.get("/models/grow/one").json()
+    stop.set()
+    seconds = time.monotonic() - t0
+    final = proc_memory(pid)
     agent.sigterm()
-    index = sum(p.stat().st_size for p in (data / "models" / "grow" / "one" / "index").glob("*"))
-    return {"images": n, "memory_fit": memory_fit, "seconds": round(time.monotonic() - t0, 1),
+    index = data / "models" / "grow" / "one" / "index"
+    index_bytes = (index / "ok.f32").stat().st_size
+    dim = index_bytes // (4 * state["patches"])
+    bank_mb = state["bank_size"] * dim * 4 / 2**20
+    bound = (min(ram_max_mb, index_bytes / 2**20) if memory_fit else 0) + 2 * bank_mb
+    anon_max = max(m["anon"] for m in mem)
+    by_step = {}
+    for m in mem:
+        by_step[m["fitted"]] = max(by_step.get(m["fitted"], 0), m["anon"])
+    return {"images": n, "memory_fit": memory_fit, "memory_fit_max_mb": ram_max_mb, "seconds": round(seconds, 1),
             "samples": state["samples"]["ok"], "bank_size": state["bank_size"], "patches": state["patches"],
-            "index_mb_on_disk": round(index / 2**20, 1), "rss_mb": {"after_first_50": round(rss[0], 1),
-                                                                    "max": round(max(rss), 1),
-                                                                    "last": round(rss[-1], 1)}}
+            "feature_dim": dim, "index_mb_on_disk": round(index_bytes / 2**20, 1), "bank_mb": round(bank_mb, 1),
+            "baseline_anon_mb": round(baseline["anon"], 1), "anon_max_mb": round(anon_max, 1),
+            "anon_last_mb": round(final["anon"], 1), "file_max_mb": round(max(m["file"] for m in mem), 1),
+            "rss_hwm_mb": round(final["hwm"], 1),
+            "model_bound_mb": round(bound, 1), "anon_growth_max_mb": round(anon_max - baseline["anon"], 1),
+            "anon_growth_last_mb": round(final["anon"] - baseline["anon"], 1),
+            "anon_max_by_images_fitted": {k: round(v, 1) for k, v in sorted(by_step.items()) if k % 250 == 0 or k == n}}
 
 
 def main() -> None:
@@ -248,15 +324,20 @@ def main() -> None:
     ap.add_argument("--outstanding", type=int, default=32, help="requests in flight at most (stations waiting)")
     ap.add_argument("--outage", type=float, default=0, help="stop the broker this many seconds, 20 s into the run")
     ap.add_argument("--grow", type=int, default=0, help="also fit this many images into one ROI, both memory_fit")
+    ap.add_argument("--ram-max-mb", type=float, default=512, help="memory_fit_max_mb for --grow")
+    ap.add_argument("--prefit", type=int, default=6, help="OK images each ROI is fitted with before the soak")
+    ap.add_argument("--fit-share", type=float, default=0.04, help="share of fit_ok requests in the soak")
+    ap.add_argument("--ng-share", type=float, default=0.02, help="share of send_ng requests in the soak")
     args = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         try:
             if args.requests:
-                out["soak"] = soak(tmp, args.requests, outstanding=args.outstanding, outage_s=args.outage)
+                out["soak"] = soak(tmp, args.requests, outstanding=args.outstanding, outage_s=args.outage,
+                                   fit_share=args.fit_share, ng_share=args.ng_share, prefit=args.prefit)
             if args.grow:
-                out["grow"] = [grow(tmp, args.grow, mf) for mf in (False, True)]
+                out["grow"] = [grow(tmp, args.grow, mf, args.ram_max_mb) for mf in (False, True)]
         finally:
             for agent in STARTED:
                 agent.cleanup()

@@ -465,7 +465,7 @@ class RoiModel:
         store = self._emb["ng"]
         if self._knn is None or not store.entries:
             return []
-        data = self._index_array("ng", in_ram=True)
+        data = self._index_array("ng")
         out = []
         for e in store.entries:
             self.progress()

@@ -15,6 +15,7 @@ def test_soak_small(tmp_path: Path, shared: Path) -> None:
 
     out = soak(tmp_path, 300)
     assert out["agent_alive"] and out["mqtt_lost"] == 0 and out["folder_lost"] == 0, out
+    assert "teardown_error" not in out, out
     assert out["mqtt_duplicated"] == 0 and out["mqtt_answered"] == out["mqtt_sent"], out
     assert out["fds_after_warmup"]["max"] - out["fds_after_warmup"]["min"] < 20, out
     assert out["queue_depth_max"] <= 64 + 64, out  # the queue and at most one queue's worth held by the worker
