@@ -94,6 +94,9 @@ class SampleRecord:
     meta: dict
 
 
+LAZY_RESERVE_MAX = 8 << 30  # reserve a memory_fit copy's whole bound up front when it is at most this
+
+
 class EmbeddingStore:
     """Append-only float32 rows [n, dim] with a JSON of sample entries (offset, count, grid, sizes)."""
 
@@ -172,9 +175,19 @@ class EmbeddingStore:
         if not in_ram:
             return mm
         if self._ram is None or self._ram_rows != rows:
-            self._ram = np.array(mm)
+            self._ram = self._allocate(rows, dim)
+            self._ram[:rows] = mm
             self._ram_rows = rows
         return self._ram[:rows]
+
+    def _allocate(self, rows: int, dim: int) -> np.ndarray:
+        """Room for the RAM copy. With a bound up to LAZY_RESERVE_MAX, the whole bound at once: a large
+        np.empty is an anonymous mapping whose pages only count once written, so the copy then never
+        moves (no old + new arrays side by side while it grows); otherwise room for twice the rows."""
+        cap_bytes = self._ram_cap * dim * 4
+        if cap_bytes <= LAZY_RESERVE_MAX:
+            return np.empty((self._ram_cap, dim), np.float32)
+        return np.empty((min(2 * rows, self._ram_cap), dim), np.float32)
 
     def _drop_ram(self) -> None:
         self._ram = None
