@@ -218,10 +218,9 @@ class RoiModel:
                 self.store.quarantine(kind, rec.sample_id, f"image cannot be decoded: {exc}")
         return good, images
 
-    def _index_array(self, kind: str, in_ram: bool | None = None) -> np.ndarray:
+    def _index_array(self, kind: str) -> np.ndarray:
         """The embedding rows of one kind: in RAM (memory_fit, bounded by memory_fit_max_mb) or memory-mapped."""
-        fit = self.settings.memory_fit if in_ram is None else in_ram
-        return self._emb[kind].array(fit, self.settings.memory_fit_max_mb)
+        return self._emb[kind].array(self.settings.memory_fit, self.settings.memory_fit_max_mb)
 
     def _reset_index(self, kind: str) -> None:
         """Empty one embedding index (other backbone, stale rows): its rows get new meanings."""

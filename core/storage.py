@@ -147,10 +147,9 @@ class EmbeddingStore:
         atomic_write_json(self.meta_path, self.meta)
         if self._ram is not None and rows > self._ram_cap:  # over the RAM bound: memory-mapped from now on
             self._drop_ram()
-        if self._ram is not None:  # keep the RAM copy in step (capacity doubling) instead of reloading
-            need = rows
-            if need > self._ram.shape[0]:
-                grown = np.empty((min(max(need, 2 * self._ram.shape[0]), self._ram_cap), self.meta["dim"]), np.float32)
+        if self._ram is not None:  # keep the RAM copy in step instead of reloading it
+            if rows > self._ram.shape[0]:  # only when the bound is too large to reserve up front
+                grown = self._allocate(rows, self.meta["dim"])
                 grown[: self._ram_rows] = self._ram[: self._ram_rows]
                 self._ram = grown
             for entry, (_, feats) in zip(new_entries, items, strict=True):
