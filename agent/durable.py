@@ -3,8 +3,15 @@
 journal/<seq>.json + <seq>.bin   a request as received (metadata + raw payload), written and
                                  fsynced BEFORE the broker gets its PUBACK; removed once its
                                  result is in the outbox.
-outbox/<seq>.json                a message to publish; removed only after the broker's PUBACK.
+outbox/<seq>.json                the messages answering one request ({"key", "messages"}), written
+                                 in one atomic step: this file is what makes a request answered.
+                                 Removed only after the broker's PUBACK of every message in it.
 answered.log                     request keys already answered (a redelivery is dropped).
+
+A crash between writing the outbox file and appending to answered.log leaves the key only in the
+outbox: start-up reads it from there, so the journal entry is not processed a second time. A crash
+between a PUBLISH and the removal of its outbox file sends that message again after the restart
+(QoS 1 is at-least-once): the copy is byte-identical, never a second result.
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ class Spool:
         if self.answered_log.exists():
             for line in self.answered_log.read_text().splitlines()[-remember:]:
                 self._answered[line] = None
-            self.answered_log.write_text("".join(f"{k}\n" for k in self._answered))  # compact
+        for path in self.outgoing():  # answered, but the crash came before answered.log had it
+            try:
+                key = read_outbox(path)[0]
+            except (OSError, ValueError):
+                continue  # the publisher drops an unreadable file
+            if key is not None:
+                self._answered[key] = None
+        atomic_write_bytes(self.answered_log, "".join(f"{k}\n" for k in self._answered).encode())  # compact
         existing = [int(p.stem) for d in (self.journal, self.outbox) for p in d.glob("*.json") if p.stem.isdigit()]
         self._seq = itertools.count(max(existing, default=int(time.time() * 1000)) + 1)
         self._inflight: dict[str, int] = {}
@@ -79,8 +93,7 @@ class Spool:
     # ----------------------------------------------------------- outbox
     def answer(self, key: str | None, seq: int | None, messages: list[dict]) -> None:
         """Put result messages in the outbox, mark the request answered, drop it from the journal."""
-        for msg in messages:
-            self.enqueue(msg)
+        self.enqueue(messages, key)
         if key is not None:
             with self._lock:
                 with open(self.answered_log, "a") as fh:
@@ -94,10 +107,21 @@ class Spool:
         if seq is not None:
             self._drop_journal(seq)
 
-    def enqueue(self, msg: dict) -> None:
+    def enqueue(self, messages: list[dict], key: str | None = None) -> None:
         with self._lock:
             seq = next(self._seq)
-        atomic_write_json(self.outbox / f"{seq:016d}.json", msg)
+        atomic_write_json(self.outbox / f"{seq:016d}.json", {"key": key, "messages": messages})
 
     def outgoing(self) -> list[Path]:
         return sorted(self.outbox.glob("*.json"))
+
+
+def read_outbox(path: Path) -> tuple[str | None, list[dict]]:
+    """(request key, messages) of an outbox file (also the one-message files of older agents).
+
+    Raises OSError / ValueError for a file that cannot be read.
+    """
+    entry = json.loads(path.read_text())
+    if "messages" not in entry:  # written by an older agent: one message per file
+        return None, [entry]
+    return entry.get("key"), list(entry["messages"])

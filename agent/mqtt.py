@@ -33,7 +33,7 @@ from core.ids import validate_id
 from core.model import stored_rois
 
 from .config import AgentConfig
-from .durable import Spool
+from .durable import Spool, read_outbox
 from .health import health_body
 from .jobs import ACTIONS, Job, error_result
 from .runtime import Runtime
@@ -233,8 +233,8 @@ class MqttIngest:
     def mirror(self, result: dict) -> None:
         """Publish a result that came in through another channel (the watched folder)."""
         payload = json.dumps({**result, "agent_id": self.mc.client_id})
-        self.spool.answer(None, None, [{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result",
-                                        "payload": payload, "qos": 1}])
+        self.spool.enqueue([{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result",
+                             "payload": payload, "qos": 1}])
         self._wake.set()
 
     def _deliver(self, job: Job, result: dict) -> None:
@@ -253,11 +253,11 @@ class MqttIngest:
     def _health(self) -> None:
         body = {**health_body(self.rt, self.worker, self.started, self.mc.client_id),
                 "outbox": len(self.spool.outgoing())}
-        self.spool.enqueue({"topic": f"{self.base}/health", "payload": json.dumps(body), "qos": 1})
+        self.spool.enqueue([{"topic": f"{self.base}/health", "payload": json.dumps(body), "qos": 1}])
         self._wake.set()
 
     def _publisher(self) -> None:
-        """Send the outbox in order; a file is deleted only after the broker's PUBACK.
+        """Send the outbox in order; a file is deleted only after the broker's PUBACK of all its messages.
 
         paho keeps an unacknowledged message and resends it after a reconnect, so a message that
         timed out is waited on again (not published twice) on the next round.
@@ -269,30 +269,37 @@ class MqttIngest:
             for path in self.spool.outgoing():
                 if not self._connected.is_set():
                     break
-                info = inflight.get(path.name)
-                if info is None:
-                    try:
-                        msg = json.loads(path.read_text())
-                    except (OSError, ValueError):
-                        path.unlink(missing_ok=True)
-                        continue
-                    props = None
-                    if msg.get("correlation_b64") and self.v5:
-                        props = Properties(PacketTypes.PUBLISH)
-                        props.CorrelationData = base64.b64decode(msg["correlation_b64"])
-                    info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1),
-                                               retain=False, properties=props)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        break
-                    inflight[path.name] = info
                 try:
-                    info.wait_for_publish(timeout=15)
-                except (RuntimeError, ValueError):
-                    pass
-                if not info.is_published():
+                    _, messages = read_outbox(path)
+                except (OSError, ValueError):
+                    log.error("mqtt: unreadable outbox file %s dropped", path.name)
+                    path.unlink(missing_ok=True)
+                    continue
+                if not all(self._published(f"{path.name}#{i}", msg, inflight) for i, msg in enumerate(messages)):
                     break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
-                inflight.pop(path.name, None)
                 path.unlink(missing_ok=True)
+                for i in range(len(messages)):
+                    inflight.pop(f"{path.name}#{i}", None)
+
+    def _published(self, name: str, msg: dict, inflight: dict[str, mqtt.MQTTMessageInfo]) -> bool:
+        """Publish one outbox message (once per process: kept in `inflight` until its file is gone) and
+        wait for its PUBACK."""
+        info = inflight.get(name)
+        if info is None:
+            props = None
+            if msg.get("correlation_b64") and self.v5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = base64.b64decode(msg["correlation_b64"])
+            info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1), retain=False,
+                                       properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            inflight[name] = info
+        try:
+            info.wait_for_publish(timeout=15)
+        except (RuntimeError, ValueError):
+            pass
+        return info.is_published()
 
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin")

@@ -6,11 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.agent_proc import STARTED
+from tests.broker import Broker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +80,12 @@ def data_root(tmp_path: Path, fitted_template: Path) -> Path:
     root = tmp_path / "data"
     shutil.copytree(fitted_template, root)
     return root
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A private Mosquitto on a free loopback port, stopped after the test."""
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()

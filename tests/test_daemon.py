@@ -11,23 +11,14 @@ import shutil
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
-import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def drop(directory: Path, name: str, data: bytes, sidecar: dict | None = None) -> None:
@@ -170,8 +161,13 @@ def test_kill9_mid_batch_then_restart_answers_everything_exactly_once(data_root:
     wait_for(lambda: {f"m{i}" for i in range(25)} <= {r["request_id"] for r in obs.results()}, 120, "MQTT results")
     results = data_root / "results" / "st1" / "tire"
     wait_for(lambda: all((results / f"f{i}.json").exists() for i in range(25)), 60, "folder results")
-    counts = Counter(r["request_id"] for r in obs.results() if r["request_id"].startswith("m"))
-    assert set(counts.values()) == {1}, counts
+    # one result per request; a message the agent published just before the kill but whose PUBACK it
+    # never saw is sent again after the restart (QoS 1): that copy is byte-identical, not a second result
+    distinct = defaultdict(set)
+    for r in obs.results():
+        if r["request_id"].startswith("m"):
+            distinct[r["request_id"]].add(json.dumps(r, sort_keys=True))
+    assert {rid: len(v) for rid, v in distinct.items() if len(v) != 1} == {}
     assert not list((data_root / "processing").rglob("*.png")) and not list(inbox.iterdir())
     assert len(list((data_root / "done" / "st1" / "tire" / "predict").glob("f*.png"))) == 25
     assert agent.sigterm() == 0

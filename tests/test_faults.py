@@ -6,6 +6,7 @@ with 20); ANOMALY_RELIABILITY_OUT=dir writes the figures as JSON.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -13,14 +14,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.agent_proc import Agent, wait_for
-from tests.broker import free_port
+from tests.agent_proc import Agent, Observer, wait_for
+from tests.broker import Broker, free_port
 from tests.test_daemon import drop
 
 
@@ -69,17 +70,19 @@ def test_disk_full_is_a_clear_error_and_the_agent_recovers(tmp_path: Path, fitte
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, tire: Path) -> None:
-    """Folder fit_ok batches and predict bursts; kill -9 at a random moment, restart, repeat. In the end
-    every accepted file has exactly one result, no stored sample is corrupt, the model predicts as an
-    undisturbed one would."""
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, tire: Path, broker: Broker) -> None:
+    """Folder fit_ok batches, folder and MQTT predict bursts; kill -9 at a random moment, restart, repeat.
+    In the end every accepted file and MQTT request has exactly one result, no stored sample is corrupt,
+    the model predicts as an undisturbed one would."""
     rounds = int(os.environ.get("ANOMALY_KILLS", "6"))
     rng = random.Random(7)
     train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))
     goods = sorted((tire / "test" / "good" / "rgb").glob("*.png"))
     inbox = data_root / "inbox" / "st1" / "tire"
-    agent = Agent(data_root, env={"ANOMALY_AGENT_FOLDER__RESCAN_S": "0.5"})
+    agent = Agent(data_root, broker.port, env={"ANOMALY_AGENT_FOLDER__RESCAN_S": "0.5"})
+    obs = Observer(broker.port)
     sent: list[str] = []
+    published: list[str] = []
     for k in range(rounds):
         agent.start()
         for i in range(3):  # new OK samples (distinct images), then a burst of predictions
@@ -90,12 +93,26 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
             name = f"k{k}_p{i}.png"
             drop(inbox / "predict", name, goods[(k + i) % len(goods)].read_bytes())
             sent.append(name)
+            rid = f"k{k}_m{i}"
+            image = base64.b64encode(goods[(k + i + 3) % len(goods)].read_bytes()).decode()
+            obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": rid, "image_b64": image}))
+            published.append(rid)
         time.sleep(rng.uniform(0.05, 1.5))
         agent.kill9()
     agent.start()
     results = data_root / "results" / "st1" / "tire"
     wait_for(lambda: all((results / f"{Path(n).stem}.json").exists() for n in sent), 180, "every result")
     wait_for(lambda: not any((data_root / "processing").rglob("*.png")), 30, "processing/ empty")
+    wait_for(lambda: set(published) <= {r["request_id"] for r in obs.results()}, 120, "every MQTT result")
+    # one result per MQTT request; a result published just before a kill whose PUBACK the agent never
+    # saw is sent again after the restart (QoS 1): a byte-identical copy, not a second result
+    mqtt_results: dict[str, list[str]] = defaultdict(list)
+    for r in obs.results():
+        if r["request_id"] in set(published):
+            mqtt_results[r["request_id"]].append(json.dumps(r, sort_keys=True))
+    second_results = {rid: len(set(v)) - 1 for rid, v in mqtt_results.items() if len(set(v)) > 1}
+    assert second_results == {} and all(json.loads(v[0])["status"] == "ok" for v in mqtt_results.values())
+    obs.close()
     per_file = Counter(json.loads(p.read_text())["file"] for p in results.glob("k*.json"))
     assert set(per_file) == set(sent) and set(per_file.values()) == {1}
     statuses = Counter(json.loads((results / f"{Path(n).stem}.json").read_text())["status"] for n in sent)
@@ -127,7 +144,10 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     assert s_survived == pytest.approx(s_fresh, rel=0.01)
     figures = {"kills": rounds, "files": len(sent), "lost": len(set(sent) - set(per_file)),
                "duplicated": sum(v - 1 for v in per_file.values()), "samples": fresh.manifest["counts"]["ok"],
-               "score_vs_rebuilt_from_samples": [round(s_survived, 6), round(s_fresh, 6)]}
+               "score_vs_rebuilt_from_samples": [round(s_survived, 6), round(s_fresh, 6)],
+               "mqtt_requests": len(published), "mqtt_lost": len(set(published) - set(mqtt_results)),
+               "mqtt_second_results": sum(second_results.values()),
+               "mqtt_redelivered_identical_copies": sum(len(v) - 1 for v in mqtt_results.values())}
     print(json.dumps(figures))
     if os.environ.get("ANOMALY_RELIABILITY_OUT"):
         out = Path(os.environ["ANOMALY_RELIABILITY_OUT"])

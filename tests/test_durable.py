@@ -1,0 +1,48 @@
+"""The MQTT journal/outbox on real files: what a restart finds after a crash at each step of answering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agent.durable import Spool, read_outbox
+
+MSGS = [{"topic": "anomaly/st1/tire/result", "payload": '{"request_id": "r1"}', "qos": 1},
+        {"topic": "station/replies", "payload": '{"request_id": "r1"}', "qos": 1, "correlation_b64": "AQI="}]
+
+
+def test_crash_after_the_outbox_write_does_not_process_the_request_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    seq = spool.record("r1", {"topic": "anomaly/st1/tire/predict", "request_id": "r1"}, b"{}")
+    spool.enqueue(MSGS, "r1")  # answer()'s first step; the process dies before answered.log has the key
+    assert not (tmp_path / "answered.log").exists() or "r1" not in (tmp_path / "answered.log").read_text()
+
+    after = Spool(tmp_path)
+    assert after.pending() == []  # the result is already in the outbox: not a second result
+    assert after.known("r1")
+    assert not (tmp_path / "journal" / f"{seq:016d}.json").exists()
+    assert "r1" in (tmp_path / "answered.log").read_text().split()
+    (out,) = after.outgoing()
+    assert read_outbox(out) == ("r1", MSGS)  # both messages of the answer, in one file
+    out.unlink()  # published
+    assert Spool(tmp_path).known("r1")  # a redelivery of the request is still recognised
+
+
+def test_crash_before_the_outbox_write_processes_the_request_after_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.record("r2", {"topic": "anomaly/st1/tire/predict", "request_id": "r2"}, b"payload")
+    after = Spool(tmp_path)
+    ((meta, payload),) = after.pending()
+    assert meta["key"] == "r2" and payload == b"payload" and after.known("r2")
+    after.answer("r2", meta["seq"], MSGS[:1])
+    assert Spool(tmp_path).pending() == []
+
+
+def test_outbox_files_of_an_older_agent_are_still_sent(tmp_path: Path) -> None:
+    (tmp_path / "outbox").mkdir(parents=True)
+    old = tmp_path / "outbox" / "0000000000000007.json"
+    old.write_text(json.dumps(MSGS[0]))
+    spool = Spool(tmp_path)
+    assert spool.outgoing() == [old] and read_outbox(old) == (None, [MSGS[0]])
+    spool.enqueue(MSGS[:1], "r3")
+    assert [p.name for p in spool.outgoing()][0] == old.name  # sent first: sequence numbers continue after it
