@@ -47,7 +47,7 @@ class Spool:
                 continue  # the publisher drops an unreadable file
             if key is not None:
                 self._answered[key] = None
-        atomic_write_bytes(self.answered_log, "".join(f"{k}\n" for k in self._answered).encode())  # compact
+        self._compact()
         existing = [int(p.stem) for d in (self.journal, self.outbox) for p in d.glob("*.json") if p.stem.isdigit()]
         self._seq = itertools.count(max(existing, default=int(time.time() * 1000)) + 1)
         self._inflight: dict[str, int] = {}
@@ -56,6 +56,10 @@ class Spool:
                 self._inflight[json.loads(meta.read_text())["key"]] = int(meta.stem)
             except (ValueError, KeyError, OSError):
                 continue
+
+    def _compact(self) -> None:
+        atomic_write_bytes(self.answered_log, "".join(f"{k}\n" for k in self._answered).encode())
+        self._logged = len(self._answered)
 
     def known(self, key: str) -> bool:
         with self._lock:
@@ -93,7 +97,8 @@ class Spool:
     # ----------------------------------------------------------- outbox
     def answer(self, key: str | None, seq: int | None, messages: list[dict]) -> None:
         """Put result messages in the outbox, mark the request answered, drop it from the journal."""
-        self.enqueue(messages, key)
+        if messages:
+            self.enqueue(messages, key)
         if key is not None:
             with self._lock:
                 with open(self.answered_log, "a") as fh:
@@ -103,9 +108,19 @@ class Spool:
                 self._answered[key] = None
                 while len(self._answered) > self._remember:
                     self._answered.popitem(last=False)
+                self._logged += 1
+                if self._logged > 2 * self._remember:  # months of uptime: keep the log at its window
+                    self._compact()
                 self._inflight.pop(key, None)
         if seq is not None:
             self._drop_journal(seq)
+
+    def answer_once(self, key: str, messages: list[dict]) -> bool:
+        """answer() unless `key` was already answered (e.g. a result mirrored again after a restart)."""
+        if self.known(key):
+            return False
+        self.answer(key, None, messages)
+        return True
 
     def enqueue(self, messages: list[dict], key: str | None = None) -> None:
         with self._lock:

@@ -9,6 +9,10 @@ Each file is claimed by an atomic rename into <data_root>/processing/..., so two
 restart never take it twice; claimed files are finished first on the next start. The result goes
 to <data_root>/results/<role>/<roi>/<name>.json (written before the image moves on), then the image
 moves to done/ or, when it cannot be used, to rejected/ with <name>.error.json.
+
+With MQTT on, the result is mirrored to the result topic after its file is written, under a key
+unique to this claim: a restart that finds the result file but not the image moved on mirrors the
+stored result again, and the MQTT outbox drops it if it had already taken it (one message per file).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core.ids import ID_PATTERN
-from core.storage import atomic_write_bytes, atomic_write_json, utc_now
+from core.storage import atomic_write_bytes, atomic_write_json, read_json, utc_now
 
 from .config import AgentConfig
 from .jobs import Job
@@ -62,7 +66,8 @@ class FolderIngest(FileSystemEventHandler):
         self._seen: dict[Path, tuple[int, float, float]] = {}  # path -> (size, mtime, first seen)
         self._lock = threading.Lock()
         self._scanner = threading.Thread(target=self._rescan_loop, name="folder-rescan", daemon=True)
-        self.mirror: Callable[[dict], None] | None = None  # e.g. MQTT: publish folder results too
+        # e.g. MQTT: publish folder results too; (result, key): a repeated key is published only once
+        self.mirror: Callable[[dict, str | None], None] | None = None
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -179,8 +184,9 @@ class FolderIngest(FileSystemEventHandler):
             if path.is_file() and is_candidate(path.name):
                 role, roi, action = path.relative_to(self.processing).parts[:3]
                 result = self.data_root / "results" / role / roi / f"{path.stem}.json"
-                if result.exists() and json.loads(result.read_text()).get("claim") == str(path):
-                    self._move_on(path, role, roi, action, ok=True)
+                stored = read_json(result) if result.exists() else None
+                if stored is not None and stored.get("claim") == str(path):
+                    self._finish(path, role, roi, action, stored)  # the crash came after the result file
                     continue
                 log.info("recovering claimed file %s", path)
                 self._enqueue(path, role, roi, action)
@@ -220,14 +226,21 @@ class FolderIngest(FileSystemEventHandler):
 
             atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", base64.b64decode(png_b64))
             payload["data"]["heatmap_file"] = f"{claimed.stem}.heatmap.png"
-        if self.mirror is not None:  # first: a crash after this repeats the result, never loses it
-            self.mirror({k: v for k, v in payload.items() if k != "claim"})
-        atomic_write_json(out_dir / f"{claimed.stem}.json", payload)
-        if result["status"] == "error":
-            err_dir = self.data_root / "rejected" / job.role_id / job.roi_id / job.action
-            atomic_write_json(err_dir / f"{claimed.stem}.error.json", {**result["error"], "file": claimed.name,
+        atomic_write_json(out_dir / f"{claimed.stem}.json", payload)  # the commit point (see _recover)
+        self._finish(claimed, job.role_id, job.roi_id, job.action, payload)
+
+    def _finish(self, claimed: Path, role: str, roi: str, action: str, payload: dict) -> None:
+        """After the result file: mirror it (once per claim), the error file, move the image on."""
+        if self.mirror is not None:
+            key = f"folder:{payload['claim']}@{payload.get('timestamp_utc')}"
+            self.mirror({k: v for k, v in payload.items() if k != "claim"}, key)
+        ok = payload.get("status") == "ok"
+        if not ok:
+            err_dir = self.data_root / "rejected" / role / roi / action
+            atomic_write_json(err_dir / f"{claimed.stem}.error.json", {**(payload.get("error") or {}),
+                                                                        "file": claimed.name,
                                                                         "timestamp_utc": utc_now()})
-        self._move_on(claimed, job.role_id, job.roi_id, job.action, ok=result["status"] == "ok")
+        self._move_on(claimed, role, roi, action, ok=ok)
 
     def _move_on(self, claimed: Path, role: str, roi: str, action: str, ok: bool) -> None:
         target_dir = self.data_root / ("done" if ok else "rejected") / role / roi / action

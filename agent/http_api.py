@@ -139,7 +139,7 @@ class HttpContext:
     agent_id: str = "anomaly-agent"
     extra_health: Callable[[], dict] | None = None
     accepting: bool = True
-    mirror: Callable[[dict], None] | None = None  # e.g. MQTT: publish HTTP results on the result topic too
+    mirror: Callable[[dict, str | None], None] | None = None  # e.g. MQTT: publish HTTP results on the result topic too
 
 
 def _rid_header(request_id: str | None) -> dict[str, str]:
@@ -279,7 +279,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
         def deliver(_job: Job, result: dict) -> None:  # in the worker thread
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
             if ctx.mirror is not None:  # after the answer is on its way: no extra latency for the client
-                ctx.mirror(result)
+                ctx.mirror(result, None)
 
         job.on_result = deliver
         if not ctx.worker.submit(job, timeout=0):

@@ -230,11 +230,15 @@ class MqttIngest:
                 self.client.ack(*ack)
 
     # ------------------------------------------------------------- output
-    def mirror(self, result: dict) -> None:
-        """Publish a result that came in through another channel (the watched folder)."""
+    def mirror(self, result: dict, key: str | None = None) -> None:
+        """Publish a result that came in through another channel (folder, HTTP); once per `key`."""
         payload = json.dumps({**result, "agent_id": self.mc.client_id})
-        self.spool.enqueue([{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result",
-                             "payload": payload, "qos": 1}])
+        msgs = [{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result", "payload": payload, "qos": 1}]
+        if key is None:
+            self.spool.enqueue(msgs)
+        elif not self.spool.answer_once(key, msgs):
+            log.info("mqtt: %s was already published; not again", key)
+            return
         self._wake.set()
 
     def _deliver(self, job: Job, result: dict) -> None:

@@ -174,6 +174,41 @@ def test_kill9_mid_batch_then_restart_answers_everything_exactly_once(data_root:
     obs.close()
 
 
+def test_folder_result_reaches_mqtt_once_whatever_step_the_crash_came_at(data_root: Path, tire: Path,
+                                                                          broker: Broker) -> None:
+    """A folder result is written, then mirrored to MQTT, then the image moves on. The disk state of a
+    kill after each step (rebuilt by hand from a clean run) is finished on restart with one MQTT
+    message per file: mirrored again only when it had not been."""
+    obs = Observer(broker.port)
+    agent = Agent(data_root, broker.port).start()
+    inbox = data_root / "inbox" / "st1" / "tire" / "predict"
+    for name in ("a.png", "b.png"):
+        drop(inbox, name, img_bytes(tire))
+    results = data_root / "results" / "st1" / "tire"
+    wait_for(lambda: {"a.png", "b.png"} <= {r.get("file") for r in obs.results()}, 60, "mirrored results")
+    assert agent.sigterm() == 0
+    done = data_root / "done" / "st1" / "tire" / "predict"
+    processing = data_root / "processing" / "st1" / "tire" / "predict"
+    for name in ("a.png", "b.png"):  # both killed before the image moved on ...
+        os.replace(done / name, processing / name)
+    answered = data_root / "mqtt" / "agent-test" / "answered.log"
+    lines = answered.read_text().splitlines()
+    assert any(line.startswith("folder:") and line.split("@")[0].endswith("/b.png") for line in lines)
+    # ... b also before its mirror
+    answered.write_text("".join(f"{k}\n" for k in lines if not k.split("@")[0].endswith("/b.png")))
+    agent.start()
+    wait_for(lambda: not any(processing.iterdir()) and (done / "a.png").exists() and (done / "b.png").exists(),
+             30, "both files moved on")
+    wait_for(lambda: len([r for r in obs.results() if r.get("file") == "b.png"]) == 2, 30, "b mirrored again")
+    time.sleep(1.0)
+    a = [r for r in obs.results() if r.get("file") == "a.png"]
+    b = [r for r in obs.results() if r.get("file") == "b.png"]
+    assert len(a) == 1 and len(b) == 2 and b[0] == b[1]  # the stored result, not a new one
+    assert json.loads((results / "b.json").read_text())["timestamp_utc"] == b[0]["timestamp_utc"]
+    assert agent.sigterm() == 0
+    obs.close()
+
+
 def test_broker_outage_delays_results_but_loses_none(data_root: Path, tire: Path, broker: Broker) -> None:
     obs = Observer(broker.port, persistent=True)
     agent = Agent(data_root, broker.port).start()

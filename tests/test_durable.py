@@ -46,3 +46,15 @@ def test_outbox_files_of_an_older_agent_are_still_sent(tmp_path: Path) -> None:
     assert spool.outgoing() == [old] and read_outbox(old) == (None, [MSGS[0]])
     spool.enqueue(MSGS[:1], "r3")
     assert [p.name for p in spool.outgoing()][0] == old.name  # sent first: sequence numbers continue after it
+
+
+def test_a_key_is_answered_once_and_the_log_stays_at_its_window(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, remember=5)
+    assert spool.answer_once("folder:x@1", MSGS[:1]) and not spool.answer_once("folder:x@1", MSGS[:1])
+    assert not Spool(tmp_path, remember=5).answer_once("folder:x@1", MSGS[:1])  # also after a restart
+    assert len(spool.outgoing()) == 1
+    for i in range(40):
+        spool.answer(f"k{i}", None, [])
+    lines = (tmp_path / "answered.log").read_text().splitlines()
+    assert len(lines) <= 2 * 5 + 1 and lines[-1] == "k39"  # compacted while running, newest kept
+    assert Spool(tmp_path, remember=5).known("k39") and not Spool(tmp_path, remember=5).known("k30")
