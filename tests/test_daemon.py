@@ -60,6 +60,7 @@ def test_folder_mode_results_and_every_kind_of_bad_input(data_root: Path, tire: 
              and (data_root / "results" / "st1" / "fresh" / "c.json").exists()
              and len(list((data_root / "rejected" / "_invalid").glob("*.error.json"))) == 2, 90, "all results")
     res = {n: json.loads((results / f"{n}.json").read_text()) for n in names}
+    wait_for(lambda: not list((data_root / "processing").rglob("*.png")), 10, "images moved on")  # after results
     assert res["good1"]["status"] == "ok" and res["good1"]["data"]["threshold"] > 0
     p2 = res["p2"]
     assert p2["request_id"] == "req-2" and p2["data"]["mm_per_px"] == 0.1
@@ -168,7 +169,9 @@ def test_kill9_mid_batch_then_restart_answers_everything_exactly_once(data_root:
         if r["request_id"].startswith("m"):
             distinct[r["request_id"]].add(json.dumps(r, sort_keys=True))
     assert {rid: len(v) for rid, v in distinct.items() if len(v) != 1} == {}
-    assert not list((data_root / "processing").rglob("*.png")) and not list(inbox.iterdir())
+    # the result file comes first (the commit point), then the MQTT mirror, then the image moves on
+    wait_for(lambda: not list((data_root / "processing").rglob("*.png")), 10, "processing/ empty")
+    assert not list(inbox.iterdir())
     assert len(list((data_root / "done" / "st1" / "tire" / "predict").glob("f*.png"))) == 25
     assert agent.sigterm() == 0
     obs.close()
@@ -254,7 +257,8 @@ def test_thousand_files_dropped_at_once(data_root: Path, tmp_path: Path) -> None
     wait_for(lambda: len(list(results.glob("n*.json"))) == 1000, 400, "1000 results")
     statuses = Counter(json.loads(p.read_text())["status"] for p in results.glob("n*.json"))
     assert statuses == {"ok": 1000}
-    assert len(list((data_root / "done" / "st1" / "tire" / "predict").iterdir())) == 1000
+    done = data_root / "done" / "st1" / "tire" / "predict"
+    wait_for(lambda: len(list(done.iterdir())) == 1000, 10, "1000 images in done/")  # they move after the result
     assert agent.sigterm() == 0
 
 
