@@ -44,7 +44,7 @@ class BankDistances:
         self._items: dict[tuple[str, str], _Sample] = {}
         self._valid_for = np.zeros(0, np.int64)  # sorted bank rows the items are valid for
         self._seen: set[tuple[str, str]] = set()
-        self.stats = {"full": 0, "updated": 0, "unchanged": 0}
+        self.stats = {"full": 0, "updated": 0, "unchanged": 0, "searched": 0}
 
     def clear(self) -> None:
         self._items.clear()
@@ -61,7 +61,7 @@ class BankDistances:
         self._added_feats = bank_feats[torch.from_numpy(added)].to(knn.bank.device) if added.size else None
         self._valid_for = np.sort(bank_rows)
         self._seen = set()
-        self.stats = {"full": 0, "updated": 0, "unchanged": 0}
+        self.stats = {"full": 0, "updated": 0, "unchanged": 0, "searched": 0}
 
     def score(self, key: tuple[str, str], queries: torch.Tensor, exclude: torch.Tensor | None,
               score_fn: Callable[[np.ndarray], float]) -> float:
@@ -80,6 +80,7 @@ class BankDistances:
             dist, pos = self._knn.search(queries[torch.from_numpy(stale)], exclude)
             item.dist[stale] = dist.numpy()
             item.row[stale] = self._rows[pos]
+            self.stats["searched"] += int(stale.size)
             changed = True
         if self._added_feats is not None:
             sim = queries.to(self._added_feats.device, self._added_feats.dtype) @ self._added_feats.T
