@@ -104,14 +104,21 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     wait_for(lambda: all((results / f"{Path(n).stem}.json").exists() for n in sent), 180, "every result")
     wait_for(lambda: not any((data_root / "processing").rglob("*.png")), 30, "processing/ empty")
     wait_for(lambda: set(published) <= {r["request_id"] for r in obs.results()}, 120, "every MQTT result")
-    # one result per MQTT request; a result published just before a kill whose PUBACK the agent never
-    # saw is sent again after the restart (QoS 1): a byte-identical copy, not a second result
+    wait_for(lambda: set(sent) <= {r.get("file") for r in obs.results()}, 60, "every folder result on MQTT")
+    # one result per MQTT request and per folder file (mirrored); a message published just before a kill
+    # whose PUBACK the agent never saw is sent again after the restart (QoS 1): a byte-identical copy
     mqtt_results: dict[str, list[str]] = defaultdict(list)
+    mirrored: dict[str, list[str]] = defaultdict(list)
     for r in obs.results():
         if r["request_id"] in set(published):
             mqtt_results[r["request_id"]].append(json.dumps(r, sort_keys=True))
-    second_results = {rid: len(set(v)) - 1 for rid, v in mqtt_results.items() if len(set(v)) > 1}
+        elif r.get("file") in set(sent):
+            mirrored[r["file"]].append(json.dumps(r, sort_keys=True))
+    second_results = {rid: len(set(v)) - 1 for rid, v in (mqtt_results | mirrored).items() if len(set(v)) > 1}
     assert second_results == {} and all(json.loads(v[0])["status"] == "ok" for v in mqtt_results.values())
+    for name, copies in mirrored.items():  # the mirror is the folder's result file, not another run
+        assert json.loads(copies[0])["timestamp_utc"] == json.loads((results / f"{Path(name).stem}.json").read_text())[
+            "timestamp_utc"], name
     obs.close()
     per_file = Counter(json.loads(p.read_text())["file"] for p in results.glob("k*.json"))
     assert set(per_file) == set(sent) and set(per_file.values()) == {1}
@@ -147,7 +154,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
                "score_vs_rebuilt_from_samples": [round(s_survived, 6), round(s_fresh, 6)],
                "mqtt_requests": len(published), "mqtt_lost": len(set(published) - set(mqtt_results)),
                "mqtt_second_results": sum(second_results.values()),
-               "mqtt_redelivered_identical_copies": sum(len(v) - 1 for v in mqtt_results.values())}
+               "mqtt_redelivered_identical_copies": sum(len(v) - 1 for v in (mqtt_results | mirrored).values()),
+               "folder_results_mirrored_to_mqtt": len(mirrored)}
     print(json.dumps(figures))
     if os.environ.get("ANOMALY_RELIABILITY_OUT"):
         out = Path(os.environ["ANOMALY_RELIABILITY_OUT"])
