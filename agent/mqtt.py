@@ -232,8 +232,7 @@ class MqttIngest:
     # ------------------------------------------------------------- output
     def mirror(self, result: dict, key: str | None = None) -> None:
         """Publish a result that came in through another channel (folder, HTTP); once per `key`."""
-        payload = json.dumps({**result, "agent_id": self.mc.client_id})
-        msgs = [{"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result", "payload": payload, "qos": 1}]
+        msgs = [self._result_message(result)]
         if key is None:
             self.spool.enqueue(msgs)
         elif not self.spool.answer_once(key, msgs):
@@ -243,13 +242,16 @@ class MqttIngest:
 
     def _deliver(self, job: Job, result: dict) -> None:
         meta = job.meta.get("_mqtt", {})
-        payload = json.dumps({**result, "agent_id": self.mc.client_id})
-        msgs = [{"topic": f"{self.base}/{job.role_id}/{job.roi_id}/result", "payload": payload, "qos": 1}]
+        msgs = [self._result_message(result)]
         if meta.get("response_topic"):
-            msgs.append({"topic": meta["response_topic"], "payload": payload, "qos": 1,
-                         "correlation_b64": meta.get("correlation_b64")})
+            msgs.append({**msgs[0], "topic": meta["response_topic"], "correlation_b64": meta.get("correlation_b64")})
         self.spool.answer(meta.get("key"), meta.get("seq"), msgs)
         self._wake.set()
+
+    def _result_message(self, result: dict) -> dict:
+        """A result (any ingress) as an outbox message for <base>/<role_id>/<roi_id>/result."""
+        payload = json.dumps({**result, "agent_id": self.mc.client_id})
+        return {"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result", "payload": payload, "qos": 1}
 
     def publish_state(self, role: str, roi: str, state: dict) -> None:
         self.client.publish(f"{self.base}/{role}/{roi}/state", json.dumps(state), qos=1, retain=True)

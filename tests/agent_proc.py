@@ -141,6 +141,16 @@ class Observer:
         with self.lock:
             return [json.loads(p) for t, p, _, _ in self.messages if t.endswith(topic_suffix)]
 
+    def copies_by(self, key: Callable[[dict], str | None]) -> dict[str, list[str]]:
+        """Result payloads as canonical JSON, grouped by key(result) (None: left out). A QoS 1 redelivery
+        is an identical copy in its group; a second, different result is a second distinct string."""
+        out: dict[str, list[str]] = {}
+        for r in self.results():
+            k = key(r)
+            if k is not None:
+                out.setdefault(k, []).append(json.dumps(r, sort_keys=True))
+        return out
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()

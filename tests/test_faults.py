@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -107,13 +107,8 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     wait_for(lambda: set(sent) <= {r.get("file") for r in obs.results()}, 60, "every folder result on MQTT")
     # one result per MQTT request and per folder file (mirrored); a message published just before a kill
     # whose PUBACK the agent never saw is sent again after the restart (QoS 1): a byte-identical copy
-    mqtt_results: dict[str, list[str]] = defaultdict(list)
-    mirrored: dict[str, list[str]] = defaultdict(list)
-    for r in obs.results():
-        if r["request_id"] in set(published):
-            mqtt_results[r["request_id"]].append(json.dumps(r, sort_keys=True))
-        elif r.get("file") in set(sent):
-            mirrored[r["file"]].append(json.dumps(r, sort_keys=True))
+    mqtt_results = obs.copies_by(lambda r: r["request_id"] if r["request_id"] in set(published) else None)
+    mirrored = obs.copies_by(lambda r: r.get("file") if r.get("file") in set(sent) else None)
     second_results = {rid: len(set(v)) - 1 for rid, v in (mqtt_results | mirrored).items() if len(set(v)) > 1}
     assert second_results == {} and all(json.loads(v[0])["status"] == "ok" for v in mqtt_results.values())
     for name, copies in mirrored.items():  # the mirror is the folder's result file, not another run
