@@ -132,7 +132,7 @@ def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
         _emit(model.set_threshold(None if args.reset else args.threshold))
         return EXIT_OK
     if args.policy is not None:
-        _emit(model.calibrate(args.policy, None, args.ok_percentile, args.ng_margin))
+        _emit(model.calibrate(args.policy, None, args.ok_percentile, args.ng_margin, args.ng_recall))
         return EXIT_OK
     if not args.images:
         raise InputError("give NG images, --threshold V, --policy P or --reset", code="usage")
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute the threshold with this policy (kept for later fits; config: the configured one)")
     sp.add_argument("--ok-percentile", type=float, default=None, help="with --policy: percentile of OK scores")
     sp.add_argument("--ng-margin", type=float, default=None, help="with --policy auto: 0..1 from top OK to lowest NG")
+    sp.add_argument("--ng-recall", type=float, default=None,
+                    help="with --policy auto: share of NG samples that must score above the threshold")
     sp = sub.add_parser("mask", help="set a ROI mask PNG (non-zero = inspected)")
     roi_args(sp)
     sp.add_argument("mask")

@@ -60,6 +60,7 @@ class RoiSettings(Strict):
     ok_percentile: float | None = Field(None, gt=0, le=100)
     holdout_max: int | None = Field(None, ge=1)
     ng_margin: float | None = Field(None, ge=0, le=1)
+    ng_recall: float | None = Field(None, gt=0, le=1)
     memory_fit: bool | None = None
     memory_fit_max_mb: float | None = Field(None, gt=0)
     fit_batch_size: int | None = Field(None, ge=1, le=256)

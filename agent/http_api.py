@@ -338,11 +338,13 @@ def create_app(ctx: HttpContext) -> FastAPI:
         threshold: Annotated[float | None, Form(description="manual threshold (policy manual)")] = None,
         ok_percentile: Annotated[float | None, Form(description="percentile of leave-one-out OK scores")] = None,
         ng_margin: Annotated[float | None, Form(description="0..1 of the way from the top OK to the lowest NG")] = None,
+        ng_recall: Annotated[float | None, Form(description="share of NG samples that must score above the "
+                                                            "threshold (never above the OK-only one)")] = None,
         request_id: RequestId = None,
     ) -> JSONResponse:
         """Recompute the ROI's threshold from its stored OK/NG samples; the answer says how it was derived."""
         job = new_job("calibrate", role_id, roi_id, [], request_id, policy=policy, threshold=threshold,
-                      ok_percentile=ok_percentile, ng_margin=ng_margin)
+                      ok_percentile=ok_percentile, ng_margin=ng_margin, ng_recall=ng_recall)
         return answer(await run(job))
 
     def roi_states(scores: dict | None = None) -> list[dict]:

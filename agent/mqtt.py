@@ -308,7 +308,8 @@ class MqttIngest:
         return info.is_published()
 
 
-REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin")
+REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
+                "ng_recall")
 
 
 def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int) -> tuple[list[bytes], dict]:

@@ -247,7 +247,8 @@ class Worker:
             policy = "manual"
         elif meta.get("reset") and policy is None:
             policy = "config"
-        return model.calibrate(policy, num("threshold"), num("ok_percentile"), num("ng_margin"))  # type: ignore
+        return model.calibrate(policy, num("threshold"), num("ok_percentile"), num("ng_margin"),  # type: ignore
+                               num("ng_recall"))
 
     def _predict(self, model: object, batch: list[Job]) -> None:
         ready: list[tuple[Job, object, float]] = []

@@ -60,3 +60,14 @@ def juice_bottle(root: Path) -> Split:
 
 
 SPLITS = {"magnetic_tile": magnetic_tile, "tire": tire, "juice_bottle": juice_bottle}
+
+
+def halves(split: Split) -> tuple[Split, Split]:
+    """(validation, test): the test images of each folder alternate between the two, in sorted order.
+    Settings are chosen on the validation half and reported on the test half."""
+    val, test, seen = [], [], {}
+    for item in split.test:
+        folder = item[0].parent
+        n = seen[folder] = seen.get(folder, -1) + 1
+        (val if n % 2 == 0 else test).append(item)
+    return Split(split.name + ":val", split.train, val), Split(split.name + ":test", split.train, test)

@@ -2,7 +2,7 @@
 
 Distances are computed in a seeded random projection to `proj_dim` dimensions (Johnson-Lindenstrauss),
 as in the paper; the selected points keep their full features. The incremental bank built from
-these pieces (per-sample selection, redundancy pruning) lives in model.py (`_extend_bank`).
+these pieces (per-sample selection, redundancy pruning) lives in memory_bank.py (`MemoryBank`).
 """
 
 from __future__ import annotations

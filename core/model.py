@@ -18,17 +18,17 @@ import torch
 from . import thresholds
 from .backbones import FeatureExtractor
 from .bank_distances import BankDistances
-from .coreset import greedy_select, project, projection, sq_dists
 from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError, StorageError
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
+from .memory_bank import CoresetSize, MemoryBank
 from .scoring import defect_regions, image_score, input_res_map, resize_mask
 from .storage import RoiStore, SampleRecord, list_rois, utc_now
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_POLICIES = ("auto", "ok_only", "manual")
+THRESHOLD_POLICIES = thresholds.POLICIES
 
 
 CALIBRATION_POLICIES = (None, "auto", "ok_only", "manual", "config")
@@ -50,11 +50,15 @@ class ModelSettings:
     ok_percentile: float = 99.0
     holdout_max: int = 50
     ng_margin: float = 0.5
+    ng_recall: float | None = None
     memory_fit: bool = False
     memory_fit_max_mb: float = 512.0
     fit_batch_size: int = 8
     min_defect_area_px: int = 0
     knn_backend: str = "auto"
+
+    def coreset_size(self) -> CoresetSize:
+        return CoresetSize(self.coreset_ratio, self.coreset_min, self.coreset_max)
 
     def bank_key(self) -> dict:
         return {"coreset_ratio": self.coreset_ratio, "coreset_min": self.coreset_min,
@@ -74,7 +78,7 @@ def policy_of(m: dict) -> dict:
     """The threshold policy in force for a manifest: configured, or set by a calibrate request."""
     s = m.get("settings", {})
     base = {"policy": s.get("threshold_policy"), "ok_percentile": s.get("ok_percentile"),
-            "ng_margin": s.get("ng_margin")}
+            "ng_margin": s.get("ng_margin"), "ng_recall": s.get("ng_recall")}
     if m["threshold"]["method"] == "manual_override":
         return {"policy": "manual", "source": "calibrate"}
     if m.get("policy_override"):
@@ -134,14 +138,12 @@ class RoiModel:
         self.settings = settings or ModelSettings()
         self.debug_dir = debug_dir
         self.identity = extractor.identity.to_dict()
-        self._proj = projection(extractor.feature_dim, self.settings.proj_dim)
+        self.bank = MemoryBank(extractor.feature_dim, self.settings.coreset_size(), self.settings.proj_dim)
         self.manifest = self.store.read_manifest() or self._new_manifest()
         self.mask = self.store.load_mask()
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
-        self.bank_rows = np.zeros(0, np.int64)
         self._knn: NearestNeighbour | None = None
         self._bank_sample: np.ndarray = np.zeros(0, np.int64)
-        self._bank_feats = torch.zeros(0, extractor.feature_dim)
         self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
         self._dirty = False
         self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
@@ -292,123 +294,26 @@ class RoiModel:
         for e in store.entries:
             self.progress()
             lo, hi = e["offset"], e["offset"] + e["count"]
-            self._extend_bank(np.asarray(data[lo:hi]), lo, total_rows=hi)
+            self.bank.extend(np.asarray(data[lo:hi]), lo, total_rows=hi)
         if store.entries:  # a ROI nobody has fitted leaves nothing on disk
             log.info("%s/%s: bank selected from %d samples: %d patches", self.store.role_id, self.store.roi_id,
                      len(store.entries), self.bank_rows.size)
             self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
 
     def _set_bank(self, rows: np.ndarray, feats: np.ndarray | None = None) -> None:
-        """Bank rows (order kept) plus their features (given, or gathered from the index) and projections."""
-        self.bank_rows = rows.astype(np.int64)
+        """Bank rows (order kept) plus their features (given, or gathered from the index)."""
         if feats is None:
             data = self._index_array("ok")
             feats = np.asarray(data[rows], np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
-        self._bank_feats = torch.from_numpy(feats)
-        self._bank_proj = project(self._bank_feats, self._proj)
-        # nearest other entry of each bank entry (for pruning): kept up to date incrementally, computed
-        # on first need for a bank loaded from disk
-        empty = self.bank_rows.size == 0
-        self._nn_val: torch.Tensor | None = torch.zeros(0) if empty else None
-        self._nn_row: np.ndarray | None = np.zeros(0, np.int64) if empty else None
+        self.bank.set(rows, feats)
 
-    def _extend_bank(self, new_feats: np.ndarray, offset: int, total_rows: int) -> None:
-        """Incremental coreset: one sample's share joins the bank, redundancy is pruned.
+    @property
+    def bank_rows(self) -> np.ndarray:
+        return self.bank.rows
 
-        Target size: every patch while there are at most coreset_min, then coreset_ratio of all
-        patches (but at least coreset_min), never more than coreset_max. Each sample contributes at
-        least its coreset_ratio share, chosen by k-center greedy (farthest-first) over its patches;
-        when the bank overshoots the target by 5 % (or hits coreset_max), its most redundant entries
-        (closest to another entry, new ones included) are pruned, so early samples do not crowd out
-        later ones and a new sample's patches that the bank already covers go first.
-        """
-        s = self.settings
-        n_new = new_feats.shape[0]
-        target = min(total_rows, max(s.coreset_min, math.ceil(s.coreset_ratio * total_rows)), s.coreset_max)
-        n_add = int(np.clip(max(target - self.bank_rows.size, math.ceil(s.coreset_ratio * n_new)), 0, n_new))
-        if n_add == 0:
-            return
-        feats = torch.from_numpy(np.array(new_feats, dtype=np.float32))  # a copy: memmaps are read-only
-        p_new = project(feats, self._proj)
-        if n_add == n_new:
-            sel = torch.arange(n_new)
-        else:
-            # farthest-first within the sample; overlap with the bank is resolved by pruning, which
-            # costs n_add x bank instead of the n_new x bank of a full distance-to-bank pass
-            sel = torch.as_tensor(greedy_select(p_new, n_add), dtype=torch.long)
-        new_rows = offset + sel.numpy()
-        if self._nn_val is not None:
-            self._update_neighbours(p_new[sel], new_rows)
-        self.bank_rows = np.concatenate([self.bank_rows, new_rows])
-        self._bank_feats = torch.cat([self._bank_feats, feats[sel]])
-        self._bank_proj = torch.cat([self._bank_proj, p_new[sel]])
-        slack = max(1, target // 20)
-        if self.bank_rows.size > min(target + slack, s.coreset_max):
-            keep = target if target < s.coreset_max else s.coreset_max - slack
-            self._prune(self.bank_rows.size - keep)
-
-    def _update_neighbours(self, new_p: torch.Tensor, new_rows: np.ndarray) -> None:
-        """Fold entries about to join the bank into the nearest-neighbour bookkeeping."""
-        inf = torch.full((new_p.shape[0],), float("inf"))
-        v_new, row_new = inf, np.full(new_p.shape[0], -1, np.int64)
-        if self.bank_rows.size:
-            d = sq_dists(new_p, self._bank_proj)
-            v_new, j_new = d.min(1)
-            row_new = self.bank_rows[j_new.numpy()]
-            v_old, j_old = d.min(0)
-            better = (v_old < self._nn_val).numpy()
-            self._nn_val = torch.minimum(self._nn_val, v_old)
-            self._nn_row[better] = new_rows[j_old.numpy()[better]]
-        if new_p.shape[0] > 1:
-            dn = sq_dists(new_p, new_p)
-            dn.fill_diagonal_(float("inf"))
-            v2, j2 = dn.min(1)
-            better = (v2 < v_new).numpy()
-            v_new = torch.minimum(v_new, v2)
-            row_new = np.where(better, new_rows[j2.numpy()], row_new)
-        self._nn_val = torch.cat([self._nn_val, v_new])
-        self._nn_row = np.concatenate([self._nn_row, row_new])
-
-    def _neighbours_of(self, idx: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Squared distance to, and row of, the nearest other bank entry for bank positions idx."""
-        vals = torch.empty(idx.numel())
-        pos = torch.empty(idx.numel(), dtype=torch.long)
-        for i in range(0, idx.numel(), 2048):
-            sub = idx[i : i + 2048]
-            d = sq_dists(self._bank_proj[sub], self._bank_proj)
-            d[torch.arange(sub.numel()), sub] = float("inf")
-            vals[i : i + 2048], pos[i : i + 2048] = d.min(1)
-        return vals, self.bank_rows[pos.numpy()]
-
-    def _prune(self, n_remove: int) -> None:
-        """Drop n_remove entries that lie closest to another entry (least coverage lost); of a close
-        pair only one goes. Neighbour distances are maintained incrementally, so this is O(M log M)."""
-        if self._nn_val is None or self._nn_row is None:
-            self._nn_val, self._nn_row = self._neighbours_of(torch.arange(self.bank_rows.size))
-        removed: set[int] = set()
-        order = torch.argsort(self._nn_val).tolist()
-        for i in order:
-            if len(removed) == n_remove:
-                break
-            if int(self._nn_row[i]) not in removed:
-                removed.add(int(self.bank_rows[i]))
-        for i in order:  # a large cut may need both members of some pairs
-            if len(removed) == n_remove:
-                break
-            removed.add(int(self.bank_rows[i]))
-        gone = np.fromiter(removed, np.int64)
-        keep = ~np.isin(self.bank_rows, gone)
-        keep_t = torch.from_numpy(keep)
-        self.bank_rows = self.bank_rows[keep]
-        self._bank_feats = self._bank_feats[keep_t]
-        self._bank_proj = self._bank_proj[keep_t]
-        self._nn_val = self._nn_val[keep_t]
-        self._nn_row = self._nn_row[keep]
-        stale = np.flatnonzero(np.isin(self._nn_row, gone))
-        if stale.size:  # their nearest entry is gone: look again
-            vals, rows = self._neighbours_of(torch.from_numpy(stale))
-            self._nn_val[torch.from_numpy(stale)] = vals
-            self._nn_row[stale] = rows
+    @property
+    def _bank_feats(self) -> torch.Tensor:
+        return self.bank.feats
 
     def _refresh_knn(self) -> None:
         store = self._emb["ok"]
@@ -417,8 +322,7 @@ class RoiModel:
             self._bank_sample = np.zeros(0, np.int64)
             return
         self._knn = NearestNeighbour(self._bank_feats.to(self.extractor.device), self.settings.knn_backend)
-        starts = np.asarray([e["offset"] for e in store.entries], np.int64)
-        self._bank_sample = np.searchsorted(starts, self.bank_rows, side="right") - 1
+        self._bank_sample = self.bank.owners(np.asarray([e["offset"] for e in store.entries], np.int64))
 
     # --------------------------------------------------------------- scoring
     def _score_map(
@@ -488,23 +392,10 @@ class RoiModel:
         if self._knn is not None:
             log.debug("%s/%s: threshold samples scored in %.0f ms: %s", self.store.role_id, self.store.roi_id,
                       (time.perf_counter() - t0) * 1000, self._distances.end())
-        # a policy set by a calibrate request outlives later fits; the config's policy applies otherwise
-        over = self.manifest.get("policy_override") or {}
-        policy = over.get("policy", s.threshold_policy)
-        percentile = over.get("ok_percentile", s.ok_percentile)
-        margin = over.get("ng_margin", s.ng_margin)
-        if s.threshold_policy == "manual" and not over:
-            if s.threshold_value is None:
-                raise ValueError("threshold_policy 'manual' needs threshold_value")
-            th = thresholds.manual_threshold(s.threshold_value)
-        elif self.manifest["threshold"]["method"] == "manual_override":
+        if self.manifest["threshold"]["method"] == "manual_override":
             th = self.manifest["threshold"]
-        elif policy == "auto" and ng_scores and ok_scores:
-            th = thresholds.ng_threshold(ok_scores, ng_scores, margin)
-        elif ok_scores:
-            th = thresholds.ok_threshold(ok_scores, percentile)
         else:
-            th = {"value": None, "method": "none", "details": {}}
+            th = self.threshold_policy().decide(ok_scores, ng_scores)
         ok = self._emb["ok"]
         m = self.manifest
         m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
@@ -568,7 +459,7 @@ class RoiModel:
             data = self._index_array("ok")
             for lo, count in spans:
                 self.progress()
-                self._extend_bank(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
+                self.bank.extend(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
             t_backbone += tc - tb
             t_coreset += time.perf_counter() - tc
         if records:
@@ -620,7 +511,7 @@ class RoiModel:
         return self.calibrate("manual" if value is not None else "config", value)
 
     def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,
-                  ng_margin: float | None = None) -> dict:
+                  ng_margin: float | None = None, ng_recall: float | None = None) -> dict:
         """Recompute the threshold from the stored OK/NG samples.
 
         policy None: again with the current policy (e.g. after new NG samples); "auto" (NG-calibrated
@@ -634,6 +525,8 @@ class RoiModel:
             raise InputError(f"ok_percentile must be in (0, 100], got {ok_percentile}", code="invalid_policy")
         if ng_margin is not None and not 0 <= ng_margin <= 1:
             raise InputError(f"ng_margin must be in [0, 1], got {ng_margin}", code="invalid_policy")
+        if ng_recall is not None and not 0 < ng_recall <= 1:
+            raise InputError(f"ng_recall must be in (0, 1], got {ng_recall}", code="invalid_policy")
         if policy == "manual":
             if value is None or not math.isfinite(value) or value <= 0:
                 raise InputError(f"threshold must be a finite number > 0, got {value}", code="invalid_threshold")
@@ -642,7 +535,8 @@ class RoiModel:
             self.manifest["threshold"] = {"value": None, "method": "none", "details": {}}
             self.manifest.pop("policy_override", None)
             if policy != "config":
-                over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin}
+                over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin,
+                        "ng_recall": ng_recall}
                 self.manifest["policy_override"] = {k: v for k, v in over.items() if v is not None}
         if self._knn is None and policy != "manual":
             raise ModelNotReadyError(
@@ -652,6 +546,16 @@ class RoiModel:
 
     def policy(self) -> dict:
         return policy_of(self.manifest)
+
+    def threshold_policy(self) -> thresholds.ThresholdPolicy:
+        """The config's policy, with what a calibrate request set (it outlives later fits)."""
+        s = self.settings
+        over = self.manifest.get("policy_override") or {}
+        if s.threshold_policy == "manual" and not over:
+            return thresholds.ThresholdPolicy("manual", manual_value=s.threshold_value)
+        return thresholds.ThresholdPolicy(over.get("policy", s.threshold_policy),
+                                          over.get("ok_percentile", s.ok_percentile),
+                                          over.get("ng_margin", s.ng_margin), over.get("ng_recall", s.ng_recall))
 
     def set_mask(self, png: bytes) -> dict:
         mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)

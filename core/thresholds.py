@@ -8,10 +8,19 @@
 - with NG samples: if OK and NG scores separate, the threshold sits `ng_margin` of the way from the
   highest OK score to the lowest NG score (0.5: midway); otherwise the cut that maximises
   Youden's J (TPR - FPR) on the ROC curve (scikit-learn), reported with the errors it leaves.
+- with NG samples and `ng_recall` set (e.g. 0.95): the threshold is placed so that at least that
+  share of the NG samples scores above it, and never above the OK-only threshold, so NG samples can only
+  make detection stricter; the false rejects this costs on the OK samples are reported.
 - manual: the configured value, kept as is.
+
+Every NG-calibrated threshold says in its `warnings` when NG samples score under it, and when NG
+calibration raised it above the OK-only threshold (defects like those samples' but milder then pass).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -43,5 +52,71 @@ def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float =
     return {"value": value, "method": "ng_calibrated", "details": details}
 
 
+def recall_threshold(ok_scores: list[float], ng_scores: list[float], recall: float, percentile: float) -> dict:
+    """The highest threshold under which at most (1 - recall) of the NG samples fall, capped at the
+    OK-only threshold."""
+    ok = np.asarray(ok_scores, dtype=np.float64)
+    ng = np.sort(np.asarray(ng_scores, dtype=np.float64))[::-1]
+    need = max(1, math.ceil(recall * ng.size))
+    value = float(np.nextafter(ng[need - 1], -np.inf))  # flag score > threshold: the need-th NG is caught
+    ok_only = ok_threshold(ok_scores, percentile)["value"]
+    capped = value >= ok_only
+    value = min(value, ok_only)
+    return {"value": value, "method": "ng_recall", "details": {
+        "n_ok": int(ok.size), "n_ng": int(ng.size), "ng_recall": recall, "ok_only_threshold": ok_only,
+        "capped_at_ok_only": capped, "false_rejects": int((ok > value).sum()),
+        "false_accepts": int((ng <= value).sum())}}
+
+
 def manual_threshold(value: float) -> dict:
     return {"value": float(value), "method": "manual", "details": {}}
+
+
+def ng_warnings(th: dict, ng_scores: list[float], ok_only: float | None) -> list[str]:
+    """What an operator must know about an NG-calibrated threshold."""
+    out = []
+    value = th.get("value")
+    if value is None or not ng_scores:
+        return out
+    under = int((np.asarray(ng_scores) <= value).sum())
+    if under:
+        out.append(f"{under} of {len(ng_scores)} NG samples score at or under the threshold {value:.4f}: "
+                   f"parts like them pass")
+    if ok_only is not None and value > ok_only:
+        out.append(f"NG calibration raised the threshold above the OK-only threshold ({ok_only:.4f} -> {value:.4f}): "
+                   f"fewer false rejects, but defects milder than the NG samples pass; set ng_recall to keep it "
+                   f"from rising")
+    return out
+
+
+POLICIES = ("auto", "ok_only", "manual")
+
+
+@dataclass
+class ThresholdPolicy:
+    """How a ROI's threshold is decided (config settings, overridden by a calibrate request)."""
+
+    policy: str = "auto"
+    ok_percentile: float = 99.0
+    ng_margin: float = 0.5
+    ng_recall: float | None = None
+    manual_value: float | None = None
+
+    def decide(self, ok_scores: list[float], ng_scores: list[float]) -> dict:
+        if self.policy == "manual":
+            if self.manual_value is None:
+                raise ValueError("threshold_policy 'manual' needs threshold_value")
+            return manual_threshold(self.manual_value)
+        if not ok_scores:
+            return {"value": None, "method": "none", "details": {}}
+        ok_only = ok_threshold(ok_scores, self.ok_percentile)
+        if self.policy != "auto" or not ng_scores:
+            return ok_only
+        if self.ng_recall is not None:
+            th = recall_threshold(ok_scores, ng_scores, self.ng_recall, self.ok_percentile)
+        else:
+            th = ng_threshold(ok_scores, ng_scores, self.ng_margin)
+        warnings = ng_warnings(th, ng_scores, ok_only["value"])
+        if warnings:
+            th["details"]["warnings"] = warnings
+        return th

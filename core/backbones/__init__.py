@@ -25,10 +25,20 @@ from . import dinov2, efficientnet_lite
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0")
+EFFNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = ("auto", "dinov2_vits14", "dinov2_vits14_reg4", *EFFNETS)
 # EfficientNet-Lite0 blocks tapped for PatchCore: end of stage 3 (stride 8) and of stage 5 (stride 16)
 EFFNET_LAYERS = (4, 10)
-DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficientnet_lite0": 320}
+DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficientnet_lite0": 320,
+                      "efficientnet_lite1": 320, "efficientnet_lite2": 320}
+
+
+def default_layers(name: str) -> tuple[int, ...]:
+    """Blocks tapped by default: the ends of stages 3 and 5 (Lite0: 4, 10; Lite1/Lite2: 6, 14)."""
+    if name not in EFFNETS:
+        return EFFNET_LAYERS
+    ends = efficientnet_lite.stage_ends(name)
+    return (ends[2], ends[4])
 
 
 def sha256_file(path: Path) -> str:
@@ -64,9 +74,10 @@ class FeatureExtractor:
     def __init__(
         self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
         keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
-        layers: tuple[int, ...] = EFFNET_LAYERS,
+        layers: tuple[int, ...] | None = None,
     ) -> None:
         self.name = name
+        layers = tuple(layers) if layers else default_layers(name)
         self.model = model.to(device)
         self.device = device
         self.resolution = resolution
@@ -74,14 +85,15 @@ class FeatureExtractor:
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
         self.is_vit = name.startswith("dinov2")
         self.taps = () if self.is_vit else tuple(layers)
-        self.stride = 14 if self.is_vit else efficientnet_lite.block_stride(min(self.taps))
+        self.stride = 14 if self.is_vit else efficientnet_lite.block_stride(min(self.taps), name)
         # ViT: sides multiples of the patch; CNN: of the deepest tapped stride, so every map aligns
-        self.align = 14 if self.is_vit else efficientnet_lite.block_stride(max(self.taps))
+        self.align = 14 if self.is_vit else efficientnet_lite.block_stride(max(self.taps), name)
         mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if self.is_vit else ((0.5,) * 3, (0.5,) * 3)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.feature_dim = 384 if self.is_vit else sum(efficientnet_lite.block_channels(i) for i in self.taps)
-        ident_name = name if self.is_vit or self.taps == EFFNET_LAYERS else f"{name}@{'-'.join(map(str, self.taps))}"
+        self.feature_dim = 384 if self.is_vit else sum(efficientnet_lite.block_channels(i, name) for i in self.taps)
+        plain = self.is_vit or self.taps == default_layers(name)
+        ident_name = name if plain else f"{name}@{'-'.join(map(str, self.taps))}"
         self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)
         self._lock = threading.Lock()
 
@@ -160,13 +172,14 @@ _CACHE_LOCK = threading.Lock()
 def get_extractor(
     name: str = "auto", weights: str | None = None, resolution: int | None = None, device: str = "auto",
     keep_aspect: bool = True, allow_download: bool = False, random_weights: bool = False,
-    layers: tuple[int, ...] = EFFNET_LAYERS,
+    layers: tuple[int, ...] | None = None,
 ) -> FeatureExtractor:
     """One cached, warmed-up extractor per configuration in this process."""
     name = resolve_backbone_name(name, weights)
     resolution = resolution or DEFAULT_RESOLUTION[name]
     dev = resolve_device(device)
-    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, tuple(layers))
+    layers = tuple(layers) if layers else default_layers(name)
+    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, layers)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -183,8 +196,10 @@ def get_extractor(
             else:
                 model = dinov2.build_dinov2(path, reg)
         else:
-            path = None if random_weights else (Path(weights) if weights else efficientnet_lite.default_weights_path())
-            model = efficientnet_lite.build_efficientnet_lite0(path)
+            path = None
+            if not random_weights:
+                path = Path(weights) if weights else efficientnet_lite.default_weights_path(name)
+            model = efficientnet_lite.build_efficientnet_lite(path, name)
         sha = "random-seed-0" if path is None else sha256_file(path)
         extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers))
         warm_ms = extractor.warm_up()
