@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.backbones import BACKBONES
+from core.backbones import BACKBONES, max_block
 from core.ids import ID_PATTERN
 from core.model import ModelSettings
 
@@ -31,19 +31,31 @@ class Strict(BaseModel):
 
 
 class BackboneConfig(Strict):
-    name: Literal["auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0"] = "auto"
+    name: Literal["auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0", "efficientnet_lite1",
+                  "efficientnet_lite2"] = "auto"
     weights: Path | None = None
     resolution: int | None = Field(None, ge=56, le=1344)
     keep_aspect: bool = True
     allow_download: bool = False
-    layers: list[int] | None = None  # EfficientNet-Lite0 blocks to tap (0-15); null: the default
+    layers: list[int] | None = None  # EfficientNet-Lite blocks to tap (Lite0 0-15, Lite1/2 0-20); null: the default
 
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(i < 0 or i > 15 for i in v) or len(set(v)) != len(v)):
-            raise ValueError("must be distinct EfficientNet-Lite0 block numbers 0-15, e.g. [4, 10]")
-        return sorted(v) if v else v
+        return _check_layers(v)
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> BackboneConfig:
+        top = max_block(self.name)
+        if self.layers and max(self.layers) > top:
+            raise ValueError(f"layers: {self.name} has blocks 0-{top}, got {max(self.layers)}")
+        return self
+
+
+def _check_layers(v: list[int] | None) -> list[int] | None:
+    if v is not None and (not v or any(i < 0 or i > 20 for i in v) or len(set(v)) != len(v)):
+        raise ValueError("must be distinct EfficientNet-Lite block numbers (Lite0 0-15, Lite1/2 0-20), e.g. [4, 10]")
+    return sorted(v) if v else v
 
 
 class RoiSettings(Strict):
@@ -67,6 +79,14 @@ class RoiSettings(Strict):
     min_defect_area_px: int | None = Field(None, ge=0)
     knn_backend: Literal["auto", "faiss", "torch"] | None = None
     heatmap: bool | None = None
+    # the ROI's own features (same network, its weights loaded once): e.g. texture ROIs [10, 14] at 256
+    layers: list[int] | None = None
+    resolution: int | None = Field(None, ge=56, le=1344)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        return _check_layers(v)
 
 
 class FolderConfig(Strict):
@@ -200,13 +220,21 @@ class AgentConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> AgentConfig:
-        merged = self.defaults.model_dump(exclude_none=True)
-        if merged.get("threshold_policy") == "manual" and merged.get("threshold_value") is None:
-            raise ValueError("defaults.threshold_policy 'manual' needs defaults.threshold_value")
-        mn, mx = merged.get("coreset_min", ModelSettings.coreset_min), merged.get("coreset_max",
-                                                                                  ModelSettings.coreset_max)
-        if mn > mx:
-            raise ValueError(f"defaults.coreset_min ({mn}) must not exceed defaults.coreset_max ({mx})")
+        """Rules between fields, on the defaults and on every ROI as merged with them."""
+        scopes = [("defaults", self.defaults.model_dump(exclude_none=True))]
+        for key, roi in self.rois.items():
+            scopes.append((f"rois.{key}", {**self.defaults.model_dump(exclude_none=True),
+                                           **roi.model_dump(exclude_none=True)}))
+        top = max_block(self.backbone.name)
+        for where, merged in scopes:
+            if merged.get("threshold_policy") == "manual" and merged.get("threshold_value") is None:
+                raise ValueError(f"{where}.threshold_policy 'manual' needs a threshold_value")
+            mn = merged.get("coreset_min", ModelSettings.coreset_min)
+            mx = merged.get("coreset_max", ModelSettings.coreset_max)
+            if mn > mx:
+                raise ValueError(f"{where}.coreset_min ({mn}) must not exceed coreset_max ({mx})")
+            if merged.get("layers") and max(merged["layers"]) > top:
+                raise ValueError(f"{where}.layers: {self.backbone.name} has blocks 0-{top}")
         if self.limits.max_pixels > self.limits.max_decode_pixels:
             raise ValueError("limits.max_pixels must not exceed limits.max_decode_pixels")
         return self
@@ -216,7 +244,21 @@ class AgentConfig(Strict):
         merged = self.defaults.model_dump(exclude_none=True)
         merged.update(self.rois.get(f"{role_id}/{roi_id}", RoiSettings()).model_dump(exclude_none=True))
         heatmap = bool(merged.pop("heatmap", False))
+        merged.pop("layers", None)
+        merged.pop("resolution", None)
         return ModelSettings(**merged), heatmap
+
+    def roi_features(self, role_id: str, roi_id: str) -> tuple[tuple[int, ...] | None, int | None]:
+        """(layers, resolution) of one ROI's features: its `rois` entry, then `defaults`, then `backbone`."""
+        merged = {k: v for k, v in (("layers", self.backbone.layers), ("resolution", self.backbone.resolution))
+                  if v is not None}
+        merged.update({k: v for k, v in self.defaults.model_dump(include={"layers", "resolution"}).items()
+                       if v is not None})
+        roi = self.rois.get(f"{role_id}/{roi_id}")
+        if roi is not None:
+            merged.update({k: v for k, v in roi.model_dump(include={"layers", "resolution"}).items() if v is not None})
+        layers = merged.get("layers")
+        return (tuple(layers) if layers else None), merged.get("resolution")
 
     @property
     def inbox(self) -> Path:

@@ -46,9 +46,19 @@ class Runtime:
         if key not in self._models:
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
             debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None
-            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor, settings, debug_dir,
-                                         progress=self.progress)
+            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id),
+                                         settings, debug_dir, progress=self.progress)
         return self._models[key]
+
+    def extractor_for(self, role_id: str, roi_id: str) -> FeatureExtractor:
+        """The ROI's own layers / resolution (config `rois:`), on the process's one loaded network."""
+        layers, resolution = self.cfg.roi_features(role_id, roi_id)
+        b = self.cfg.backbone
+        if (layers or None) == (tuple(b.layers) if b.layers else None) and resolution == b.resolution:
+            return self.extractor
+        kw = {"layers": layers} if layers else {}
+        return get_extractor(self.extractor.name, str(b.weights) if b.weights else None,
+                             resolution or None, self.cfg.device, b.keep_aspect, b.allow_download, **kw)
 
     def forget(self, role_id: str, roi_id: str) -> None:
         """Drop a ROI's model from memory: the next request loads it again from what is on disk."""

@@ -243,6 +243,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
     ap.add_argument("--shots", nargs="+", default=["full"])
     ap.add_argument("--norms", nargs="+", default=NORMS)
+    ap.add_argument("--combos", type=int, default=3, help="first N of: fine (stages 3+5), coarse (5+6), all three")
     ap.add_argument("--native", action="store_true", help="never enlarge a ROI: resolution is a budget")
     args = ap.parse_args()
     NORMS[:] = args.norms
@@ -251,7 +252,7 @@ def main() -> None:
     for name, res in itertools.product(args.backbones, args.resolutions):
         ends = efficientnet_lite.stage_ends(name)
         blocks = [ends[2], ends[3], ends[4], ends[5]]  # stages 3-6: strides 8, 16, 16, 32
-        combos = [(ends[2], ends[4]), (ends[4], ends[5]), (ends[2], ends[4], ends[5])]
+        combos = [(ends[2], ends[4]), (ends[4], ends[5]), (ends[2], ends[4], ends[5])][: args.combos]
         ex = get_extractor(name, resolution=res, device="cpu", layers=tuple(blocks))
         if args.native:
             native_sizing(ex, res)

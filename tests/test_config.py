@@ -31,6 +31,10 @@ def test_shipped_config_is_valid_and_folder_mode_without_mqtt() -> None:
         ("defaults:\n  score_stat: median\n", "defaults.score_stat:"),
         ("defaults:\n  threshold_policy: manual\n", "threshold_value"),
         ("defaults:\n  coreset_min: 5000\n  coreset_max: 1000\n", "coreset_min"),
+        ("rois:\n  st/roi:\n    threshold_policy: manual\n", "rois.st/roi.threshold_policy 'manual' needs"),
+        ("rois:\n  st/roi:\n    coreset_min: 9000\n", "rois.st/roi.coreset_min (9000) must not exceed"),
+        ("rois:\n  st/roi:\n    layers: [4, 19]\n", "rois.st/roi.layers: auto has blocks 0-15"),
+        ("backbone:\n  name: efficientnet_lite0\n  layers: [4, 18]\n", "blocks 0-15"),
         ("rois:\n  bad key: {}\n", "rois"),
         ("rois:\n  st/roi:\n    coreset_ratio: 2\n", "rois.st/roi.coreset_ratio:"),
         ("device: gpu\n", "device:"),
@@ -78,3 +82,17 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     assert cfg.http.token_file == tmp_path / "secrets" / "token" and cfg.http.read_token() == "abc"
     assert cfg.http.tls.cert == tmp_path / "tls" / "c.pem" and cfg.http.tls.key == tmp_path / "tls" / "k.pem"
     assert cfg.mqtt.tls.ca == tmp_path / "tls" / "ca.pem"
+
+
+def test_per_roi_feature_settings_share_one_network(tmp_path: Path) -> None:
+    """A texture ROI gets its own blocks and input size, on the network the other ROIs use."""
+    from agent.runtime import Runtime
+
+    cfg = load_config(write(tmp_path, "data_root: data\nbackbone:\n  name: efficientnet_lite0\n  resolution: 128\n"
+                                      "rois:\n  st/tile:\n    layers: [10, 14]\n    resolution: 160\n"), env={})
+    assert cfg.roi_features("st", "tile") == ((10, 14), 160) and cfg.roi_features("st", "other") == (None, 128)
+    rt = Runtime(cfg)
+    tile, other = rt.extractor_for("st", "tile"), rt.extractor_for("st", "other")
+    assert other is rt.extractor and tile.model is other.model
+    assert tile.identity.name == "efficientnet_lite0@10-14" and tile.identity.resolution == 160
+    assert rt.model("st", "tile").state()["backbone"]["name"] == "efficientnet_lite0@10-14"

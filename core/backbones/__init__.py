@@ -165,7 +165,14 @@ def resolve_backbone_name(name: str, weights: str | None) -> str:
         return "efficientnet_lite0"
 
 
+def max_block(name: str) -> int:
+    """Highest block number of an EfficientNet-Lite (auto: Lite0, the fallback)."""
+    variant = name if name in EFFNETS else "efficientnet_lite0"
+    return efficientnet_lite.stage_ends(variant)[-1]
+
+
 _CACHE: dict[tuple, FeatureExtractor] = {}
+_NETWORKS: dict[tuple, tuple[torch.nn.Module, str, threading.Lock]] = {}  # one loaded network, many extractors
 _CACHE_LOCK = threading.Lock()
 
 
@@ -184,28 +191,36 @@ def get_extractor(
         if key in _CACHE:
             return _CACHE[key]
         t0 = time.perf_counter()
-        if name.startswith("dinov2"):
-            reg = name.endswith("reg4")
-            path = None if random_weights else dinov2.find_weights(weights, reg, allow_download)
-            if random_weights:
-                torch.manual_seed(0)
-                model = dinov2.DinoV2ViT(registers=4 if reg else 0)
-                for p in model.parameters():
-                    torch.nn.init.trunc_normal_(p, std=0.02)
-                model.eval()
-            else:
-                model = dinov2.build_dinov2(path, reg)
-        else:
-            path = None
-            if not random_weights:
-                path = Path(weights) if weights else efficientnet_lite.default_weights_path(name)
-            model = efficientnet_lite.build_efficientnet_lite(path, name)
-        sha = "random-seed-0" if path is None else sha256_file(path)
+        net_key = (name, weights, str(dev), random_weights)
+        if net_key not in _NETWORKS:
+            model, path = _load_network(name, weights, random_weights, allow_download)
+            sha = "random-seed-0" if path is None else sha256_file(path)
+            _NETWORKS[net_key] = (model, sha, threading.Lock())
+            log.info("backbone %s loaded from %s (%.0f ms)", name, path or "random weights",
+                     (time.perf_counter() - t0) * 1000)
+        model, sha, lock = _NETWORKS[net_key]
         extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers))
+        extractor._lock = lock  # extractors of one network take turns on it
         warm_ms = extractor.warm_up()
-        log.info(
-            "backbone %s loaded from %s on %s at resolution %d (load %.0f ms, warm-up %.0f ms)",
-            name, path or "random weights", dev, resolution, (time.perf_counter() - t0) * 1000 - warm_ms, warm_ms,
-        )
+        log.info("backbone %s on %s at resolution %d, blocks %s (warm-up %.0f ms)", name, dev, resolution,
+                 extractor.taps or "all", warm_ms)
         _CACHE[key] = extractor
         return extractor
+
+
+def _load_network(name: str, weights: str | None, random_weights: bool,
+                  allow_download: bool) -> tuple[torch.nn.Module, Path | None]:
+    if name.startswith("dinov2"):
+        reg = name.endswith("reg4")
+        path = None if random_weights else dinov2.find_weights(weights, reg, allow_download)
+        if random_weights:
+            torch.manual_seed(0)
+            model = dinov2.DinoV2ViT(registers=4 if reg else 0)
+            for p in model.parameters():
+                torch.nn.init.trunc_normal_(p, std=0.02)
+            return model.eval(), None
+        return dinov2.build_dinov2(path, reg), path
+    path = None
+    if not random_weights:
+        path = Path(weights) if weights else efficientnet_lite.default_weights_path(name)
+    return efficientnet_lite.build_efficientnet_lite(path, name), path
