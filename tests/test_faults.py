@@ -22,12 +22,13 @@ import pytest
 
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
+from tests.require import missing
 from tests.test_daemon import drop
 
 
 def _mount_tmpfs(path: Path, size_mb: int) -> None:
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        missing("mounting a small tmpfs needs root")
     path.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], check=True)
 
