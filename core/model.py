@@ -93,7 +93,8 @@ def manifest_state(m: dict, has_mask: bool) -> dict:
             "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
             "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
             "threshold_details": m["threshold"]["details"], "threshold_policy": policy_of(m), "backbone": m["backbone"],
-            "has_mask": has_mask, "updated_utc": m["updated_utc"]}
+            "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
+            "updated_utc": m["updated_utc"]}
 
 
 def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
@@ -140,7 +141,7 @@ class RoiModel:
         self.identity = extractor.identity.to_dict()
         self.bank = MemoryBank(extractor.feature_dim, self.settings.coreset_size(), self.settings.proj_dim)
         self.manifest = self.store.read_manifest() or self._new_manifest()
-        self.mask = self.store.load_mask()
+        self.mask, mask_error = self.store.load_mask()
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
         self._knn: NearestNeighbour | None = None
         self._bank_sample: np.ndarray = np.zeros(0, np.int64)
@@ -149,7 +150,9 @@ class RoiModel:
         self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
         self._distances = BankDistances()  # threshold samples' patch distances, updated by bank deltas
         t0 = time.perf_counter()
-        self._sync_index()
+        if mask_error:
+            self.manifest["mask_error"] = mask_error
+        self._sync_index(force_threshold=bool(mask_error))
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
                  role_id, roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
                  self.bank_rows.size, self.manifest["threshold"]["value"], (time.perf_counter() - t0) * 1000)
@@ -247,7 +250,7 @@ class RoiModel:
         return spans
 
     # ------------------------------------------------------------ the index
-    def _sync_index(self) -> None:
+    def _sync_index(self, force_threshold: bool = False) -> None:
         """Make the embedding index and bank match the stored samples and this backbone."""
         for kind in ("ok", "ng"):
             records = self._readable_samples(kind)
@@ -283,7 +286,7 @@ class RoiModel:
         changed = (self.manifest["counts"]["ok"] != len(ok.entries) or self.manifest["backbone"] != self.identity
                    or self.manifest["counts"]["ng"] != len(self._emb["ng"].entries)
                    or self.manifest.get("settings") != asdict(self.settings))
-        if changed and (ok.rows or self.store.exists()):
+        if (changed or force_threshold) and (ok.rows or self.store.exists()):
             self._update_threshold_and_save()
 
     def _reselect(self) -> None:
@@ -562,6 +565,7 @@ class RoiModel:
         if mask is None or not (mask > 0).any():
             raise InputError("mask must be a PNG with non-zero pixels where anomalies count", code="invalid_mask")
         self.store.save_mask(png)
+        self.manifest.pop("mask_error", None)
         self.mask = mask > 0
         self._mask_cache.clear()
         self._distances.clear()  # scores depend on the mask

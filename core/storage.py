@@ -287,11 +287,26 @@ class RoiStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def load_mask(self) -> np.ndarray | None:
+    def load_mask(self) -> tuple[np.ndarray | None, str | None]:
+        """(mask, None), (None, None) when there is none, or (None, reason) when the file was unusable:
+        then it is moved to quarantine/mask/ with the reason (never deleted) and the ROI has no mask."""
         if not self.mask_path.exists():
-            return None
-        mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
-        return None if mask is None else mask > 0
+            return None, None
+        try:
+            mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
+        except cv2.error:
+            mask = None
+        if mask is not None and (mask > 0).any():
+            return mask > 0, None
+        reason = "mask.png cannot be decoded" if mask is None else "mask.png has no non-zero pixel"
+        target = self.root / "quarantine" / "mask"
+        target.mkdir(parents=True, exist_ok=True)
+        stamp = utc_now().replace(":", "").replace("-", "")
+        os.replace(self.mask_path, target / f"mask-{stamp}.png")
+        atomic_write_json(target / f"mask-{stamp}.reason.json", {"reason": reason, "timestamp_utc": utc_now()})
+        log.warning("%s/%s: %s: moved to %s; the ROI is scored over the whole image until a mask is set again",
+                    self.role_id, self.roi_id, reason, target)
+        return None, f"{reason} (quarantined {utc_now()}); scored over the whole image until a mask is set again"
 
     def save_mask(self, png: bytes) -> None:
         atomic_write_bytes(self.mask_path, png)

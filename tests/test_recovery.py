@@ -74,3 +74,29 @@ def test_a_corrupt_sample_is_quarantined_not_fatal(tmp_path, extractor, referenc
     assert (quarantined / f"{victim.stem}.reason.json").exists() and "quarantined" in caplog.text
     assert not list((roi / "samples" / "ok").glob(victim.stem + ".*"))
     assert model.predict([decode_image(reference[2])])[0]["score"] > 0
+
+
+def test_a_corrupt_mask_is_quarantined_and_the_state_says_so(tmp_path, extractor, reference, caplog) -> None:
+    """From a model that had a mask: the damaged mask is moved aside with its reason, the state reports
+    has_mask false with mask_error, and the threshold and scores are those of the whole image again."""
+    import cv2
+    import numpy as np
+
+    root, roi = damaged(tmp_path, reference)
+    whole = RoiModel(root, "st1", "tire", extractor, SETTINGS)
+    whole_threshold = whole.threshold
+    mask = np.zeros((384, 512), np.uint8)
+    mask[:, :200] = 255  # the defect side of the probe is outside: masked scores differ from the whole image
+    masked = whole.set_mask(cv2.imencode(".png", mask)[1].tobytes())
+    assert masked["has_mask"] and masked["threshold"] != pytest.approx(whole_threshold, abs=1e-6)
+    (roi / "mask.png").write_bytes(GARBAGE)
+    with caplog.at_level(logging.WARNING):
+        model = RoiModel(root, "st1", "tire", extractor, SETTINGS)
+    state = model.state()
+    assert not state["has_mask"] and "cannot be decoded" in state["mask_error"], state
+    assert "quarantine" in caplog.text and "whole image" in caplog.text
+    assert len(list((roi / "quarantine" / "mask").glob("*.reason.json"))) == 1 and not (roi / "mask.png").exists()
+    assert model.threshold == pytest.approx(whole_threshold, abs=1e-6)
+    assert model.predict([decode_image(reference[2])])[0]["score"] == pytest.approx(reference[1], abs=1e-5)
+    fixed = model.set_mask(cv2.imencode(".png", mask)[1].tobytes())
+    assert fixed["has_mask"] and "mask_error" not in fixed
