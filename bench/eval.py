@@ -3,7 +3,9 @@
     .venv/bin/python bench/eval.py --backbone efficientnet_lite0 --shots 1 4 16 full > bench/out/eval.json
 
 Prints one JSON document: per dataset and shot count, image AUROC, pixel AUROC and the accuracy,
-false-reject and false-accept rates at the model's own auto threshold (OK-only, no NG samples).
+false-reject and false-accept rates at the model's own auto threshold (OK-only, no NG samples), on all
+test images and on the validation / test halves (bench/datasets.py `halves`): settings are chosen on
+`val_*`, reported on `test_*`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datasets import SPLITS, load_mask, shared_root  # noqa: E402
+from datasets import SPLITS, halves, load_mask, shared_root  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
@@ -57,18 +59,27 @@ def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
             pix_score.append(cv2.resize(amap, size, interpolation=cv2.INTER_AREA).ravel())
             pix_true.append(load_mask(mask_path if label else None, size).ravel())
         pred_s = (time.perf_counter() - t1) / len(split.test)
-        labels_a, dec = np.asarray(labels), np.asarray(decisions)
-        pt = np.concatenate(pix_true)
-        return {
-            "dataset": split.name, "shots": shots, "n_train": len(train), "n_test": len(labels),
-            "image_auroc": round(float(roc_auc_score(labels_a, scores)), 4),
-            "pixel_auroc": round(float(roc_auc_score(pt, np.concatenate(pix_score))), 4) if pt.any() else None,
-            "threshold": round(model.threshold, 5),
-            "accuracy": round(float((dec == labels_a.astype(bool)).mean()), 4),
-            "false_reject_rate": round(float(dec[labels_a == 0].mean()), 4),
-            "false_accept_rate": round(float((~dec[labels_a == 1]).mean()), 4),
-            "bank_size": model.state()["bank_size"], "fit_s": round(fit_s, 1), "predict_ms": round(pred_s * 1000, 1),
-        }
+        out = {"dataset": split.name, "shots": shots, "n_train": len(train), "threshold": round(model.threshold, 5),
+               "bank_size": model.state()["bank_size"], "bank_sizes": [len(b.bank) for b in model.branches],
+               "fit_s": round(fit_s, 1), "predict_ms": round(pred_s * 1000, 1)}
+        val, test = halves(split)
+        parts = {"all": split.test, "val": val.test, "test": test.test}
+        for part, items in parts.items():
+            keep = {id(x) for x in items}
+            idx = [i for i, x in enumerate(split.test) if id(x) in keep]
+            labels_a, dec = np.asarray(labels)[idx], np.asarray(decisions)[idx]
+            sc = np.asarray(scores)[idx]
+            pt = np.concatenate([pix_true[i] for i in idx])
+            ps = np.concatenate([pix_score[i] for i in idx])
+            key = "" if part == "all" else f"{part}_"
+            out.update({
+                f"{key}n_test": len(idx),
+                f"{key}image_auroc": round(float(roc_auc_score(labels_a, sc)), 4),
+                f"{key}pixel_auroc": round(float(roc_auc_score(pt, ps)), 4) if pt.any() else None,
+                f"{key}accuracy": round(float((dec == labels_a.astype(bool)).mean()), 4),
+                f"{key}false_reject_rate": round(float(dec[labels_a == 0].mean()), 4),
+                f"{key}false_accept_rate": round(float((~dec[labels_a == 1]).mean()), 4)})
+        return out
 
 
 def main() -> None:
@@ -84,13 +95,16 @@ def main() -> None:
     ap.add_argument("--coreset-max", type=int, default=None)
     ap.add_argument("--blur-sigma", type=float, default=None)
     ap.add_argument("--random-weights", action="store_true")
-    ap.add_argument("--layers", default=None, help="EfficientNet-Lite0 blocks to tap, e.g. 10,14")
+    ap.add_argument("--layers", default=None, help="one branch: EfficientNet-Lite blocks to tap, e.g. 10,14")
+    ap.add_argument("--branches", default=None, help="several branches, e.g. 4,10+10,14 (the default)")
     args = ap.parse_args()
     settings = ModelSettings()
     for key in ("score_stat", "coreset_ratio", "coreset_min", "coreset_max", "blur_sigma"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     kw = {"layers": tuple(int(x) for x in args.layers.split(","))} if args.layers else {}
+    if args.branches:
+        kw["branches"] = tuple(tuple(int(x) for x in b.split(",")) for b in args.branches.split("+"))
     extractor = get_extractor(args.backbone, resolution=args.resolution, keep_aspect=not args.square,
                               random_weights=args.random_weights, **kw)
     root = shared_root()

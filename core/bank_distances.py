@@ -20,11 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import count
 
 import numpy as np
 import torch
 
 from .knn import NearestNeighbour, unit_distance
+
+_VERSIONS = count(1)  # unique across samples and rounds: a version names one state of one sample's distances
 
 
 @dataclass
@@ -32,6 +35,7 @@ class _Sample:
     dist: np.ndarray  # [P] float32: distance of each patch to its nearest bank entry
     row: np.ndarray  # [P] int64: embedding-index row of that entry
     score: float
+    version: int = 0  # bumped whenever dist changes
 
 
 class BankDistances:
@@ -71,7 +75,7 @@ class BankDistances:
         if item is None or item.dist.shape[0] != queries.shape[0]:
             dist, pos = self._knn.search(queries, exclude)
             d = dist.numpy().astype(np.float32)
-            item = self._items[key] = _Sample(d, self._rows[pos], score_fn(d))
+            item = self._items[key] = _Sample(d, self._rows[pos], score_fn(d), next(_VERSIONS))
             self.stats["full"] += 1
             return item.score
         changed = False
@@ -95,8 +99,14 @@ class BankDistances:
                 changed = True
         if changed:
             item.score = score_fn(item.dist)
+            item.version = next(_VERSIONS)
         self.stats["updated" if changed else "unchanged"] += 1
         return item.score
+
+    def dist(self, key: tuple[str, str]) -> tuple[np.ndarray, int]:
+        """A scored sample's patch distances and their version (which changes whenever they do)."""
+        item = self._items[key]
+        return item.dist, item.version
 
     def end(self) -> dict:
         """Forget samples that left the round (e.g. OK samples older than the hold-out window)."""

@@ -17,12 +17,14 @@ import torch
 
 from . import thresholds
 from .backbones import FeatureExtractor
-from .bank_distances import BankDistances
 from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError, StorageError
+from .fusion import BranchScale, fuse_maps
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
-from .memory_bank import CoresetSize, MemoryBank
+from .memory_bank import CoresetSize
+from .patch_branch import PatchBranch
+from .sample_scores import SampleScorer
 from .scoring import defect_regions, image_score, input_res_map, resize_mask
 from .storage import RoiStore, SampleRecord, list_rois, utc_now
 
@@ -67,8 +69,8 @@ class ModelSettings:
 
 @dataclass
 class Embedded:
-    feats: np.ndarray  # [n, D] float32
-    grid: tuple[int, int]
+    feats: list[np.ndarray]  # per branch: [n, D_b] float32
+    grids: list[tuple[int, int]]  # per branch
     input_size: tuple[int, int]  # backbone input (w, h)
     image_size: tuple[int, int]  # ROI (w, h)
     timings: dict[str, float] = field(default_factory=dict)
@@ -93,6 +95,8 @@ def manifest_state(m: dict, has_mask: bool) -> dict:
             "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
             "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
             "threshold_details": m["threshold"]["details"], "threshold_policy": policy_of(m), "backbone": m["backbone"],
+            "branches": [{"name": b["identity"]["name"], "resolution": b["identity"]["resolution"],
+                          "bank": b.get("bank")} for b in m.get("branches", [])],
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
             "updated_utc": m["updated_utc"]}
 
@@ -126,7 +130,8 @@ def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
 
 
 class RoiModel:
-    """Memory bank, threshold and stored samples of one ROI. Not thread-safe: one worker owns it."""
+    """Stored samples, patch branches (index + bank each), threshold of one ROI. Not thread-safe: one
+    worker owns it."""
 
     def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
                  settings: ModelSettings | None = None, debug_dir: Path | None = None,
@@ -139,23 +144,27 @@ class RoiModel:
         self.settings = settings or ModelSettings()
         self.debug_dir = debug_dir
         self.identity = extractor.identity.to_dict()
-        self.bank = MemoryBank(extractor.feature_dim, self.settings.coreset_size(), self.settings.proj_dim)
+        s = self.settings
+        self.branches = [PatchBranch(self.store.index_dir, f"b{i}" if i else "", ident.to_dict(), ident.feature_dim,
+                                     s.coreset_size(), s.proj_dim, extractor.device, s.knn_backend)
+                         for i, ident in enumerate(extractor.branch_identities)]
+        self.bank = self.branches[0].bank
+        self._emb = self.branches[0].emb
         self.manifest = self.store.read_manifest() or self._new_manifest()
         self.mask, mask_error = self.store.load_mask()
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
-        self._knn: NearestNeighbour | None = None
-        self._bank_sample: np.ndarray = np.zeros(0, np.int64)
-        self._emb = {kind: self.store.embeddings(kind) for kind in ("ok", "ng")}
         self._dirty = False
         self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
-        self._distances = BankDistances()  # threshold samples' patch distances, updated by bank deltas
+        self._scorer = SampleScorer(self._branch_map, self._map_score, self.progress)
+        self.scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
         t0 = time.perf_counter()
         if mask_error:
             self.manifest["mask_error"] = mask_error
         self._sync_index(force_threshold=bool(mask_error))
-        log.info("ROI %s/%s loaded: %d OK, %d NG samples, bank %d patches, threshold %s (%.0f ms)",
+        log.info("ROI %s/%s loaded: %d OK, %d NG samples, banks %s patches, threshold %s (%.0f ms)",
                  role_id, roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
-                 self.bank_rows.size, self.manifest["threshold"]["value"], (time.perf_counter() - t0) * 1000)
+                 [len(b.bank) for b in self.branches], self.manifest["threshold"]["value"],
+                 (time.perf_counter() - t0) * 1000)
 
     # ------------------------------------------------------------------ state
     def _new_manifest(self) -> dict:
@@ -173,12 +182,24 @@ class RoiModel:
     def threshold(self) -> float | None:
         return self.manifest["threshold"]["value"]
 
+    @property
+    def bank_rows(self) -> np.ndarray:
+        return self.bank.rows
+
+    @property
+    def _knn(self) -> NearestNeighbour | None:
+        return self.branches[0].knn
+
     def state(self) -> dict:
         return manifest_state(self.manifest, self.mask is not None)
 
+    def _branch_info(self) -> list[dict]:
+        return [{"identity": b.identity, "bank_rows_total": b.emb["ok"].rows, "bank": len(b.bank)}
+                for b in self.branches]
+
     # ------------------------------------------------------------ embeddings
     def embed(self, images: list[ImageInput]) -> list[Embedded]:
-        """Backbone features of images, batched by size (fit_batch_size per forward)."""
+        """Backbone features of images for every branch, batched by size (fit_batch_size per forward)."""
         out: list[Embedded | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
@@ -191,16 +212,16 @@ class RoiModel:
                 t0 = time.perf_counter()
                 batch = self.extractor.preprocess([images[i].rgb for i in chunk])
                 t1 = time.perf_counter()
-                feats, grid = self.extractor.forward(batch)
-                if feats.device.type == "cuda":
+                per_branch = self.extractor.forward_branches(batch)
+                if batch.device.type == "cuda":
                     torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 input_size = (batch.shape[3], batch.shape[2])
-                feats_np = feats.cpu().numpy()
+                arrays = [f.cpu().numpy() for f, _ in per_branch]
                 per = {"preprocess": (t1 - t0) * 1000 / len(chunk), "backbone": (t2 - t1) * 1000 / len(chunk),
                        "batch_size": len(chunk)}
                 for j, i in enumerate(chunk):
-                    out[i] = Embedded(feats_np[j], grid, input_size, size, dict(per))
+                    out[i] = Embedded([a[j] for a in arrays], [g for _, g in per_branch], input_size, size, dict(per))
         return out  # type: ignore[return-value]
 
     def _records_images(self, records: list[SampleRecord]) -> list[ImageInput]:
@@ -223,117 +244,88 @@ class RoiModel:
                 self.store.quarantine(kind, rec.sample_id, f"image cannot be decoded: {exc}")
         return good, images
 
+    def _arrays(self, kind: str) -> list[np.ndarray]:
+        """Each branch's embedding rows of one kind: in RAM (memory_fit, bounded) or memory-mapped."""
+        s = self.settings
+        return [b.index_array(kind, s.memory_fit, s.memory_fit_max_mb) for b in self.branches]
+
     def _index_array(self, kind: str) -> np.ndarray:
-        """The embedding rows of one kind: in RAM (memory_fit, bounded by memory_fit_max_mb) or memory-mapped."""
-        return self._emb[kind].array(self.settings.memory_fit, self.settings.memory_fit_max_mb)
+        return self._arrays(kind)[0]
 
-    def _reset_index(self, kind: str) -> None:
-        """Empty one embedding index (other backbone, stale rows): its rows get new meanings."""
-        self._emb[kind].reset(self.identity, self.extractor.feature_dim)
-        self._distances.clear()
-
-    def _append_embeddings(
-        self, kind: str, records: list[SampleRecord], images: list[ImageInput]
-    ) -> list[tuple[int, int]]:
-        """Embed and append; returns (offset, count) row spans of the new samples."""
-        store = self._emb[kind]
-        if store.meta["identity"] != self.identity:
-            self._reset_index(kind)
-        items, spans, offset = [], [], store.rows
-        for emb, rec in zip(self.embed(images), records, strict=True):
-            entry = {"sample_id": rec.sample_id, "grid": list(emb.grid), "input_size": list(emb.input_size),
-                     "image_size": list(emb.image_size)}
-            items.append((entry, emb.feats))
-            spans.append((offset, emb.feats.shape[0]))
-            offset += emb.feats.shape[0]
-        store.append(items)
-        return spans
+    def _append_embeddings(self, kind: str, records: list[SampleRecord], images: list[ImageInput],
+                           branches: list[PatchBranch] | None = None) -> list[list[tuple[int, int]]]:
+        """Embed once and append to each branch; returns per branch the (offset, count) spans."""
+        embs = self.embed(images)
+        out = []
+        for b, branch in enumerate(self.branches):
+            if branches is not None and branch not in branches:
+                out.append([])
+                continue
+            items = [({"sample_id": rec.sample_id, "grid": list(emb.grids[b]), "input_size": list(emb.input_size),
+                       "image_size": list(emb.image_size)}, emb.feats[b])
+                     for emb, rec in zip(embs, records, strict=True)]
+            out.append(branch.append(kind, items))
+        return out
 
     # ------------------------------------------------------------ the index
     def _sync_index(self, force_threshold: bool = False) -> None:
-        """Make the embedding index and bank match the stored samples and this backbone."""
+        """Make every branch's embedding index and bank match the stored samples and the features."""
         for kind in ("ok", "ng"):
             records = self._readable_samples(kind)
-            store = self._emb[kind]
-            indexed = [e["sample_id"] for e in store.entries]
             ids = [r.sample_id for r in records]
-            if store.meta["identity"] != self.identity or indexed != ids[: len(indexed)]:
-                if records:
-                    log.warning("%s/%s: %s index stale (backbone or samples changed): rebuilding from %d samples",
-                                self.store.role_id, self.store.roi_id, kind, len(records))
-                self._reset_index(kind)
-                indexed = []
-                if kind == "ok":
-                    self.store.bank_path.unlink(missing_ok=True)
-            missing = records[len(indexed):]
+            for branch in self.branches:
+                if branch.stale(kind, ids):
+                    if records:
+                        log.warning("%s/%s: %s index of branch %s stale (features or samples changed): rebuilding "
+                                    "from %d samples", self.store.role_id, self.store.roi_id, kind,
+                                    branch.identity["name"], len(records))
+                    branch.reset(kind)
+            done = [len(b.emb[kind].entries) for b in self.branches]
+            missing = records[min(done):]
             if missing:
                 log.info("%s/%s: indexing %d %s samples", self.store.role_id, self.store.roi_id, len(missing), kind)
-                for start in range(0, len(missing), 64):
-                    chunk, images = self._decodable(kind, missing[start : start + 64])
-                    if chunk:
-                        self._append_embeddings(kind, chunk, images)
+            position = {sid: i for i, sid in enumerate(ids)}
+            for start in range(0, len(missing), 64):
+                chunk, images = self._decodable(kind, missing[start : start + 64])
+                runs: dict[tuple[int, ...], list[int]] = {}  # the branches that lack a sample -> its chunk places
+                for j, rec in enumerate(chunk):
+                    todo = tuple(b for b, n in enumerate(done) if n <= position[rec.sample_id])
+                    runs.setdefault(todo, []).append(j)
+                for todo, places in runs.items():
+                    self._append_embeddings(kind, [chunk[j] for j in places], [images[j] for j in places],
+                                            [self.branches[b] for b in todo])
+        previous = self.manifest.get("branches") or [{"identity": self.manifest.get("backbone"),
+                                                      "bank_rows_total": self.manifest.get("bank_rows_total")}]
+        arrays = self._arrays("ok")
+        for b, branch in enumerate(self.branches):
+            before = previous[b] if b < len(previous) else {}
+            trusted = (before.get("identity") == branch.identity and self.manifest.get("bank_key") ==
+                       self.settings.bank_key() and before.get("bank_rows_total") == branch.emb["ok"].rows)
+            if branch.load_or_reselect(arrays[b], trusted, self.progress) and branch.emb["ok"].entries:
+                log.info("%s/%s: bank of branch %s selected from %d samples: %d patches", self.store.role_id,
+                         self.store.roi_id, branch.identity["name"], len(branch.emb["ok"].entries), len(branch.bank))
+            branch.refresh_knn()
         ok = self._emb["ok"]
-        bank = self.store.load_bank()
-        manifest_ok = (self.manifest.get("backbone") == self.identity
-                       and self.manifest.get("bank_key") == self.settings.bank_key()
-                       and self.manifest.get("bank_rows_total") == ok.rows)
-        if (bank is not None and manifest_ok and bank[1].shape == (bank[0].size, ok.meta["dim"])
-                and (bank[0].size == 0 or bank[0].max() < ok.rows)):
-            self._set_bank(*bank)
-        else:
-            self._reselect()
-        self._refresh_knn()
         changed = (self.manifest["counts"]["ok"] != len(ok.entries) or self.manifest["backbone"] != self.identity
                    or self.manifest["counts"]["ng"] != len(self._emb["ng"].entries)
-                   or self.manifest.get("settings") != asdict(self.settings))
+                   or self.manifest.get("settings") != asdict(self.settings)
+                   or [x["identity"] for x in self.manifest.get("branches", previous)]
+                   != [b.identity for b in self.branches]
+                   or len(self.scales) != len(self.branches))
         if (changed or force_threshold) and (ok.rows or self.store.exists()):
             self._update_threshold_and_save()
 
-    def _reselect(self) -> None:
-        """Select the bank from scratch by streaming the stored embeddings sample by sample."""
-        store = self._emb["ok"]
-        data = self._index_array("ok")
-        self._set_bank(np.zeros(0, np.int64))
-        for e in store.entries:
-            self.progress()
-            lo, hi = e["offset"], e["offset"] + e["count"]
-            self.bank.extend(np.asarray(data[lo:hi]), lo, total_rows=hi)
-        if store.entries:  # a ROI nobody has fitted leaves nothing on disk
-            log.info("%s/%s: bank selected from %d samples: %d patches", self.store.role_id, self.store.roi_id,
-                     len(store.entries), self.bank_rows.size)
-            self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
-
-    def _set_bank(self, rows: np.ndarray, feats: np.ndarray | None = None) -> None:
-        """Bank rows (order kept) plus their features (given, or gathered from the index)."""
-        if feats is None:
-            data = self._index_array("ok")
-            feats = np.asarray(data[rows], np.float32) if rows.size else np.zeros((0, data.shape[1]), np.float32)
-        self.bank.set(rows, feats)
-
-    @property
-    def bank_rows(self) -> np.ndarray:
-        return self.bank.rows
-
-    @property
-    def _bank_feats(self) -> torch.Tensor:
-        return self.bank.feats
-
     def _refresh_knn(self) -> None:
-        store = self._emb["ok"]
-        if self.bank_rows.size == 0:
-            self._knn = None
-            self._bank_sample = np.zeros(0, np.int64)
-            return
-        self._knn = NearestNeighbour(self._bank_feats.to(self.extractor.device), self.settings.knn_backend)
-        self._bank_sample = self.bank.owners(np.asarray([e["offset"] for e in store.entries], np.int64))
+        for branch in self.branches:
+            branch.refresh_knn()
 
     # --------------------------------------------------------------- scoring
-    def _score_map(
-        self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]
-    ) -> tuple[float, np.ndarray]:
-        amap = input_res_map(dist, grid, input_size, self.settings.blur_sigma)
-        mask = self._mask_at(input_size)
-        return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile), amap
+    def _branch_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+        return input_res_map(dist, grid, input_size, self.settings.blur_sigma)
+
+    def _map_score(self, amap: np.ndarray) -> float:
+        mask = self._mask_at((amap.shape[1], amap.shape[0]))
+        return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile)
 
     def _mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
         """The ROI mask resized to (w, h), computed once per size (ROIs of a station share sizes)."""
@@ -343,58 +335,28 @@ class RoiModel:
             self._mask_cache[size] = resize_mask(self.mask, size)
         return self._mask_cache[size]
 
-    def _holdout_ok_scores(self) -> list[float]:
-        """Leave-one-out scores of the most recent OK samples against the bank without their own patches."""
-        store = self._emb["ok"]
-        entries = store.entries
-        if self._knn is None or not entries:
-            return []
-        data = self._index_array("ok")
-        scores = []
-        first = max(0, len(entries) - self.settings.holdout_max)
-        for i in range(first, len(entries)):
-            self.progress()
-            exclude = torch.from_numpy(self._bank_sample == i)
-            if bool(exclude.all()):
-                continue
-            scores.append(self._sample_score("ok", entries[i], data, exclude))
-        if not scores:  # a single OK sample: nothing to leave out; score nuisance views of it instead
-            rec = self.store.list_samples("ok")[-1]
-            img = self._records_images([rec])[0]
-            views = nuisance_views(img, self.extractor.stride * img.size[0] / entries[-1]["input_size"][0])
-            for emb in self.embed(views):
-                dist = self._knn.distances(torch.from_numpy(emb.feats).to(self.extractor.device)).numpy()
-                scores.append(self._score_map(dist, emb.grid, emb.input_size)[0])
-        return scores
-
-    def _ng_scores(self) -> list[float]:
-        store = self._emb["ng"]
-        if self._knn is None or not store.entries:
-            return []
-        data = self._index_array("ng")
+    def _nuisance_maps(self) -> list[list[np.ndarray]]:
+        """Branch maps of copies of the one OK sample with a station's usual nuisance (thresholds.py)."""
+        rec = self.store.list_samples("ok")[-1]
+        img = self._records_images([rec])[0]
+        last = self._emb["ok"].entries[-1]
+        views = nuisance_views(img, self.extractor.stride * img.size[0] / last["input_size"][0])
         out = []
-        for e in store.entries:
-            self.progress()
-            out.append(self._sample_score("ng", e, data, None))
+        for emb in self.embed(views):
+            out.append([self._branch_map(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)
+                        for b, branch in enumerate(self.branches)])
         return out
-
-    def _sample_score(self, kind: str, e: dict, data: np.ndarray, exclude: torch.Tensor | None) -> float:
-        """A stored sample's score, from its cached patch distances brought up to date with the bank."""
-        q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]])).to(self.extractor.device)
-        grid, size = tuple(e["grid"]), tuple(e["input_size"])
-        return self._distances.score((kind, e["sample_id"]), q, exclude,
-                                     lambda dist: self._score_map(dist, grid, size)[0])
 
     def _update_threshold_and_save(self) -> None:
         s = self.settings
         t0 = time.perf_counter()
+        ok_scores, ng_scores = [], []
         if self._knn is not None:
-            self._distances.begin(self._knn, self.bank_rows, self._bank_feats)
-        ok_scores = self._holdout_ok_scores()
-        ng_scores = self._ng_scores()
-        if self._knn is not None:
-            log.debug("%s/%s: threshold samples scored in %.0f ms: %s", self.store.role_id, self.store.roi_id,
-                      (time.perf_counter() - t0) * 1000, self._distances.end())
+            arrays = {"ok": self._arrays("ok"), "ng": self._arrays("ng")}
+            ok_scores, ng_scores, self.scales = self._scorer.round(self.branches, s.holdout_max, arrays,
+                                                                   self._nuisance_maps)
+            log.debug("%s/%s: threshold samples scored in %.0f ms", self.store.role_id, self.store.roi_id,
+                      (time.perf_counter() - t0) * 1000)
         if self.manifest["threshold"]["method"] == "manual_override":
             th = self.manifest["threshold"]
         else:
@@ -403,9 +365,10 @@ class RoiModel:
         m = self.manifest
         m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
                  bank_key=s.bank_key(), bank_rows_total=ok.rows, ok_scores=[round(x, 6) for x in ok_scores],
-                 ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now())
+                 ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now(), branches=self._branch_info(),
+                 branch_scales=[x.to_dict() for x in self.scales])
         m["counts"] = {"ok": len(ok.entries), "ng": len(self._emb["ng"].entries),
-                       "bank": int(self.bank_rows.size), "patches": ok.rows}
+                       "bank": len(self.bank), "patches": ok.rows}
         self.store.write_manifest(m)
 
     # --------------------------------------------------------------- public
@@ -418,8 +381,9 @@ class RoiModel:
         for _, img, _ in samples:
             w, h = self.extractor.input_size(*img.size)
             rows += (w // self.extractor.stride) * (h // self.extractor.stride)
-        bank = self.store.bank_path.stat().st_size if self.store.bank_path.exists() else 0
-        need = sum(len(d) for d, _, _ in samples) + rows * self.extractor.feature_dim * 4 + 2 * bank + (1 << 20)
+        bank = sum(b.bank_path.stat().st_size for b in self.branches if b.bank_path.exists())
+        dims = sum(ident.feature_dim for ident in self.extractor.branch_identities)  # over-estimate: coarse grids
+        need = sum(len(d) for d, _, _ in samples) + rows * dims * 4 + 2 * bank + (1 << 20)
         if free < need:
             raise StorageError(f"the data root has {free // 1024} KiB free; storing these {len(samples)} samples needs "
                                f"about {need // 1024} KiB: nothing was stored", code="disk_full")
@@ -450,23 +414,19 @@ class RoiModel:
         t0 = time.perf_counter()
         records, images, duplicates = self._store_samples("ok", samples)
         t_backbone = t_coreset = 0.0
-        ok = self._emb["ok"]
-        if ok.meta["identity"] != self.identity:
-            self._reset_index("ok")
         bs = max(1, self.settings.fit_batch_size)
         for start in range(0, len(records), bs):
             recs, imgs = records[start : start + bs], images[start : start + bs]
             tb = time.perf_counter()
             spans = self._append_embeddings("ok", recs, imgs)
             tc = time.perf_counter()
-            data = self._index_array("ok")
-            for lo, count in spans:
-                self.progress()
-                self.bank.extend(np.asarray(data[lo : lo + count]), lo, total_rows=lo + count)
+            for branch, data, branch_spans in zip(self.branches, self._arrays("ok"), spans, strict=True):
+                branch.extend_bank(data, branch_spans, self.progress)
             t_backbone += tc - tb
             t_coreset += time.perf_counter() - tc
         if records:
-            self.store.save_bank(self.bank_rows, self._bank_feats.numpy())
+            for branch in self.branches:
+                branch.save_bank()
             self._dirty = True
         tt = time.perf_counter()
         if finalize:
@@ -476,9 +436,9 @@ class RoiModel:
                   "timings_ms": {"embed": round(t_backbone * 1000, 1), "coreset": round(t_coreset * 1000, 1),
                                  "threshold": round(t_threshold * 1000, 1),
                                  "total": round((time.perf_counter() - t0) * 1000, 1)}}
-        log.info("fit_ok %s/%s: +%d samples (%d duplicates), bank %d, threshold %s, device %s, timings %s",
-                 self.store.role_id, self.store.roi_id, len(records), len(duplicates), self.bank_rows.size,
-                 self.threshold, self.extractor.device, report["timings_ms"])
+        log.info("fit_ok %s/%s: +%d samples (%d duplicates), banks %s, threshold %s, device %s, timings %s",
+                 self.store.role_id, self.store.roi_id, len(records), len(duplicates),
+                 [len(b.bank) for b in self.branches], self.threshold, self.extractor.device, report["timings_ms"])
         return report
 
     def finalize(self) -> None:
@@ -568,7 +528,7 @@ class RoiModel:
         self.manifest.pop("mask_error", None)
         self.mask = mask > 0
         self._mask_cache.clear()
-        self._distances.clear()  # scores depend on the mask
+        self._scorer.clear()  # scores depend on the mask
         if self._knn is not None:
             self._update_threshold_and_save()
         return self.state()
@@ -583,14 +543,16 @@ class RoiModel:
         if self._knn is None or self.threshold is None:
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
-        if self.extractor.identity.to_dict() != self.identity:
+        if [i.to_dict() for i in self.extractor.branch_identities] != [b.identity for b in self.branches]:
             raise BackboneMismatchError("the running backbone differs from the one this bank was built with")
         results = []
         for img, emb in zip(images, self.embed(images), strict=True):
             t0 = time.perf_counter()
-            dist = self._knn.distances(torch.from_numpy(emb.feats).to(self.extractor.device)).numpy()
+            dists = [branch.search(emb.feats[b]) for b, branch in enumerate(self.branches)]
             t1 = time.perf_counter()
-            score, amap = self._score_map(dist, emb.grid, emb.input_size)
+            maps = [self._branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
+            amap = fuse_maps(maps, self.scales)
+            score = self._map_score(amap)
             threshold = float(self.threshold)
             full = cv2.resize(amap, img.size, interpolation=cv2.INTER_LINEAR)
             mask_full = self._mask_at(img.size)

@@ -16,7 +16,6 @@ the middle of an append only leaves ignored bytes at the end.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -271,21 +270,6 @@ class RoiStore:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
-
-    def save_bank(self, rows: np.ndarray, feats: np.ndarray) -> None:
-        """The coreset: row numbers into ok.f32 and their features (so start-up reads only this file)."""
-        buf = io.BytesIO()
-        np.savez(buf, rows=rows.astype(np.int64), feats=feats.astype(np.float32))
-        atomic_write_bytes(self.bank_path, buf.getvalue())
-
-    def load_bank(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if not self.bank_path.exists():
-            return None
-        try:
-            with np.load(self.bank_path) as z:
-                return z["rows"], z["feats"]
-        except (OSError, ValueError, KeyError):
-            return None
 
     def load_mask(self) -> tuple[np.ndarray | None, str | None]:
         """(mask, None), (None, None) when there is none, or (None, reason) when the file was unusable:

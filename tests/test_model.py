@@ -15,6 +15,7 @@ from core.bank_distances import BankDistances
 from core.errors import InputError, ModelNotReadyError
 from core.image_io import decode_image
 from core.model import ModelSettings, RoiModel
+from core.sample_scores import SampleScorer
 
 
 def sample(path: Path, mm: float | None = 0.1) -> tuple[bytes, object, dict]:
@@ -163,7 +164,7 @@ def test_incremental_fit_extends_the_selection(tmp_path, extractor, tire_files) 
 def test_later_samples_are_represented_once_the_bank_is_full(tmp_path, extractor, tire_files) -> None:
     model = RoiModel(tmp_path, "r", "full", extractor, ModelSettings(coreset_min=1000, coreset_max=1000))
     model.fit_ok([sample(p) for p in tire_files["train"][:8]])
-    per_sample = np.bincount(model._bank_sample, minlength=8)
+    per_sample = np.bincount(model.branches[0].bank_sample, minlength=8)
     assert model.bank_rows.size <= 1000 and (per_sample > 0).all(), per_sample
 
 
@@ -267,12 +268,17 @@ def test_a_fit_in_steps_builds_the_same_model_as_one_call(tmp_path, extractor, t
 
 
 def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
-    cached, model._distances = model._distances, BankDistances()
-    model._distances.begin(model._knn, model.bank_rows, model._bank_feats)
+    cached = [b.distances for b in model.branches]
+    for b in model.branches:
+        b.distances = BankDistances()
     try:
-        return model._holdout_ok_scores(), model._ng_scores()
+        scorer = SampleScorer(model._branch_map, model._map_score, lambda: None)
+        ok, ng, _ = scorer.round(model.branches, model.settings.holdout_max,
+                                 {"ok": model._arrays("ok"), "ng": model._arrays("ng")}, model._nuisance_maps)
+        return ok, ng
     finally:
-        model._distances = cached
+        for b, d in zip(model.branches, cached, strict=True):
+            b.distances = d
 
 
 def test_threshold_updates_by_bank_delta_equal_a_full_search(tmp_path, extractor, tire_files) -> None:
@@ -286,7 +292,7 @@ def test_threshold_updates_by_bank_delta_equal_a_full_search(tmp_path, extractor
         if i == 3:
             model.send_ng([sample(p) for p in tire_files["cut"][:2]])
             model.set_mask(cv2.imencode(".png", np.pad(np.full((200, 200), 255, np.uint8), 50))[1].tobytes())
-        stats = model._distances.stats
+        stats = model.branches[0].distances.stats
         assert model.bank_rows.size <= 600
         ok, ng = _scores_by_full_search(model)
         assert model.manifest["ok_scores"] == pytest.approx(ok, abs=2e-5)
@@ -313,3 +319,32 @@ def test_memory_fit_keeps_the_index_in_ram_only_up_to_its_bound(tmp_path, extrac
     ram.fit_ok(samples[3:])
     assert isinstance(ram._emb["ok"]._ram, np.ndarray)
     assert np.array_equal(ram.bank_rows, bounded.bank_rows) and ram.threshold == pytest.approx(bounded.threshold)
+
+
+def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samples(
+        tmp_path, extractor, tire_files, caplog) -> None:
+    """A data root written with one branch (the layout before fine + coarse fusion): the fine index and
+    bank are kept as they are, the coarse branch is indexed from the stored samples by itself, and the ROI
+    predicts with both, saying so in its state."""
+    import logging
+
+    from core.backbones import get_extractor
+
+    single = get_extractor("efficientnet_lite0", resolution=256, device="cpu", layers=(4, 10))
+    assert single.identity == extractor.identity and len(extractor.branch_identities) == 2
+    old = RoiModel(tmp_path, "r", "old", single, ModelSettings(coreset_min=300))
+    old.fit_ok([sample(p) for p in tire_files["train"][:5]])
+    manifest_path = old.store.manifest_path
+    m = json.loads(manifest_path.read_text())
+    for key in ("branches", "branch_scales"):  # what an earlier version's manifest did not have
+        m.pop(key)
+    manifest_path.write_text(json.dumps(m))
+    fine_bank = old.store.index_dir.joinpath("bank.npz").read_bytes()
+    with caplog.at_level(logging.INFO):
+        new = RoiModel(tmp_path, "r", "old", extractor, ModelSettings(coreset_min=300))
+    assert "indexing 5 ok samples" in caplog.text
+    assert new.store.index_dir.joinpath("bank.npz").read_bytes() == fine_bank  # the fine bank was kept
+    assert [b["name"] for b in new.state()["branches"]] == ["efficientnet_lite0", "efficientnet_lite0@10-14"]
+    assert len(new.branches[1].emb["ok"].entries) == 5 and len(new.branches[1].bank) > 0
+    res = new.predict([decode_image(tire_files["hole"][0].read_bytes())])[0]
+    assert res["is_anomaly"] and res["score"] > new.threshold

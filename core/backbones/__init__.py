@@ -33,6 +33,15 @@ DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficien
                       "efficientnet_lite1": 320, "efficientnet_lite2": 320}
 
 
+def default_branches(name: str) -> tuple[tuple[int, ...], ...]:
+    """Patch-feature branches by default: on EfficientNet-Lite, fine (ends of stages 3 + 5, stride 8)
+    and coarse (ends of stages 5 + 6, stride 16): one forward pass, two banks (docs/benchmarks.md)."""
+    if name not in EFFNETS:
+        return ((),)
+    ends = efficientnet_lite.stage_ends(name)
+    return ((ends[2], ends[4]), (ends[4], ends[5]))
+
+
 def default_layers(name: str) -> tuple[int, ...]:
     """Blocks tapped by default: the ends of stages 3 and 5 (Lite0: 4, 10; Lite1/Lite2: 6, 14)."""
     if name not in EFFNETS:
@@ -74,7 +83,7 @@ class FeatureExtractor:
     def __init__(
         self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
         keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
-        layers: tuple[int, ...] | None = None,
+        layers: tuple[int, ...] | None = None, extra_branches: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.name = name
         layers = tuple(layers) if layers else default_layers(name)
@@ -95,7 +104,18 @@ class FeatureExtractor:
         plain = self.is_vit or self.taps == default_layers(name)
         ident_name = name if plain else f"{name}@{'-'.join(map(str, self.taps))}"
         self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)
+        # further patch branches from the same forward pass (EfficientNet only): (taps, identity) each
+        self.extra_branches: list[tuple[tuple[int, ...], BackboneIdentity]] = []
+        for taps in () if self.is_vit else extra_branches:
+            taps = tuple(sorted(taps))
+            dim = sum(efficientnet_lite.block_channels(i, name) for i in taps)
+            ident = BackboneIdentity(f"{name}@{'-'.join(map(str, taps))}", weights_sha256, resolution, keep_aspect, dim)
+            self.extra_branches.append((taps, ident))
         self._lock = threading.Lock()
+
+    @property
+    def branch_identities(self) -> list[BackboneIdentity]:
+        return [self.identity] + [ident for _, ident in self.extra_branches]
 
     def input_size(self, width: int, height: int) -> tuple[int, int]:
         """Backbone input (w, h): about resolution^2 pixels, aspect kept, sides multiples of the patch."""
@@ -129,15 +149,21 @@ class FeatureExtractor:
                 feats = self.model(batch).float()
             else:
                 maps = self.model.forward_blocks(batch, self.taps)
-                gh, gw = maps[0].shape[2:]
-                parts = []
-                for fmap in maps:
-                    fmap = F.avg_pool2d(fmap.float(), 3, stride=1, padding=1, count_include_pad=False)
-                    if fmap.shape[2:] != (gh, gw):
-                        fmap = F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
-                    parts.append(F.normalize(fmap, dim=1) / math.sqrt(len(maps)))
-                feats = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+                return _patch_features(maps)
         return F.normalize(feats, dim=-1), (gh, gw)
+
+    @torch.inference_mode()
+    def forward_branches(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Normalised batch -> (features, grid) of every branch (the first is `forward`'s), one pass."""
+        if not self.extra_branches:
+            return [self.forward(batch)]
+        sets = [self.taps] + [taps for taps, _ in self.extra_branches]
+        union = tuple(sorted({t for taps in sets for t in taps}))
+        with self._lock, torch.autocast(
+            device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            by_tap = dict(zip(union, self.model.forward_blocks(batch, union), strict=True))
+            return [_patch_features([by_tap[t] for t in taps]) for taps in sets]
 
     def extract(self, images: list[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         return self.forward(self.preprocess(images))
@@ -149,6 +175,20 @@ class FeatureExtractor:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1000
+
+
+def _patch_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Block maps (finest first) -> L2-normalised patch features [B, gh*gw, D] on the finest grid: each
+    map 3x3-averaged (local context), resized to that grid, L2-normalised, weighted equally."""
+    gh, gw = maps[0].shape[2:]
+    parts = []
+    for fmap in maps:
+        fmap = F.avg_pool2d(fmap.float(), 3, stride=1, padding=1, count_include_pad=False)
+        if fmap.shape[2:] != (gh, gw):
+            fmap = F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
+        parts.append(F.normalize(fmap, dim=1) / math.sqrt(len(maps)))
+    feats = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
+    return F.normalize(feats, dim=-1), (gh, gw)
 
 
 def resolve_backbone_name(name: str, weights: str | None) -> str:
@@ -179,14 +219,18 @@ _CACHE_LOCK = threading.Lock()
 def get_extractor(
     name: str = "auto", weights: str | None = None, resolution: int | None = None, device: str = "auto",
     keep_aspect: bool = True, allow_download: bool = False, random_weights: bool = False,
-    layers: tuple[int, ...] | None = None,
+    layers: tuple[int, ...] | None = None, branches: tuple[tuple[int, ...], ...] | None = None,
 ) -> FeatureExtractor:
     """One cached, warmed-up extractor per configuration in this process."""
     name = resolve_backbone_name(name, weights)
     resolution = resolution or DEFAULT_RESOLUTION[name]
     dev = resolve_device(device)
-    layers = tuple(layers) if layers else default_layers(name)
-    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, layers)
+    # branches: None = the default (one branch when `layers` is given); else the first is the primary
+    if branches is None:
+        branches = (tuple(layers),) if layers else default_branches(name)
+    branches = tuple(tuple(sorted(b)) for b in branches if b) or ((),)
+    layers = branches[0] or default_layers(name)
+    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, branches)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -199,7 +243,8 @@ def get_extractor(
             log.info("backbone %s loaded from %s (%.0f ms)", name, path or "random weights",
                      (time.perf_counter() - t0) * 1000)
         model, sha, lock = _NETWORKS[net_key]
-        extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers))
+        extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers),
+                                     extra_branches=branches[1:])
         extractor._lock = lock  # extractors of one network take turns on it
         warm_ms = extractor.warm_up()
         log.info("backbone %s on %s at resolution %d, blocks %s (warm-up %.0f ms)", name, dev, resolution,
