@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import SPLITS, halves, shared_root  # noqa: E402
+from image_stats import ImageStatsModel, image_stats  # noqa: E402
 
 from core.backbones import efficientnet_lite, get_extractor  # noqa: E402
 from core.coreset import greedy_select, project, projection  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.image_stats import ImageStatsModel, image_stats  # noqa: E402
-from core.scoring import patch_score  # noqa: E402
+
+PATCH_STATS = ("max", "blur_max", "top1", "top5", "max+top5")
+
+
+def patch_score(grid_dist: np.ndarray, stat: str = "max", blur_patches: float = 0.5) -> float:
+    """Image score from the unblurred patch-distance grid [gh, gw].
+
+    max: the single worst patch; top1 / top5: mean of the worst 1 % / 5 % of patches (at least one),
+    which grows with a defect's area; max+top5: their mean; blur_max: max after a Gaussian of
+    `blur_patches` patches (what a blurred map's max measures).
+    """
+    g = grid_dist.astype(np.float32)
+    if stat == "blur_max":
+        return float(cv2.GaussianBlur(g, (0, 0), blur_patches, borderType=cv2.BORDER_REFLECT).max())
+    flat = g.ravel()
+    if stat == "max":
+        return float(flat.max())
+
+    def top(share: float) -> float:
+        k = max(1, int(round(flat.size * share)))
+        return float(np.partition(flat, flat.size - k)[-k:].mean())
+
+    if stat == "top1":
+        return top(0.01)
+    if stat == "top5":
+        return top(0.05)
+    if stat == "max+top5":
+        return 0.5 * (float(flat.max()) + top(0.05))
+    raise ValueError(f"unknown patch statistic {stat!r}; choose one of {PATCH_STATS}")
+
 
 torch.set_grad_enabled(False)
 NORMS = ["l2", "std"]

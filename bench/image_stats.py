@@ -1,4 +1,5 @@
-"""Whole-image branch: per-image channel statistics scored by a shrinkage Mahalanobis distance.
+"""Whole-image branch (studied in bench/quality_study.py, not in the product: it lowered AUROC on every
+validation set here, docs/benchmarks.md): per-image channel statistics scored by a shrinkage Mahalanobis distance.
 
 Patch features catch local defects but are normalised patch by patch, so a large, low-contrast change
 (an uneven surface, a tint over the whole part, wrong lighting) moves little in them. The mean and
