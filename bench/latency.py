@@ -62,10 +62,12 @@ def variants(paths: list[Path], n: int) -> list[bytes]:
 
 
 def bench_config(name: str, res: int, random_w: bool, bank_imgs: list[bytes], probe: bytes, runs: int) -> dict:
-    ex = get_extractor(name, resolution=res, random_weights=random_w, device="cpu")
+    name, _, taps = name.partition("@")  # name@4-10: one branch with those blocks; plain name: the default
+    kw = {"layers": tuple(int(t) for t in taps.split("-"))} if taps else {}
+    ex = get_extractor(name, resolution=res, random_weights=random_w, device="cpu", **kw)
     img = decode_image(probe)
     batch = ex.preprocess([img.rgb])
-    backbone_ms = median_ms(lambda: ex.forward(batch), runs)
+    backbone_ms = median_ms(lambda: ex.forward_branches(batch), runs)  # every branch's blocks: one pass
     with tempfile.TemporaryDirectory() as tmp:
         model = RoiModel(Path(tmp), "bench", "roi", ex, ModelSettings())
         samples = [(b, decode_image(b), {"source": "bench"}) for b in bank_imgs]
@@ -84,11 +86,13 @@ def bench_config(name: str, res: int, random_w: bool, bank_imgs: list[bytes], pr
             model.predict([decode_image(probe)])
 
         e2e_ms = median_ms(e2e, runs)
-        backbone_again = median_ms(lambda: ex.forward(batch), runs)
+        backbone_again = median_ms(lambda: ex.forward_branches(batch), runs)
         res_parts = model.predict([decode_image(probe)])[0]["timings_ms"]
-        bank_mb = model._bank_feats.numel() * 4 / 2**20
+        bank_mb = sum(b.bank.feats.numel() for b in model.branches) * 4 / 2**20
+        bank_sizes = [len(b.bank) for b in model.branches]
     bb = (backbone_ms + backbone_again) / 2
-    return {"backbone": name, "weights": "random (seeded)" if random_w else "ImageNet", "resolution": res,
+    return {"backbone": ex.identity.name, "branches": [i.name for i in ex.branch_identities],
+            "bank_sizes": bank_sizes, "weights": "random (seeded)" if random_w else "ImageNet", "resolution": res,
             "input_size": list(ex.input_size(*img.size)), "probe_size": list(img.size),
             "backbone_ms": round(bb, 2), "e2e_ms": e2e_ms, "e2e_over_backbone": round(e2e_ms / bb, 3),
             "e2e_parts_ms": res_parts, "bank_images": len(bank_imgs), "bank_size": model.bank_rows.size,

@@ -26,6 +26,12 @@ class CoresetSize:
     minimum: int = 4096
     maximum: int = 8192
 
+    def scaled(self, factor: float) -> CoresetSize:
+        """Bounds scaled (for a branch of wider features: the same bank bytes); 1.0 or more: unchanged."""
+        if factor >= 1:
+            return self
+        return CoresetSize(self.ratio, max(1, int(self.minimum * factor)), max(64, int(self.maximum * factor)))
+
     def target(self, total_rows: int) -> int:
         return min(total_rows, max(self.minimum, math.ceil(self.ratio * total_rows)), self.maximum)
 

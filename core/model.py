@@ -145,9 +145,12 @@ class RoiModel:
         self.debug_dir = debug_dir
         self.identity = extractor.identity.to_dict()
         s = self.settings
+        idents = extractor.branch_identities
+        # every further branch gets the first one's bank memory (entries x dims), not more: RAM <= 2x one bank
         self.branches = [PatchBranch(self.store.index_dir, f"b{i}" if i else "", ident.to_dict(), ident.feature_dim,
-                                     s.coreset_size(), s.proj_dim, extractor.device, s.knn_backend)
-                         for i, ident in enumerate(extractor.branch_identities)]
+                                     s.coreset_size().scaled(idents[0].feature_dim / ident.feature_dim), s.proj_dim,
+                                     extractor.device, s.knn_backend)
+                         for i, ident in enumerate(idents)]
         self.bank = self.branches[0].bank
         self._emb = self.branches[0].emb
         self.manifest = self.store.read_manifest() or self._new_manifest()
