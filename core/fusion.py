@@ -1,15 +1,17 @@
 """Fusion of patch branches into one anomaly map and one score.
 
 Each branch (fine and coarse patch features by default) gives a patch-distance map at the backbone
-input size. Their distances are not on one scale, so each branch's map is standardised by the mean
-and standard deviation of its own leave-one-out OK image scores (`BranchScale`), the standardised
-maps are averaged, and the result is expressed in the first branch's units again:
+input size and an image score (the configured statistic of that map). Their distances are not on one
+scale, so each is standardised by the mean and standard deviation of the branch's own leave-one-out OK
+image scores (`BranchScale`) and the result is expressed in the first branch's units again:
 
-    fused(x) = mu_1 + sd_1 * mean_b((map_b(x) - mu_b) / sd_b)
+    score = mu_1 + sd_1 * mean_b((score_b - mu_b) / sd_b)          (the image score)
+    map(x) = mu_1 + sd_1 * max_b((map_b(x) - mu_b) / sd_b)          (the map shown, and its regions)
 
-With one branch this is that branch's map unchanged, so scores, thresholds and heatmaps keep the
-meaning they always had. The image score is the configured statistic of the fused map, and defect
-regions are where the fused map exceeds the threshold, so a flagged image always has its evidence.
+Averaging the image scores was the best fusion on the validation halves (docs/benchmarks.md); a map
+averaged pixel by pixel dilutes a small defect that only the fine branch sees, so the map takes the
+maximum: its peak is never below the score, so a flagged image always has a region above the
+threshold. With one branch both are that branch's own score and map, unchanged.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ class BranchScale:
         return {k: round(v, 8) for k, v in asdict(self).items()}
 
 
+def fuse_scores(scores: list[float], scales: list[BranchScale]) -> float:
+    """Branch image scores -> one score in the first branch's units (mean of standardised scores)."""
+    if len(scores) == 1:
+        return scores[0]
+    z = sum((v - s.mean) / s.std for v, s in zip(scores, scales, strict=True)) / len(scores)
+    return float(scales[0].mean + scales[0].std * z)
+
+
 def fuse_maps(maps: list[np.ndarray], scales: list[BranchScale]) -> np.ndarray:
-    """Branch maps (same shape) -> one map in the first branch's units."""
+    """Branch maps (same shape) -> one map in the first branch's units (max of standardised maps)."""
     if len(maps) == 1:
         return maps[0]
-    z = sum((m - s.mean) / s.std for m, s in zip(maps, scales, strict=True)) / len(maps)
+    z = np.maximum.reduce([(m - s.mean) / s.std for m, s in zip(maps, scales, strict=True)])
     return (scales[0].mean + scales[0].std * z).astype(np.float32)

@@ -18,7 +18,7 @@ import torch
 from . import thresholds
 from .backbones import FeatureExtractor
 from .errors import AnomalyError, BackboneMismatchError, InputError, ModelNotReadyError, StorageError
-from .fusion import BranchScale, fuse_maps
+from .fusion import BranchScale, fuse_maps, fuse_scores
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput, decode_image
 from .knn import NearestNeighbour
@@ -554,8 +554,8 @@ class RoiModel:
             dists = [branch.search(emb.feats[b]) for b, branch in enumerate(self.branches)]
             t1 = time.perf_counter()
             maps = [self._branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
+            score = fuse_scores([self._map_score(m) for m in maps], self.scales)
             amap = fuse_maps(maps, self.scales)
-            score = self._map_score(amap)
             threshold = float(self.threshold)
             full = cv2.resize(amap, img.size, interpolation=cv2.INTER_LINEAR)
             mask_full = self._mask_at(img.size)

@@ -2,8 +2,8 @@
 OK samples and the scores of every NG sample, fused over the patch branches (core/fusion.py).
 
 One round per threshold update. Each branch brings its samples' patch distances up to date with its
-bank (BankDistances); a sample's score is recomputed only when one of its branches' distances or the
-branch scales changed, so a fit_ok that changed a few bank entries rescores little.
+bank (BankDistances); a sample's branch score is recomputed only when that branch's distances changed,
+so a fit_ok that changed a few bank entries rescores little.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .fusion import BranchScale, fuse_maps
+from .fusion import BranchScale, fuse_scores
 from .patch_branch import PatchBranch
 
 # (patch distances [P], grid (gh, gw), input size (w, h)) -> map at the input size
@@ -27,12 +27,10 @@ class SampleScorer:
         self.score_fn = score_fn
         self.progress = progress
         self._branch_cache: dict[tuple, tuple[int, float]] = {}  # (kind, id, branch) -> (version, score)
-        self._fused_cache: dict[tuple, tuple[tuple, float]] = {}  # (kind, id) -> (signature, score)
 
     def clear(self) -> None:
         """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
         self._branch_cache.clear()
-        self._fused_cache.clear()
 
     def _dists(self, branches: list[PatchBranch], kind: str, i: int, arrays: list[np.ndarray],
                exclude: list[torch.Tensor | None]) -> list[tuple[np.ndarray, int, dict]]:
@@ -53,16 +51,6 @@ class SampleScorer:
             scores.append(hit[1])
         return scores
 
-    def _fused(self, kind: str, sid: str, parts: list[tuple[np.ndarray, int, dict]],
-               scales: list[BranchScale], branch_scores: list[float]) -> float:
-        if len(parts) == 1:
-            return branch_scores[0]
-        sig = (tuple(v for _, v, _ in parts), tuple(scales))
-        hit = self._fused_cache.get((kind, sid))
-        if hit is None or hit[0] != sig:
-            maps = [self.map_fn(d, tuple(e["grid"]), tuple(e["input_size"])) for d, _, e in parts]
-            hit = self._fused_cache[(kind, sid)] = (sig, self.score_fn(fuse_maps(maps, scales)))
-        return hit[1]
 
     def round(self, branches: list[PatchBranch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
               nuisance: Callable[[], list[list[np.ndarray]]]) -> tuple[list[float], list[float], list[BranchScale]]:
@@ -87,15 +75,15 @@ class SampleScorer:
         for branch in branches:
             branch.end_round()
         seen = {("ok", sid) for sid, _, _ in ok_parts} | {("ng", sid) for sid, _, _ in ng_parts}
-        self._fused_cache = {k: v for k, v in self._fused_cache.items() if k in seen}
         self._branch_cache = {k: v for k, v in self._branch_cache.items() if k[:2] in seen}
         if not ok_parts and entries:  # a single OK sample: score nuisance views of it instead
             view_maps = nuisance()
             per_branch = [[self.score_fn(maps[b]) for maps in view_maps] for b in range(len(branches))]
             scales = [BranchScale.of(s) for s in per_branch]
-            ok = [self.score_fn(fuse_maps(maps, scales)) for maps in view_maps]
+            ok = [fuse_scores([per_branch[b][v] for b in range(len(branches))], scales)
+                  for v in range(len(view_maps))]
         else:
             scales = [BranchScale.of([s[b] for _, _, s in ok_parts]) for b in range(len(branches))]
-            ok = [self._fused("ok", sid, parts, scales, s) for sid, parts, s in ok_parts]
-        ng = [self._fused("ng", sid, parts, scales, s) for sid, parts, s in ng_parts]
+            ok = [fuse_scores(s, scales) for _, _, s in ok_parts]
+        ng = [fuse_scores(s, scales) for _, _, s in ng_parts]
         return ok, ng, scales

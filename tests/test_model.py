@@ -346,5 +346,8 @@ def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samp
     assert new.store.index_dir.joinpath("bank.npz").read_bytes() == fine_bank  # the fine bank was kept
     assert [b["name"] for b in new.state()["branches"]] == ["efficientnet_lite0", "efficientnet_lite0@10-14"]
     assert len(new.branches[1].emb["ok"].entries) == 5 and len(new.branches[1].bank) > 0
-    res = new.predict([decode_image(tire_files["hole"][0].read_bytes())])[0]
-    assert res["is_anomaly"] and res["score"] > new.threshold
+    fresh = RoiModel(tmp_path / "fresh", "r", "old", extractor, ModelSettings(coreset_min=300))
+    fresh.fit_ok([sample(p) for p in tire_files["train"][:5]])  # the same samples fitted today
+    probe = decode_image(tire_files["hole"][0].read_bytes())
+    assert new.threshold == pytest.approx(fresh.threshold, abs=1e-6)
+    assert new.predict([probe])[0]["score"] == pytest.approx(fresh.predict([probe])[0]["score"], abs=1e-6)
