@@ -10,6 +10,10 @@ restart never take it twice; claimed files are finished first on the next start.
 to <data_root>/results/<role>/<roi>/<name>.json (written before the image moves on), then the image
 moves to done/ or, when it cannot be used, to rejected/ with <name>.error.json.
 
+Every completion (a result file written for a claim) is also appended to
+<data_root>/results/completions.log (one JSON line, fsynced): result files are overwritten by a second
+processing of the same file, the log is not, so "exactly once" on the folder side is checked from it.
+
 With MQTT on, the result is mirrored to the result topic after its file is written, under a key
 unique to this claim: a restart that finds the result file but not the image moved on mirrors the
 stored result again, and the MQTT outbox drops it if it had already taken it (one message per file).
@@ -46,6 +50,8 @@ except ImportError:  # pragma: no cover - other platforms / watchdog versions
     pass
 
 FOLDER_ACTIONS = ("predict", "fit_ok", "send_ng")
+COMPLETIONS_LOG = "completions.log"
+COMPLETIONS_LOG_MAX = 32 << 20  # then rotated to completions.log.1
 IGNORED_SUFFIXES = (".part", ".tmp", ".json")
 
 
@@ -65,6 +71,7 @@ class FolderIngest(FileSystemEventHandler):
         self._stop = threading.Event()
         self._seen: dict[Path, tuple[int, float, float]] = {}  # path -> (size, mtime, first seen)
         self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
         self._scanner = threading.Thread(target=self._rescan_loop, name="folder-rescan", daemon=True)
         # e.g. MQTT: publish folder results too; (result, key): a repeated key is published only once
         self.mirror: Callable[[dict, str | None], None] | None = None
@@ -227,7 +234,25 @@ class FolderIngest(FileSystemEventHandler):
             atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", base64.b64decode(png_b64))
             payload["data"]["heatmap_file"] = f"{claimed.stem}.heatmap.png"
         atomic_write_json(out_dir / f"{claimed.stem}.json", payload)  # the commit point (see _recover)
+        self._log_completion(job, payload)
         self._finish(claimed, job.role_id, job.roi_id, job.action, payload)
+
+    def _log_completion(self, job: Job, payload: dict) -> None:
+        """Append-only evidence of each processing (result files are overwritten; this is not)."""
+        line = json.dumps({"role_id": job.role_id, "roi_id": job.roi_id, "action": job.action,
+                           "file": payload["file"], "claim": payload["claim"], "request_id": job.request_id,
+                           "status": payload.get("status"), "timestamp_utc": payload.get("timestamp_utc")},
+                          ensure_ascii=True) + "\n"
+        path = self.data_root / "results" / COMPLETIONS_LOG
+        with self._log_lock:
+            if path.exists() and path.stat().st_size > COMPLETIONS_LOG_MAX:
+                os.replace(path, path.with_suffix(".log.1"))  # one generation kept: bounded on disk
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _finish(self, claimed: Path, role: str, roi: str, action: str, payload: dict) -> None:
         """After the result file: mirror it (once per claim), the error file, move the image on."""

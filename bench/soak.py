@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from datasets import shared_root  # noqa: E402
 
-from tests.agent_proc import STARTED, Agent, Observer, wait_for  # noqa: E402
+from tests.agent_proc import STARTED, Agent, Observer, folder_completions, wait_for  # noqa: E402
 from tests.broker import Broker, free_port  # noqa: E402
 
 ENV = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
@@ -240,6 +240,8 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
         "mqtt_answered": len(per_rid), "mqtt_lost": len(set(sent) - set(per_rid)),
         "mqtt_duplicated": sum(v - 1 for v in per_rid.values()),
         "folder_answered": len(folder_results), "folder_lost": len(folder_sent) - len(folder_results),
+        # from the append-only completions log: a second processing would overwrite its result file
+        "folder_duplicated": sum(c - 1 for f, c in folder_completions(data).items() if f[:-4] in folder_sent),
         "errors_by_code": dict(Counter(r["error"]["code"] for r in list(mqtt_results.values()) + list(
             folder_results.values()) if r["status"] == "error")),
         "mqtt_round_trip": pct(mqtt_lat), "folder_drop_to_result": pct(folder_lat),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,3 +155,11 @@ class Observer:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def folder_completions(data_root: Path, roi: str | None = None) -> Counter:
+    """How many times each folder file was processed (results/completions.log, append-only): the evidence
+    for "exactly once" on the folder side, where a second processing would overwrite the result file."""
+    log = data_root / "results" / "completions.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return Counter(e["file"] for e in map(json.loads, lines) if roi is None or e["roi_id"] == roi)

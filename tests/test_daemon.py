@@ -17,7 +17,7 @@ from pathlib import Path
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.agent_proc import Agent, Observer, wait_for
+from tests.agent_proc import Agent, Observer, folder_completions, wait_for
 from tests.broker import Broker, free_port
 
 
@@ -170,6 +170,8 @@ def test_kill9_mid_batch_then_restart_answers_everything_exactly_once(data_root:
     wait_for(lambda: not list((data_root / "processing").rglob("*.png")), 10, "processing/ empty")
     assert not list(inbox.iterdir())
     assert len(list((data_root / "done" / "st1" / "tire" / "predict").glob("f*.png"))) == 25
+    per_file = folder_completions(data_root, "tire")
+    assert per_file == {f"f{i}.png": 1 for i in range(25)}, per_file  # each file processed once
     assert agent.sigterm() == 0
     obs.close()
 
@@ -373,4 +375,24 @@ def test_mqtt_3_1_1_clients_are_served(data_root: Path, tire: Path, broker: Brok
     wait_for(lambda: any(r["request_id"] == "v311" for r in got), 60, "3.1.1 result")
     assert got[-1]["status"] == "ok"
     c.loop_stop()
+    assert agent.sigterm() == 0
+
+
+def test_the_completions_log_shows_a_file_processed_twice(data_root: Path, tire: Path) -> None:
+    """The evidence behind every folder "exactly once" check can fail: a file put back into processing/
+    after its result (a commit the agent cannot recognise) is processed again; its result file is simply
+    overwritten, but the completions log counts two processings."""
+    agent = Agent(data_root).start()
+    drop(data_root / "inbox" / "st1" / "fresh" / "predict", "twice.png", img_bytes(tire))  # ROI never fitted
+    result = data_root / "results" / "st1" / "fresh" / "twice.json"
+    wait_for(lambda: result.exists() and folder_completions(data_root) == {"twice.png": 1}, 60, "first result")
+    assert agent.sigterm() == 0
+    claimed = data_root / "processing" / "st1" / "fresh" / "predict" / "twice.png"
+    claimed.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(next((data_root / "rejected" / "st1" / "fresh" / "predict").glob("twice*.png")), claimed)
+    stored = json.loads(result.read_text())
+    result.write_text(json.dumps({**stored, "claim": "elsewhere"}))  # not this claim's result: redo it
+    agent.start()
+    wait_for(lambda: folder_completions(data_root).get("twice.png") == 2, 60, "the second processing logged")
+    assert len(list(result.parent.glob("twice*.json"))) == 1  # the result files alone would show one
     assert agent.sigterm() == 0

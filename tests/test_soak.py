@@ -17,6 +17,7 @@ def test_soak_small(tmp_path: Path, shared: Path) -> None:
     assert out["agent_alive"] and out["mqtt_lost"] == 0 and out["folder_lost"] == 0, out
     assert "teardown_error" not in out, out
     assert out["mqtt_duplicated"] == 0 and out["mqtt_answered"] == out["mqtt_sent"], out
+    assert out["folder_duplicated"] == 0, out  # counted from the completions log, not the result files
     assert out["fds_after_warmup"]["max"] - out["fds_after_warmup"]["min"] < 20, out
     assert out["queue_depth_max"] <= 64 + 64, out  # the queue and at most one queue's worth held by the worker
     assert set(out["errors_by_code"]) <= {"truncated_file", "corrupt_image", "model_not_fitted", "invalid_base64"}, out

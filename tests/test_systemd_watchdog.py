@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_proc import ROOT, SHIPPED, wait_for
+from tests.agent_proc import ROOT, SHIPPED, folder_completions, wait_for
 from tests.conftest import AGENT_ENV_KEYS
 from tests.private_systemd import PrivateSystemd, available, service_from_shipped
 from tests.test_daemon import drop
@@ -72,6 +72,7 @@ def test_systemd_watchdog_restarts_a_hung_worker(private_systemd_ok: None, data_
         time.sleep(2)  # a late duplicate would show now
         tire_results = {r["file"].removesuffix(".png"): r for r in results(data_root, "tire")}
         assert sorted(tire_results) == ["after", "before", "during"], tire_results
+        assert folder_completions(data_root, "tire") == {"after.png": 1, "before.png": 1, "during.png": 1}
         assert all(r["status"] == "ok" for r in tire_results.values())
         stalled = results(data_root, "stall")  # the request the worker hung on: answered once after the restart
         assert len(stalled) == 1 and stalled[0]["error"]["code"] == "model_not_fitted", stalled
