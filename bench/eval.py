@@ -82,6 +82,17 @@ def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
         return out
 
 
+def commit() -> str:
+    """The commit the figures come from (+ "-dirty" when the work tree differs from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "bench"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="efficientnet_lite0")
@@ -115,7 +126,9 @@ def main() -> None:
             r = evaluate(split, shots, extractor, settings)
             print(json.dumps(r), file=sys.stderr)
             results.append(r)
-    print(json.dumps({"backbone": extractor.identity.to_dict(), "settings": settings.__dict__,
+    print(json.dumps({"commit": commit(), "command": " ".join(["bench/eval.py", *sys.argv[1:]]),
+                      "backbone": extractor.identity.to_dict(),
+                      "branches": [i.to_dict() for i in extractor.branch_identities], "settings": settings.__dict__,
                       "results": results}, indent=1))
 
 
