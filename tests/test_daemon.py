@@ -396,3 +396,44 @@ def test_the_completions_log_shows_a_file_processed_twice(data_root: Path, tire:
     wait_for(lambda: folder_completions(data_root).get("twice.png") == 2, 60, "the second processing logged")
     assert len(list(result.parent.glob("twice*.json"))) == 1  # the result files alone would show one
     assert agent.sigterm() == 0
+
+
+def test_the_queue_bound_holds_when_driven_past_it(data_root: Path, tire: Path) -> None:
+    """With the worker held (debug stall) and a queue of 4, 20 folder files and HTTP requests arrive: the
+    queue never holds more than its bound, the folder leaves the rest in the inbox (backpressure), HTTP
+    answers 503 queue_full; a restart without the stall answers every file once."""
+    import httpx
+
+    http_port = free_port()
+    env = {"ANOMALY_AGENT_WORKER__QUEUE_SIZE": "4", "ANOMALY_DEBUG_STALL_ROI": "stall",
+           "ANOMALY_AGENT_HTTP__REQUEST_TIMEOUT_S": "5"}
+    agent = Agent(data_root, env=env, http_port=http_port).start()
+    good = img_bytes(tire)
+    drop(data_root / "inbox" / "st1" / "stall" / "fit_ok", "hold.png", good)  # the worker stalls on this one
+    wait_for(lambda: "the worker stalls now" in agent.log.read_text(), 30, "the worker held")
+    inbox = data_root / "inbox" / "st1" / "tire" / "predict"
+    for i in range(20):
+        drop(inbox, f"q{i}.png", good)
+    depths = []
+
+    def filled() -> bool:
+        depths.append(httpx.get(f"{agent.http}/health", timeout=5).json()["queue_depth"])
+        return depths[-1] >= 4 and len(list(inbox.glob("q*.png"))) >= 20 - 4 - 2
+
+    wait_for(filled, 30, "the queue full and the rest held back in the inbox")
+    time.sleep(3)  # the rescan runs every second: nothing more may be taken while the queue is full
+    for _ in range(5):
+        depths.append(httpx.get(f"{agent.http}/health", timeout=5).json()["queue_depth"])
+    waiting = len(list(inbox.glob("q*.png")))
+    r = httpx.post(f"{agent.http}/predict", data={"role_id": "st1", "roi_id": "tire"},
+                   files={"file": ("h.png", good, "image/png")}, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+    assert max(depths) == 4 and waiting >= 20 - 4 - 2, (depths, waiting)  # 4 queued, one submit blocked
+    agent.kill9()
+    del agent.env["ANOMALY_DEBUG_STALL_ROI"]
+    agent.start()
+    results = data_root / "results" / "st1" / "tire"
+    wait_for(lambda: all((results / f"q{i}.json").exists() for i in range(20)), 120, "every file answered")
+    wait_for(lambda: len(folder_completions(data_root, "tire")) == 20, 10, "completions logged")
+    assert set(folder_completions(data_root, "tire").values()) == {1}
+    assert agent.sigterm() == 0
