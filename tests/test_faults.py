@@ -84,6 +84,16 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     obs = Observer(broker.port)
     sent: list[str] = []
     published: list[str] = []
+    at_kill: list[dict] = []  # what was in flight when each kill landed (read right after the process died)
+    spool = data_root / "mqtt" / "agent-test"
+
+    def in_flight() -> dict:
+        return {"processing": len([p for p in (data_root / "processing").rglob("*.png")]),
+                "journal": len(list((spool / "journal").glob("*.json"))),
+                "outbox": len(list((spool / "outbox").glob("*.json"))),
+                "unanswered_files": len([n for n in sent if not (data_root / "results" / "st1" / "tire" /
+                                                                  f"{Path(n).stem}.json").exists()])}
+
     for k in range(rounds):
         agent.start()
         for i in range(3):  # new OK samples (distinct images), then a burst of predictions
@@ -100,6 +110,11 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
             published.append(rid)
         time.sleep(rng.uniform(0.05, 1.5))
         agent.kill9()
+        at_kill.append(in_flight())
+    # the kills must land in the middle of work, or this test shows nothing: at least half of them with
+    # a claimed file in processing/ or a journalled MQTT request not yet answered
+    hit = [s for s in at_kill if s["processing"] or s["journal"]]
+    assert len(hit) * 2 >= len(at_kill), at_kill
     agent.start()
     results = data_root / "results" / "st1" / "tire"
     wait_for(lambda: all((results / f"{Path(n).stem}.json").exists() for n in sent), 180, "every result")
@@ -153,7 +168,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
                "mqtt_requests": len(published), "mqtt_lost": len(set(published) - set(mqtt_results)),
                "mqtt_second_results": sum(second_results.values()),
                "mqtt_redelivered_identical_copies": sum(len(v) - 1 for v in (mqtt_results | mirrored).values()),
-               "folder_results_mirrored_to_mqtt": len(mirrored)}
+               "folder_results_mirrored_to_mqtt": len(mirrored), "kills_mid_work": len(hit), "at_kill": at_kill}
     print(json.dumps(figures))
     if os.environ.get("ANOMALY_RELIABILITY_OUT"):
         out = Path(os.environ["ANOMALY_RELIABILITY_OUT"])
