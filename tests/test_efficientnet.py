@@ -34,26 +34,36 @@ def test_real_weights_load_strictly_with_known_hash(shared: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == 4_652_008  # 4,694,073 incl. BN buffers in the file
 
 
-def test_batchnorm_statistics_agree_on_real_images(shared: Path) -> None:
-    model = efficientnet_lite.build_efficientnet_lite0(weights_path(shared))
+def real_batch(shared: Path, side: int) -> torch.Tensor:
+    """12 real images (tire, juice bottle) as a [12, 3, side, side] batch in [0, 1]."""
     files = sorted((shared / "datasets" / "mvtec_3d_ad" / "tire" / "train" / "good" / "rgb").glob("*.png"))[:6]
     files += sorted((shared / "datasets" / "mvtec_loco_ad" / "juice_bottle" / "train" / "good").glob("*.png"))[:6]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((224, 224)), np.float32))
-                     .permute(2, 0, 1) / 255 for f in files])
-    deviations: list[float] = []
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((side, side)), np.float32))
+                        .permute(2, 0, 1) / 255 for f in files])
+
+
+def bn_deviations(model: torch.nn.Module, inputs: torch.Tensor) -> list[float]:
+    """Per BatchNorm layer: median |batch mean - running mean| / running std of its input channels."""
+    out: list[float] = []
 
     def hook(bn: torch.nn.BatchNorm2d):
         def fn(_m, inp, _out) -> None:
             ok = bn.running_var > 1e-3
             z = (inp[0].mean((0, 2, 3)) - bn.running_mean).abs() / bn.running_var.sqrt()
-            deviations.append(float(z[ok].median()))
+            out.append(float(z[ok].median()))
         return fn
 
     hooks = [m.register_forward_hook(hook(m)) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with torch.no_grad():
-        model((x - 0.5) / 0.5)  # the extractor's normalisation for this backbone
+        model(inputs)
     for h in hooks:
         h.remove()
+    return out
+
+
+def test_batchnorm_statistics_agree_on_real_images(shared: Path) -> None:
+    model = efficientnet_lite.build_efficientnet_lite0(weights_path(shared))
+    deviations = bn_deviations(model, (real_batch(shared, 224) - 0.5) / 0.5)  # the extractor's normalisation
     # Wrong padding or normalisation shows up as biased activations (e.g. ImageNet mean/std: ~1.0 at the stem).
     assert deviations[0] < 0.5, deviations[:4]
     assert float(np.mean(deviations)) < 0.3, float(np.mean(deviations))
@@ -81,31 +91,10 @@ def test_lite1_and_lite2_load_strictly_and_match_their_training_statistics(share
     assert sha256_file(path) == efficientnet_lite.WEIGHTS[variant][3]
     model = efficientnet_lite.build_efficientnet_lite(path, variant)
     assert len(model._blocks) == efficientnet_lite.stage_ends(variant)[-1] + 1 == 21
-    files = sorted((shared / "datasets" / "mvtec_3d_ad" / "tire" / "train" / "good" / "rgb").glob("*.png"))[:6]
-    files += sorted((shared / "datasets" / "mvtec_loco_ad" / "juice_bottle" / "train" / "good").glob("*.png"))[:6]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((240, 240)), np.float32))
-                     .permute(2, 0, 1) / 255 for f in files])
-
-    def deviations(inputs: torch.Tensor) -> list[float]:
-        out: list[float] = []
-
-        def hook(bn: torch.nn.BatchNorm2d):
-            def fn(_m, inp, _out) -> None:
-                ok = bn.running_var > 1e-3
-                z = (inp[0].mean((0, 2, 3)) - bn.running_mean).abs() / bn.running_var.sqrt()
-                out.append(float(z[ok].median()))
-            return fn
-
-        hooks = [m.register_forward_hook(hook(m)) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        with torch.no_grad():
-            model(inputs)
-        for h in hooks:
-            h.remove()
-        return out
-
-    ours = deviations((x - 0.5) / 0.5)  # the extractor's normalisation for every Lite variant
-    imagenet = deviations((x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-                          / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    x = real_batch(shared, 240)
+    ours = bn_deviations(model, (x - 0.5) / 0.5)  # the extractor's normalisation for every Lite variant
+    imagenet = bn_deviations(model, (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+                             / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     # Lite1's stem sits further from its statistics on these images (1.2 sd) than Lite0's / Lite2's (0.2-0.35),
     # but over all layers it agrees as well as the others, and better than with ImageNet normalisation
     mean_ours, mean_imagenet = float(np.mean(ours)), float(np.mean(imagenet))
