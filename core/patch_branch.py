@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .bank_distances import BankDistances
+from .errors import ModelNotReadyError
 from .knn import NearestNeighbour
 from .memory_bank import CoresetSize, MemoryBank
 from .storage import EmbeddingStore, atomic_write_bytes
@@ -128,7 +129,8 @@ class PatchBranch:
     # ---------------------------------------------------------------- search
     def search(self, feats: np.ndarray) -> np.ndarray:
         """Distance of each patch [P, D] to its nearest bank entry -> [P] float32."""
-        assert self.knn is not None
+        if self.knn is None:
+            raise ModelNotReadyError(f"branch {self.identity['name']} has an empty memory bank")
         return self.knn.distances(torch.from_numpy(feats).to(self.device)).numpy()
 
     def begin_round(self) -> None:
