@@ -24,7 +24,10 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from core.ids import safe_text
 from core.storage import atomic_write_bytes, atomic_write_json
+
+KEY_MAX = 4096  # keys are request ids (<= 200) or claim paths: one escaped line each in answered.log
 
 
 class Spool:
@@ -38,15 +41,15 @@ class Spool:
         self._remember = remember
         self._answered: OrderedDict[str, None] = OrderedDict()
         if self.answered_log.exists():
-            for line in self.answered_log.read_text().splitlines()[-remember:]:
-                self._answered[line] = None
+            for line in self.answered_log.read_text(errors="backslashreplace").splitlines()[-remember:]:
+                self._answered[safe_text(line, KEY_MAX)] = None
         for path in self.outgoing():  # answered, but the crash came before answered.log had it
             try:
                 key = read_outbox(path)[0]
             except (OSError, ValueError):
                 continue  # the publisher drops an unreadable file
             if key is not None:
-                self._answered[key] = None
+                self._answered[safe_text(key, KEY_MAX)] = None
         self._compact()
         existing = [int(p.stem) for d in (self.journal, self.outbox) for p in d.glob("*.json") if p.stem.isdigit()]
         self._seq = itertools.count(max(existing, default=int(time.time() * 1000)) + 1)
@@ -62,11 +65,13 @@ class Spool:
         self._logged = len(self._answered)
 
     def known(self, key: str) -> bool:
+        key = safe_text(key, KEY_MAX)
         with self._lock:
             return key in self._answered or key in self._inflight
 
     # ---------------------------------------------------------- journal
     def record(self, key: str, meta: dict, payload: bytes) -> int:
+        key = safe_text(key, KEY_MAX)
         with self._lock:
             seq = next(self._seq)
             self._inflight[key] = seq
@@ -97,6 +102,7 @@ class Spool:
     # ----------------------------------------------------------- outbox
     def answer(self, key: str | None, seq: int | None, messages: list[dict]) -> None:
         """Put result messages in the outbox, mark the request answered, drop it from the journal."""
+        key = None if key is None else safe_text(key, KEY_MAX)
         if messages:
             self.enqueue(messages, key)
         if key is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -33,8 +34,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core.ids import ID_PATTERN
-from core.storage import atomic_write_bytes, atomic_write_json, read_json, utc_now
+from core.errors import AnomalyError
+from core.ids import ID_PATTERN, safe_text
+from core.storage import atomic_write_bytes, atomic_write_json, read_bounded, read_json, utc_now
 
 from .config import AgentConfig
 from .jobs import Job
@@ -50,6 +52,8 @@ except ImportError:  # pragma: no cover - other platforms / watchdog versions
     pass
 
 FOLDER_ACTIONS = ("predict", "fit_ok", "send_ng")
+NAME_MAX_BYTES = 200  # longer names are refused: the result, heatmap and error files must fit NAME_MAX
+SIDECAR_MAX_BYTES = 64 * 1024
 COMPLETIONS_LOG = "completions.log"
 COMPLETIONS_LOG_MAX = 32 << 20  # then rotated to completions.log.1
 IGNORED_SUFFIXES = (".part", ".tmp", ".json")
@@ -131,7 +135,7 @@ class FolderIngest(FileSystemEventHandler):
         now = time.monotonic()
         present = set()
         for path in self.inbox.glob("*/*/*/*"):
-            if not path.is_file() or not is_candidate(path.name):
+            if not is_candidate(path.name) or self._kind(path) is None:
                 continue
             present.add(path)
             try:
@@ -157,7 +161,29 @@ class FolderIngest(FileSystemEventHandler):
             return None
         return rel.parts[0], rel.parts[1], rel.parts[2]
 
+    def _kind(self, path: Path) -> str | None:
+        """"file": a regular file reached without a symlink; "special": a link, FIFO, device or folder
+        named like an image (moved aside, never opened); None: gone, or below a symlinked folder (never
+        touched: it may lead outside the data root)."""
+        try:
+            st = os.lstat(path)
+            rel = path.relative_to(self.inbox)
+        except (OSError, ValueError):
+            return None
+        folder = self.inbox
+        for part in rel.parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                return None
+        return "file" if stat.S_ISREG(st.st_mode) else "special"
+
     def _take(self, path: Path) -> None:
+        try:
+            self._take_one(path)
+        except Exception:  # one file never stops intake: log it, leave it for the next scan
+            log.exception("folder: could not take %s", safe_text(path, 1000))
+
+    def _take_one(self, path: Path) -> None:
         if self._stop.is_set() or not is_candidate(path.name):
             return
         parts = self._parts(path)
@@ -166,10 +192,12 @@ class FolderIngest(FileSystemEventHandler):
         role, roi, action = parts
         with self._lock:
             self._seen.pop(path, None)
-            if not path.exists():
+            kind = self._kind(path)
+            if kind is None:
                 return
-            if not (ID_PATTERN.match(role) and ID_PATTERN.match(roi)) or action not in FOLDER_ACTIONS:
-                self._reject_unclaimed(path, role, roi, action)
+            if (kind == "special" or not (ID_PATTERN.match(role) and ID_PATTERN.match(roi))
+                    or action not in FOLDER_ACTIONS or len(os.fsencode(path.name)) > NAME_MAX_BYTES):
+                self._reject_unclaimed(path, role, roi, action, kind)
                 return
             target = self.processing / role / roi / action / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -188,37 +216,50 @@ class FolderIngest(FileSystemEventHandler):
     def _recover(self) -> None:
         """Files claimed before a crash: finish them first (a result already written is not redone)."""
         for path in sorted(self.processing.glob("*/*/*/*")):
-            if path.is_file() and is_candidate(path.name):
+            try:  # each leftover on its own: one that fails is logged and left, never stops the start
+                if not (path.is_file() and is_candidate(path.name)):
+                    continue
                 role, roi, action = path.relative_to(self.processing).parts[:3]
                 result = self.data_root / "results" / role / roi / f"{path.stem}.json"
                 stored = read_json(result) if result.exists() else None
                 if stored is not None and stored.get("claim") == str(path):
                     self._finish(path, role, roi, action, stored)  # the crash came after the result file
                     continue
-                log.info("recovering claimed file %s", path)
+                log.info("recovering claimed file %s", safe_text(path, 1000))
                 self._enqueue(path, role, roi, action)
+            except Exception:
+                log.exception("folder: leftover %s could not be finished; left in processing/", safe_text(path, 1000))
 
     def _enqueue(self, claimed: Path, role: str, roi: str, action: str) -> None:
+        """Read the claimed file (bounded) and its sidecar, submit the job; any failure of this one file
+        becomes its error result (the file moves to rejected/), never the intake thread's end."""
+        from .jobs import error_result
+
         meta: dict = {"source": "folder"}
-        request_id = f"folder:{role}/{roi}/{action}/{claimed.name}"
+        request_id = safe_text(f"folder:{role}/{roi}/{action}/{claimed.name}")
         sidecar = claimed.with_suffix(".json")
         job = Job(role, roi, action, [], request_id, meta, on_result=self._deliver, ingress="folder")
         job.meta["claim"] = str(claimed)
         try:
             if sidecar.exists():
-                side = json.loads(sidecar.read_text())
-                if not isinstance(side, dict):
-                    raise ValueError("sidecar must be a JSON object")
+                try:
+                    side = json.loads(read_bounded(sidecar, SIDECAR_MAX_BYTES))
+                    if not isinstance(side, dict):
+                        raise ValueError("sidecar must be a JSON object")
+                except (ValueError, RecursionError, AnomalyError) as exc:
+                    raise AnomalyError(f"{safe_text(sidecar.name)}: {safe_text(exc, 300)}", "invalid_sidecar") from exc
                 for key in ("mm_per_px", "source", "heatmap"):
                     if key in side:
-                        meta[key] = side[key]
+                        meta[key] = safe_text(side[key]) if key == "source" else side[key]
                 if side.get("request_id"):
-                    job.request_id = str(side["request_id"])[:200]
-            job.images = [claimed.read_bytes()]
-        except (ValueError, OSError) as exc:
-            from .jobs import error_result
-
-            self._deliver(job, error_result(job, "invalid_sidecar", f"{sidecar.name}: {exc}"))
+                    job.request_id = safe_text(side["request_id"])
+            job.images = [read_bounded(claimed, self.cfg.limits.max_bytes)]
+        except AnomalyError as exc:
+            self._deliver(job, error_result(job, exc.code, exc.message))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever one file does, it gets an answer
+            log.exception("folder: %s could not be read", safe_text(claimed.name))
+            self._deliver(job, error_result(job, "unreadable_file", safe_text(f"{claimed.name}: {exc}", 300)))
             return
         self.worker.submit(job)  # blocks while the queue is full: the rest waits in the inbox
 
@@ -277,19 +318,26 @@ class FolderIngest(FileSystemEventHandler):
                     dst = target_dir / f"{src.stem}.{int(time.time() * 1000)}{src.suffix}"
                 os.replace(src, dst)
 
-    def _reject_unclaimed(self, path: Path, role: str, roi: str, action: str) -> None:
-        """Bad ids or an unknown action folder: move aside with the reason (ids never become paths)."""
+    def _reject_unclaimed(self, path: Path, role: str, roi: str, action: str, kind: str = "file") -> None:
+        """Bad ids, an unknown action folder, a name too long, or not a regular file: moved aside (the
+        link or FIFO itself, never what it points to) with the reason; ids never become paths."""
         target_dir = self.data_root / "rejected" / "_invalid"
         target_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        # unique: the same file name may be rejected from several bad folders within one second
-        dst = target_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{path.name}"
+        # unique: the same file name may be rejected from several bad folders within one second; short
+        # enough that it and its .error.json fit NAME_MAX
+        short = os.fsdecode(os.fsencode(path.name)[:120])
+        dst = target_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{short}"
         os.replace(path, dst)
-        if action not in FOLDER_ACTIONS:
+        if kind == "special":
+            code, msg = "not_a_regular_file", "only regular files are taken (not links, FIFOs, devices or folders)"
+        elif len(os.fsencode(path.name)) > NAME_MAX_BYTES:
+            code, msg = "name_too_long", f"file names are limited to {NAME_MAX_BYTES} bytes"
+        elif action not in FOLDER_ACTIONS:
             code, msg = "unknown_action", f"folder action {action!r} is not one of {', '.join(FOLDER_ACTIONS)}"
         else:
             code, msg = "invalid_id", f"role/roi folder {role!r}/{roi!r} is not a valid id ([A-Za-z0-9_.-]{{1,64}})"
         atomic_write_json(dst.with_name(dst.name + ".error.json"),
-                          {"code": code, "message": msg, "path": str(path.relative_to(self.inbox)),
+                          {"code": code, "message": msg, "path": safe_text(path.relative_to(self.inbox), 1000),
                            "timestamp_utc": utc_now()})
-        log.warning("rejected %s: %s", path, msg)
+        log.warning("rejected %s: %s (%s)", safe_text(path, 1000), msg, code)

@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.errors import InputError
-from core.ids import validate_id
+from core.ids import safe_text, validate_id
 from core.model import stored_rois
 
 from .config import AgentConfig
@@ -185,11 +185,11 @@ class MqttIngest:
         if payload[:1] == b"{":
             try:
                 rid = json.loads(payload).get("request_id")
-                return str(rid)[:200] if rid is not None else None
-            except (ValueError, AttributeError):
+                return safe_text(rid) if rid is not None else None
+            except (ValueError, AttributeError, RecursionError):  # the parser answers it: invalid_json
                 return None
         rid = user.get("request_id")
-        return str(rid)[:200] if rid else None
+        return safe_text(rid) if rid else None
 
     # ------------------------------------------------------------ requests
     def _dispatch(self, meta: dict, payload: bytes, mid: int | None, qos: int = 1) -> None:
@@ -345,8 +345,8 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
                 if k in user and k != "reset"}
     if action != "calibrate" and not decoded:
         raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
-    if "source" in meta and not isinstance(meta["source"], str):
-        meta["source"] = str(meta["source"])[:200]
+    if "source" in meta:
+        meta["source"] = safe_text(meta["source"])
     return decoded, meta
 
 

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 FIT_STEP = 8  # images per step of a large fit_ok; waiting predictions of other ROIs are answered between steps
 
 
+
+def as_bool(value: object) -> bool:
+    """A flag from outside: true/false, 1/0, and the strings "true"/"false"/"1"/"0"/"yes"/"no" ("false" is
+    false, not a non-empty string)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
 class Worker:
     """Owns the backbone and the models. The runtime is built by the worker thread itself: PyTorch's
     OpenMP pool belongs to the thread that first runs parallel work, and a second thread's pool next
@@ -261,7 +269,7 @@ class Worker:
         if not ready:
             return
         heat_default = self.rt.heatmap_default(batch[0].role_id, batch[0].roi_id)
-        want_heatmap = any(j.meta.get("heatmap", heat_default) for j, _, _ in ready)
+        want_heatmap = any(as_bool(j.meta.get("heatmap", heat_default)) for j, _, _ in ready)
         try:
             results = model.predict([img for _, img, _ in ready], heatmap=want_heatmap,  # type: ignore[attr-defined]
                                     preview_px=self.preview_px)
@@ -275,7 +283,7 @@ class Worker:
             res["queue_ms"] = round((time.perf_counter() - j.enqueued_at) * 1000 - res["inference_ms"], 2)
             png = res.pop("heatmap_png", None)
             preview = res.pop("preview", None)
-            if png is not None and j.meta.get("heatmap", heat_default):
+            if png is not None and as_bool(j.meta.get("heatmap", heat_default)):
                 res["heatmap_png_b64"] = base64.b64encode(png).decode()
             self.last_timing = {"inference_ms": res["inference_ms"], "batch_size": res["batch_size"],
                                 "device": res["device"]}

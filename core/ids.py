@@ -7,7 +7,23 @@ from pathlib import Path
 
 from .errors import InputError
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# \A...\Z, not ^...$: "$" also matches before a final newline, so "roi\n" would pass
+ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+REQUEST_ID_MAX = 200
+
+
+def safe_text(value: object, limit: int = REQUEST_ID_MAX) -> str:
+    """Text from outside (a request id, a file name, a key) made safe for a file, a log line or a key.
+
+    Lone surrogates (the undecodable bytes of a file name, or a JSON "\\udcff") and control characters
+    (newlines, ANSI escapes, NUL) become backslash escapes, so the result always encodes as UTF-8 on one
+    line; then it is cut to `limit` characters. The one encoder every ingress uses.
+    """
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    text = _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                       text)
+    return text[:limit]
 
 
 def validate_id(value: object, kind: str = "id") -> str:

@@ -15,11 +15,13 @@ the middle of an append only leaves ignored bytes at the end.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import InputError
 from .ids import safe_join, validate_id
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,8 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temp name must fit NAME_MAX (255 bytes) whatever the final name's length
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -64,6 +68,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file, opened without following a symlink and checked against max_bytes
+    before anything is read (a sparse 3 GB file, /dev/zero behind a link or a FIFO never get read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(f"{path.name}: a symbolic link, not a file", code="not_a_regular_file") from exc
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path.name}: not a regular file", code="not_a_regular_file")
+        if st.st_size > max_bytes:
+            raise InputError(f"{path.name}: {st.st_size} bytes, over limits.max_bytes ({max_bytes})",
+                             code="file_too_large")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while being read
+        raise InputError(f"{path.name}: over limits.max_bytes ({max_bytes})", code="file_too_large")
+    return data
 
 
 def atomic_write_json(path: Path, obj: object) -> None:

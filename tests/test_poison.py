@@ -1,0 +1,116 @@
+"""Single inputs that used to stop an intake thread or every later start ("poison pills"): each gets its
+own answer, the next normal input is answered, a restart comes up, nothing outside the data root moves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.durable import Spool
+from core.errors import InputError
+from core.ids import ID_PATTERN, safe_text
+from core.storage import read_bounded
+from tests.agent_proc import Agent, Observer, folder_completions, wait_for
+from tests.broker import Broker
+from tests.test_daemon import drop, img_bytes
+
+NESTED = b'{"a":' + b"[" * 100_000
+
+
+def test_safe_text_escapes_what_cannot_reach_a_file_a_log_or_a_key() -> None:
+    assert safe_text("st1\nFAKE LOG LINE") == "st1\\x0aFAKE LOG LINE"
+    assert safe_text("\x1b[31mred") == "\\x1b[31mred"
+    assert safe_text(os.fsdecode(b"bad\xffname.png")) == "bad\\udcffname.png"  # a non-UTF-8 file name
+    assert safe_text("x" * 10_000) == "x" * 200
+    for text in ("a\ud800b", "\x00", "ok"):
+        safe_text(text).encode("utf-8")  # always encodable
+    assert not ID_PATTERN.match("roi\n") and ID_PATTERN.match("roi")
+
+
+def test_bounded_reader_refuses_links_fifos_and_oversize_files_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "sparse.png"
+    with open(big, "wb") as fh:
+        fh.truncate(3 << 30)  # 3 GB, sparse: reading it would cost 3 GB of RAM
+    with pytest.raises(InputError) as err:
+        read_bounded(big, 1 << 20)
+    assert err.value.code == "file_too_large"
+    link = tmp_path / "zero.png"
+    link.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    for path in (link, fifo):
+        with pytest.raises(InputError) as err:
+            read_bounded(path, 1 << 20)  # neither follows the link nor blocks on the FIFO
+        assert err.value.code == "not_a_regular_file"
+    (tmp_path / "ok.png").write_bytes(b"12345")
+    assert read_bounded(tmp_path / "ok.png", 5) == b"12345"
+
+
+def test_answered_log_takes_any_key_and_the_next_start_reads_it(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    keys = [os.fsdecode(b"folder:/p/bad\xffname.png@t"), "rid\nwith newline", "lone \ud800 surrogate"]
+    for k in keys:
+        spool.answer(k, None, [])
+    again = Spool(tmp_path)  # a restart
+    assert all(again.known(k) for k in keys) and not again.known("other")
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_poison_pills_through_the_folder_and_mqtt(data_root: Path, tire: Path, broker: Broker,
+                                                  tmp_path: Path) -> None:
+    decoy = tmp_path / "decoy"  # outside the data root: must stay exactly as it is
+    (decoy / "a" / "b").mkdir(parents=True)
+    (decoy / "a" / "b" / "c.png").write_bytes(img_bytes(tire))
+    (decoy / "secret.png").write_bytes(b"not yours")
+    before = _tree_hashes(decoy)
+    obs = Observer(broker.port)
+    agent = Agent(data_root, broker.port).start()
+    inbox = data_root / "inbox" / "st1" / "tire" / "predict"
+    good = img_bytes(tire)
+    inbox.mkdir(parents=True, exist_ok=True)
+    drop(inbox, "nested.png", good, NESTED.decode())  # type: ignore[arg-type]  # sidecar: deep nesting
+    badname = os.fsencode(inbox) + b"/bad\xffname.png"
+    with open(badname, "wb") as fh:
+        fh.write(good)
+    drop(inbox, "heatfalse.png", good, {"heatmap": "false"})
+    os.mkfifo(inbox / "fifo.png")
+    (inbox / "link.png").symlink_to(decoy / "secret.png")
+    (data_root / "inbox" / "evil").symlink_to(decoy)  # a symlinked folder: role/roi/action below it
+    long_name = "L" * 230 + ".png"
+    drop(inbox, long_name, good)
+    obs.publish("anomaly/st1/tire/predict", NESTED)
+    obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "lone\ud800x", "image_b64": ""}))
+    drop(inbox, "after.png", good)
+    results = data_root / "results" / "st1" / "tire"
+    wait_for(lambda: (results / "after.json").exists() and (results / "nested.json").exists()
+             and (results / "heatfalse.json").exists() and os.path.exists(os.fsencode(results) + b"/bad\xffname.json"),
+             90, "every folder file answered")
+    nested = json.loads((results / "nested.json").read_text())
+    assert nested["status"] == "error" and nested["error"]["code"] == "invalid_sidecar", nested
+    assert "heatmap_file" not in json.loads((results / "heatfalse.json").read_text())["data"]
+    invalid = data_root / "rejected" / "_invalid"
+    wait_for(lambda: len(list(invalid.glob("*.error.json"))) >= 3, 30, "link, FIFO and long name rejected")
+    codes = sorted(json.loads(p.read_text())["code"] for p in invalid.glob("*.error.json"))
+    assert codes == ["name_too_long", "not_a_regular_file", "not_a_regular_file"], codes
+    wait_for(lambda: any(r["status"] == "error" and r["error"]["code"] == "invalid_json" for r in obs.results()),
+             30, "the nested MQTT payload answered")
+    wait_for(lambda: any(r["request_id"] == safe_text("lone\ud800x") for r in obs.results()), 30, "lone surrogate id")
+    time.sleep(1.5)  # two rescans: nothing below the symlinked folder may be touched
+    assert _tree_hashes(decoy) == before and (decoy / "a" / "b" / "c.png").exists()
+    assert agent.sigterm() == 0
+    agent.start()  # a restart comes up (answered.log and processing/ hold the pills' traces) and answers
+    drop(inbox, "after_restart.png", good)
+    wait_for(lambda: (results / "after_restart.json").exists(), 60, "answered after the restart")
+    assert set(folder_completions(data_root, "tire").values()) == {1}
+    assert _tree_hashes(decoy) == before
+    assert agent.sigterm() == 0
+    obs.close()
