@@ -156,8 +156,8 @@ def _action(path: str) -> str:
 def refuse(ctx: HttpContext, scope: dict, code: str, message: str, count: bool = True) -> JSONResponse:
     """A request answered with an error before or instead of a result: logged, counted, answered."""
     client = scope.get("client") or ("?", 0)
-    log.info("http: %s %r from %s: %s %s: %s", scope.get("method"), scope.get("path"), client[0],
-             STATUS_BY_CODE.get(code, 400), code, message)
+    log.warning("http: %s %s from %s: %s %s: %s", scope.get("method"), safe_text(scope.get("path")), client[0],
+                STATUS_BY_CODE.get(code, 400), code, message)
     if count:
         ctx.metrics.rejected("http", _action(scope.get("path", "")), code)
     return error_response(code, message)
@@ -214,7 +214,44 @@ class Guard:
             if refusal:
                 await refuse(self.ctx, scope, *refusal)(scope, receive, send)
                 return
+            await self._bounded(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    async def _bounded(self, scope: dict, receive: Any, send: Any) -> None:
+        """Count the body as it streams (chunked requests have no Content-Length): past the limit, stop
+        reading and answer 413 instead of holding the rest."""
+        limit = self.ctx.cfg.http.max_request_bytes
+        seen, started, over = 0, False, False
+
+        async def counted_receive() -> dict:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    over = True
+                    raise _BodyTooLarge
+            return message
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            if over:
+                return  # the app's own answer to a body cut short (a parse error) is replaced below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _BodyTooLarge:
+            pass
+        if over and not started:
+            msg = f"request body over http.max_request_bytes ({limit}): stopped reading at {seen} bytes"
+            await refuse(self.ctx, scope, "payload_too_large", msg)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised inside the app's body read when a streamed body passes the limit."""
 
 
 def _ids(role_id: str, roi_id: str) -> None:

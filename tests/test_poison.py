@@ -114,3 +114,41 @@ def test_poison_pills_through_the_folder_and_mqtt(data_root: Path, tire: Path, b
     assert _tree_hashes(decoy) == before
     assert agent.sigterm() == 0
     obs.close()
+
+
+def test_a_chunked_http_body_is_stopped_at_the_limit(data_root: Path) -> None:
+    """No Content-Length (Transfer-Encoding: chunked): the body is counted as it streams and refused
+    at max_request_bytes (1 MB here) while the client is still sending 64 MB."""
+    import select
+    import socket
+
+    from tests.broker import free_port
+
+    port = free_port()
+    agent = Agent(data_root, env={"ANOMALY_AGENT_HTTP__MAX_REQUEST_BYTES": str(1 << 20)}, http_port=port).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+              b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    s.sendall(b"%x\r\n%s\r\n" % (len(head), head))  # a valid multipart start, then an endless file
+    chunk = b"x" * 65536
+    sent, answer = 0, b""
+    while sent < 64 << 20:
+        try:
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            break  # the agent stopped reading and closed
+        sent += len(chunk)
+        if select.select([s], [], [], 0)[0]:
+            answer = s.recv(65536)
+            break
+    deadline = time.monotonic() + 10
+    while b"}" not in answer and time.monotonic() < deadline:  # headers and body may come apart
+        more = s.recv(65536)
+        if not more:
+            break
+        answer += more
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer, answer[:300]
+    assert sent < 16 << 20, sent  # refused long before the end of the body
+    assert agent.sigterm() == 0
