@@ -166,9 +166,14 @@ class MqttIngest:
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         request_id = self._peek_request_id(msg.payload, user)
-        key = request_id or ("sha:" + hashlib.sha256(topic.encode() + b"\0" + msg.payload).hexdigest())
+        # a request id is scoped by its ROI and action: two stations numbering from 1 never collide
+        scoped = f"{parts[0]}/{parts[1]}/{parts[2]}/{request_id}" if request_id else None
+        key = scoped or ("sha:" + hashlib.sha256(topic.encode() + b"\0" + msg.payload).hexdigest())
         if self.spool.known(key) and (request_id or msg.dup):
-            log.info("mqtt: duplicate request %s dropped (already recorded or answered)", key)
+            if request_id and not msg.dup:  # a new message reusing an id: answered, never dropped in silence
+                self._answer_duplicate(topic, request_id, user, response_topic, correlation)
+            else:
+                log.info("mqtt: redelivery of %s dropped (already recorded or answered)", key)
             self.client.ack(msg.mid, msg.qos)
             return
         if not request_id:
@@ -179,6 +184,18 @@ class MqttIngest:
         seq = self.spool.record(key, meta, msg.payload)  # durable before the PUBACK
         meta.update(key=key, seq=seq)
         self._dispatch(meta, msg.payload, msg.mid, msg.qos)
+
+    def _answer_duplicate(self, topic: str, request_id: str, user: dict, response_topic: object,
+                          correlation: object) -> None:
+        role, roi, action = topic[len(self.base) + 1 :].split("/")
+        job = Job(role, roi, action, [], request_id, {"source": "mqtt"}, on_result=self._deliver, ingress="mqtt")
+        job.meta["_mqtt"] = {"topic": topic, "user": user, "response_topic": response_topic, "request_id": request_id,
+                             "correlation_b64": base64.b64encode(correlation).decode() if correlation else None}
+        log.warning("mqtt: request_id %s reused for %s/%s/%s: answered duplicate_request", request_id, role, roi,
+                    action)
+        self._deliver(job, error_result(job, "duplicate_request",
+                                        f"request_id {request_id!r} was already taken for {role}/{roi}/{action}; its "
+                                        f"result was published then: use a new request_id for a new request"))
 
     @staticmethod
     def _peek_request_id(payload: bytes, user: dict) -> str | None:

@@ -152,3 +152,23 @@ def test_a_chunked_http_body_is_stopped_at_the_limit(data_root: Path) -> None:
     assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer, answer[:300]
     assert sent < 16 << 20, sent  # refused long before the end of the body
     assert agent.sigterm() == 0
+
+
+def test_a_request_id_is_scoped_by_roi_and_action_and_a_reuse_is_answered(data_root: Path, tire: Path,
+                                                                          broker: Broker) -> None:
+    """Two stations numbering from 1: the same id on another ROI or action is a new request; the same id
+    again on the same ROI and action is answered duplicate_request (before, both were dropped unanswered)."""
+    import base64
+
+    obs = Observer(broker.port)
+    agent = Agent(data_root, broker.port).start()
+    image = base64.b64encode(img_bytes(tire)).decode()
+    for topic in ("anomaly/st1/tire/predict", "anomaly/st1/other/predict", "anomaly/st1/tire/predict"):
+        obs.publish(topic, json.dumps({"request_id": "1", "image_b64": image}))
+    wait_for(lambda: len([r for r in obs.results() if r["request_id"] == "1"]) == 3, 60, "three answers to id 1")
+    by_roi = sorted((r["roi_id"], r["status"], (r.get("error") or {}).get("code")) for r in obs.results()
+                    if r["request_id"] == "1")
+    assert by_roi == [("other", "error", "model_not_fitted"), ("tire", "error", "duplicate_request"),
+                      ("tire", "ok", None)], by_roi
+    assert agent.sigterm() == 0
+    obs.close()
