@@ -298,7 +298,10 @@ class Worker:
             try:
                 if not j.images:
                     raise InputError("no image in the request", code="missing_image")
-                decoded = [self._decode(j, data)[0] for data in j.images]
+                decoded = []
+                for data in j.images:  # a 60-image upload decodes for seconds: keep the watchdog fed
+                    self.heartbeat()
+                    decoded.append(self._decode(j, data)[0])
             except AnomalyError as exc:
                 self._finish(j, error_result(j, exc.code, exc.message))
                 continue

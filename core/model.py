@@ -398,6 +398,7 @@ class RoiModel:
         known = self._known[kind]
         records, images, duplicates = [], [], []
         for data, img, meta in samples:
+            self.progress()  # each sample is written and fsynced: a long upload must not look hung
             sha = hashlib.sha256(data).hexdigest()  # computed once: dedupe here, recorded by save_sample
             if sha in known:
                 duplicates.append(known[sha])
