@@ -14,6 +14,7 @@ and fuses the branches' maps (core/fusion.py).
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -103,8 +104,6 @@ class PatchBranch:
 
     def save_bank(self) -> None:
         """The coreset: row numbers into ok.f32 and their features (so start-up reads only this file)."""
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, rows=self.bank.rows.astype(np.int64), feats=self.bank.feats.numpy().astype(np.float32))
         atomic_write_bytes(self.bank_path, buf.getvalue())

@@ -227,7 +227,6 @@ class RoiStore:
         self.root = safe_join(Path(data_root), "models", self.role_id, self.roi_id)
         self.index_dir = self.root / "index"
         self.manifest_path = self.root / "manifest.json"
-        self.bank_path = self.index_dir / "bank.npz"
         self.mask_path = self.root / "mask.png"
 
     def exists(self) -> bool:
