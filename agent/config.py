@@ -118,6 +118,8 @@ class MqttConfig(Strict):
     tls: TlsConfig | None = None
     shared_group: str | None = None
     max_payload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # the last N answers kept so that a repeated request (same request_id, same payload) gets its result again
+    replay_results: int = Field(1000, ge=0)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -173,12 +175,18 @@ class WorkerConfig(Strict):
     # auto: 8 on CUDA, 1 on CPU, where a batched forward is slower than single ones (docs/benchmarks.md)
     max_batch: int | Literal["auto"] = "auto"
     max_wait_ms: float = Field(5.0, ge=0)
+    # /health turns "degraded" when an accepted input has waited this long for its answer
+    stuck_after_s: float = Field(600.0, gt=0)
 
 
 class LimitsConfig(Strict):
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_decode_pixels: int = Field(100_000_000, ge=1)
     max_pixels: int = Field(12_000_000, ge=1)
+    max_decoded_bytes: int = Field(400_000_000, ge=1024)
+    max_rois: int = Field(1000, ge=1)
+    max_loaded_rois: int = Field(64, ge=1)
+    idle_unload_s: float = Field(3600.0, ge=0)
 
 
 class AgentConfig(Strict):

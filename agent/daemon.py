@@ -39,12 +39,34 @@ class Notifier:
             self.send("WATCHDOG=1")
 
 
+class Heartbeat:
+    """Called from the worker loop: pings the systemd watchdog, but not while an intake thread is dead, so
+    that systemd restarts an agent that can no longer take inputs (a hung worker stops calling it)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.worker: Worker | None = None
+        self._told = False
+
+    def __call__(self) -> None:
+        dead = self.worker.dead_intakes() if self.worker is not None else []
+        if dead:
+            if not self._told:
+                log.error("intake thread(s) %s stopped: health is degraded and the watchdog pings stop",
+                          ", ".join(dead))
+                self._told = True
+            return
+        self.notifier.ping()
+
+
 def run_daemon(cfg: AgentConfig) -> int:
     # samples, models and results are product data: never readable by other users (the unit's UMask too)
     os.umask(os.umask(0) | 0o027)
     notifier = Notifier()
     started = time.monotonic()
-    worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=notifier.ping)
+    heartbeat = Heartbeat(notifier)
+    worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=heartbeat)
+    heartbeat.worker = worker
     rt = worker.start()  # the worker thread loads and warms the backbone: all compute stays on that thread
     sources = []
     if cfg.folder.enabled:
@@ -92,6 +114,7 @@ def run_daemon(cfg: AgentConfig) -> int:
     while not stop.wait(1.0):
         pass
     notifier.send("STOPPING=1")
+    worker.intakes.clear()  # intake threads end now by design
     for s in sources:  # stop intake first
         s.stop()
     worker.stop(drain=True)

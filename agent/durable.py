@@ -16,6 +16,7 @@ between a PUBLISH and the removal of its outbox file sends that message again af
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -28,6 +29,52 @@ from core.ids import safe_text
 from core.storage import atomic_write_bytes, atomic_write_json
 
 KEY_MAX = 4096  # keys are request ids (<= 200) or claim paths: one escaped line each in answered.log
+
+
+class Replies:
+    """The last `keep` answers by request key, with the hash of the request's payload: a request repeated
+    with the same id and payload is answered again from here (`replay: true`). Best effort (not fsynced):
+    losing one after a power cut only turns a replay into a `duplicate_request` answer."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+        root.mkdir(parents=True, exist_ok=True)
+        files = sorted(root.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        self._files: OrderedDict[str, Path] = OrderedDict((p.stem, p) for p in files)
+        self._lock = threading.Lock()
+        self._prune()
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:40]
+
+    def put(self, key: str, payload_sha: str, messages: list[dict]) -> None:
+        if self.keep <= 0:
+            return
+        name = self._name(key)
+        path = self.root / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "payload_sha256": payload_sha, "messages": messages}))
+        os.replace(tmp, path)
+        with self._lock:
+            self._files.pop(name, None)
+            self._files[name] = path
+            self._prune()
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            path = self._files.get(self._name(key))
+        try:
+            entry = json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+    def _prune(self) -> None:
+        while len(self._files) > self.keep:
+            _, path = self._files.popitem(last=False)
+            path.unlink(missing_ok=True)
 
 
 class Spool:
@@ -69,14 +116,26 @@ class Spool:
         with self._lock:
             return key in self._answered or key in self._inflight
 
+    def in_flight(self, key: str) -> bool:
+        """Recorded, not answered yet."""
+        key = safe_text(key, KEY_MAX)
+        with self._lock:
+            return key in self._inflight and key not in self._answered
+
     # ---------------------------------------------------------- journal
     def record(self, key: str, meta: dict, payload: bytes) -> int:
         key = safe_text(key, KEY_MAX)
         with self._lock:
             seq = next(self._seq)
             self._inflight[key] = seq
-        atomic_write_bytes(self.journal / f"{seq:016d}.bin", payload)
-        atomic_write_json(self.journal / f"{seq:016d}.json", {**meta, "key": key, "seq": seq})
+        try:
+            atomic_write_bytes(self.journal / f"{seq:016d}.bin", payload)
+            atomic_write_json(self.journal / f"{seq:016d}.json", {**meta, "key": key, "seq": seq})
+        except OSError:  # e.g. a full disk: not recorded, so the same request may come again
+            with self._lock:
+                self._inflight.pop(key, None)
+            self._drop_journal(seq)
+            raise
         return seq
 
     def pending(self) -> list[tuple[dict, bytes]]:

@@ -34,8 +34,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core.errors import AnomalyError
-from core.ids import ID_PATTERN, safe_text
+from core.errors import AnomalyError, InputError
+from core.ids import ID_PATTERN, request_id_from, safe_text, short_request_id
 from core.storage import atomic_write_bytes, atomic_write_json, read_bounded, read_json, utc_now
 
 from .config import AgentConfig
@@ -86,6 +86,8 @@ class FolderIngest(FileSystemEventHandler):
         self._observer.schedule(self, str(self.inbox), recursive=True)
         self._observer.start()
         self._scanner.start()
+        self.worker.watch("folder-events", self._observer)
+        self.worker.watch("folder-rescan", self._scanner)
         log.info("watching %s (rescan every %.0f s)", self.inbox, self.cfg.folder.rescan_s)
 
     def stop(self) -> None:
@@ -252,7 +254,11 @@ class FolderIngest(FileSystemEventHandler):
                     if key in side:
                         meta[key] = safe_text(side[key]) if key == "source" else side[key]
                 if side.get("request_id"):
-                    job.request_id = safe_text(side["request_id"])
+                    try:
+                        job.request_id = request_id_from(side["request_id"])
+                    except InputError:
+                        job.request_id = short_request_id(side["request_id"])
+                        raise
             job.images = [read_bounded(claimed, self.cfg.limits.max_bytes)]
         except AnomalyError as exc:
             self._deliver(job, error_result(job, exc.code, exc.message))

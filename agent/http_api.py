@@ -30,7 +30,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from core import __version__
 from core.errors import AnomalyError
-from core.ids import safe_text, validate_id
+from core.ids import request_id_from, safe_text, validate_id
 from core.model import manifest_state, stored_rois
 from core.storage import RoiStore
 
@@ -333,7 +333,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
     def new_job(action: str, role_id: str, roi_id: str, images: list[bytes], request_id: str | None,
                 **meta: Any) -> Job:
         _ids(role_id, roi_id)
-        rid = safe_text(request_id) if request_id else f"http-{uuid.uuid4().hex}"
+        rid = request_id_from(request_id) if request_id else f"http-{uuid.uuid4().hex}"
         return Job(role_id, roi_id, action, images, rid, {k: v for k, v in meta.items() if v is not None},
                    ingress="http")
 

@@ -24,6 +24,7 @@ class HttpIngest:
     def __init__(self, cfg: AgentConfig, worker: Worker, rt: Runtime, started: float,
                  extra_health: Callable[[], dict] | None = None) -> None:
         self.cfg = cfg
+        self.worker = worker
         h = cfg.http
         recent = RecentResults(h.recent_results)
         metrics = Metrics(rt, worker, cfg.data_root)
@@ -57,6 +58,7 @@ class HttpIngest:
                 self._error, SystemExit) else "address in use or not available")
             raise RuntimeError(f"http: could not serve on {h.host}:{h.port} ({why})")
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.worker.watch("http", self._thread)
         log.info("http: listening on %s://%s:%d (token %s, docs at /docs, operator page at /)",
                  "https" if h.tls else "http", h.host, self.port, "required" if self.ctx.token else "off")
         if self.ctx.token is None and h.host not in ("127.0.0.1", "localhost", "::1"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import logging
@@ -29,11 +30,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.errors import InputError
-from core.ids import safe_text, validate_id
+from core.ids import request_id_from, safe_text, short_request_id, validate_id
 from core.model import stored_rois
 
 from .config import AgentConfig
-from .durable import Spool, read_outbox
+from .durable import Replies, Spool, read_outbox
 from .health import health_body
 from .jobs import ACTIONS, Job, error_result
 from .runtime import Runtime
@@ -41,6 +42,7 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("result", "state")
+PACKET_OVERHEAD = 64 * 1024  # topic, properties, headers on top of mqtt.max_payload_bytes
 
 
 class MqttIngest:
@@ -52,6 +54,7 @@ class MqttIngest:
         self.started = started
         self.base = self.mc.base_topic
         self.spool = Spool(cfg.data_root / "mqtt" / self.mc.client_id)
+        self.replies = Replies(cfg.data_root / "mqtt" / self.mc.client_id / "replies", self.mc.replay_results)
         self.v5 = self.mc.protocol == "5"
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -94,11 +97,18 @@ class MqttIngest:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.mc.session_expiry_s
             props.ReceiveMaximum = max(1, min(65535, self.cfg.worker.queue_size))
+            # the broker does not send a larger message at all: a huge payload never reaches our memory;
+            # up to twice the limit it does, and the sender gets payload_too_large
+            props.MaximumPacketSize = min(2 * self.mc.max_payload_bytes + PACKET_OVERHEAD, 268_435_455)
         kwargs = {"clean_start": False, "properties": props} if self.v5 else {}
         self.client.connect_async(self.mc.host, self.mc.port, self.mc.keepalive, **kwargs)
         self.client.loop_start()
         for t in self._threads:
             t.start()
+            self.worker.watch(t.name, t)
+        loop = getattr(self.client, "_thread", None)  # paho's network loop thread
+        if isinstance(loop, threading.Thread):
+            self.worker.watch("mqtt-network", loop)
 
     def stop(self) -> None:
         """Stop intake: no more requests are taken from the broker (unacked ones are redelivered)."""
@@ -165,13 +175,20 @@ class MqttIngest:
         user = dict(getattr(props, "UserProperty", []) or []) if props else {}
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        request_id = self._peek_request_id(msg.payload, user)
+        raw_id = self._peek_request_id(msg.payload, user)
+        try:
+            request_id = request_id_from(raw_id) if raw_id is not None else None
+        except InputError as exc:  # answered now, under a marked short id: never cut in silence
+            self._answer_now(topic, short_request_id(raw_id), user, response_topic, correlation, exc.code, exc.message)
+            self.client.ack(msg.mid, msg.qos)
+            return
         # a request id is scoped by its ROI and action: two stations numbering from 1 never collide
         scoped = f"{parts[0]}/{parts[1]}/{parts[2]}/{request_id}" if request_id else None
+        payload_sha = hashlib.sha256(msg.payload).hexdigest()
         key = scoped or ("sha:" + hashlib.sha256(topic.encode() + b"\0" + msg.payload).hexdigest())
         if self.spool.known(key) and (request_id or msg.dup):
             if request_id and not msg.dup:  # a new message reusing an id: answered, never dropped in silence
-                self._answer_duplicate(topic, request_id, user, response_topic, correlation)
+                self._repeated(topic, key, request_id, payload_sha, user, response_topic, correlation)
             else:
                 log.info("mqtt: redelivery of %s dropped (already recorded or answered)", key)
             self.client.ack(msg.mid, msg.qos)
@@ -180,33 +197,86 @@ class MqttIngest:
             key = f"gen:{uuid.uuid4().hex}"
         meta = {"topic": topic, "user": user, "response_topic": response_topic,
                 "correlation_b64": base64.b64encode(correlation).decode() if correlation else None,
-                "request_id": request_id or key, "received": time.time()}
-        seq = self.spool.record(key, meta, msg.payload)  # durable before the PUBACK
+                "request_id": request_id or key, "received": time.time(), "payload_sha256": payload_sha,
+                "replayable": bool(request_id)}
+        try:
+            seq = self.spool.record(key, meta, msg.payload)  # durable before the PUBACK
+        except OSError as exc:  # e.g. a full disk: answered now (not kept), so the sender can send it again
+            code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error"
+            log.error("mqtt: %s: could not record %s (%s); answered %s", safe_text(topic), safe_text(key),
+                      exc.strerror or exc, code)
+            self._publish_now(topic, request_id or key, user, response_topic, correlation, code,
+                              f"the agent could not record the request: {exc.strerror or exc}; nothing was done, "
+                              "send it again")
+            self.client.ack(msg.mid, msg.qos)
+            return
         meta.update(key=key, seq=seq)
         self._dispatch(meta, msg.payload, msg.mid, msg.qos)
 
-    def _answer_duplicate(self, topic: str, request_id: str, user: dict, response_topic: object,
-                          correlation: object) -> None:
+    def _answer_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: object,
+                    code: str, message: str) -> None:
+        """Answer a message refused before it was recorded (to its response topic too), without the queue."""
         role, roi, action = topic[len(self.base) + 1 :].split("/")
         job = Job(role, roi, action, [], request_id, {"source": "mqtt"}, on_result=self._deliver, ingress="mqtt")
         job.meta["_mqtt"] = {"topic": topic, "user": user, "response_topic": response_topic, "request_id": request_id,
                              "correlation_b64": base64.b64encode(correlation).decode() if correlation else None}
-        log.warning("mqtt: request_id %s reused for %s/%s/%s: answered duplicate_request", request_id, role, roi,
-                    action)
-        self._deliver(job, error_result(job, "duplicate_request",
-                                        f"request_id {request_id!r} was already taken for {role}/{roi}/{action}; its "
-                                        f"result was published then: use a new request_id for a new request"))
+        if code != "duplicate_request":
+            log.warning("mqtt: %s/%s/%s refused: %s (%s)", safe_text(role), safe_text(roi), safe_text(action), message,
+                        code)
+        self._deliver(job, error_result(job, code, message))
+
+    def _repeated(self, topic: str, key: str, request_id: str, payload_sha: str, user: dict, response_topic: object,
+                  correlation: object) -> None:
+        """A request id seen before for this ROI and action: the same payload gets its stored answer again
+        (`replay: true`), a different one (or an answer no longer kept) `duplicate_request`."""
+        role, roi, action = topic[len(self.base) + 1 :].split("/")
+        stored = self.replies.get(key)
+        if stored is not None and stored.get("payload_sha256") == payload_sha and stored.get("messages"):
+            first = dict(stored["messages"][0])
+            first["payload"] = json.dumps({**json.loads(first["payload"]), "replay": True})
+            msgs = [first]
+            if response_topic:
+                msgs.append({**first, "topic": response_topic,
+                             "correlation_b64": base64.b64encode(correlation).decode() if correlation else None})
+            log.warning("mqtt: request_id %s repeated for %s/%s/%s with the same payload: its result sent again",
+                        request_id, safe_text(role), safe_text(roi), safe_text(action))
+            self.spool.enqueue(msgs)
+            self._wake.set()
+            return
+        if stored is not None:
+            why = "the request then had another payload"
+        elif self.spool.in_flight(key):
+            why = "that request is still being processed; its result comes when it is done"
+        else:
+            why = f"its answer is no longer kept (the last {self.mc.replay_results} are: mqtt.replay_results)"
+        log.warning("mqtt: request_id %s reused for %s/%s/%s: answered duplicate_request", request_id,
+                    safe_text(role), safe_text(roi), safe_text(action))
+        self._answer_now(topic, request_id, user, response_topic, correlation, "duplicate_request",
+                         f"request_id {request_id!r} was already taken for {role}/{roi}/{action}: {why}; use a new "
+                         "request_id for a new request")
+
+    def _publish_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: object,
+                     code: str, message: str) -> None:
+        """An error answer that cannot go through the outbox (the disk is full): published directly."""
+        role, roi, action = topic[len(self.base) + 1 :].split("/")
+        job = Job(role, roi, action, [], request_id, {"source": "mqtt"}, ingress="mqtt")
+        first = self._result_message(error_result(job, code, message))
+        self.client.publish(first["topic"], first["payload"], qos=1)
+        if response_topic:
+            props = Properties(PacketTypes.PUBLISH)
+            if correlation:
+                props.CorrelationData = correlation
+            self.client.publish(str(response_topic), first["payload"], qos=1, properties=props)
 
     @staticmethod
-    def _peek_request_id(payload: bytes, user: dict) -> str | None:
+    def _peek_request_id(payload: bytes, user: dict) -> object:
         if payload[:1] == b"{":
             try:
                 rid = json.loads(payload).get("request_id")
-                return safe_text(rid) if rid is not None else None
+                return rid if rid is not None else None
             except (ValueError, AttributeError, RecursionError):  # the parser answers it: invalid_json
                 return None
-        rid = user.get("request_id")
-        return safe_text(rid) if rid else None
+        return user.get("request_id") or None
 
     # ------------------------------------------------------------ requests
     def _dispatch(self, meta: dict, payload: bytes, mid: int | None, qos: int = 1) -> None:
@@ -263,6 +333,11 @@ class MqttIngest:
         if meta.get("response_topic"):
             msgs.append({**msgs[0], "topic": meta["response_topic"], "correlation_b64": meta.get("correlation_b64")})
         self.spool.answer(meta.get("key"), meta.get("seq"), msgs)
+        if meta.get("replayable") and meta.get("key") and meta.get("payload_sha256"):
+            try:
+                self.replies.put(meta["key"], meta["payload_sha256"], msgs[:1])
+            except OSError as exc:  # best effort: the answer itself is in the outbox
+                log.warning("mqtt: answer of %s not kept for replays: %s", meta["key"], exc)
         self._wake.set()
 
     def _result_message(self, result: dict) -> dict:

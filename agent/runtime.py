@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from core.backbones import FeatureExtractor, get_extractor
-from core.errors import ModelNotReadyError
+from core.errors import InputError, ModelNotReadyError
 from core.image_io import ImageInput, decode_image
 from core.model import RoiModel
-from core.storage import RoiStore
+from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
 
@@ -35,7 +36,8 @@ class Runtime:
         if b.name == "auto" and self.extractor.name == "efficientnet_lite0":
             log.warning("running on EfficientNet-Lite0 (ImageNet) because no DINOv2 weights were found; "
                         "see docs/configuration.md (backbone.weights) to use DINOv2")
-        self._models: dict[tuple[str, str], RoiModel] = {}
+        self._models: dict[tuple[str, str], RoiModel] = {}  # in order of last use (least recent first)
+        self._used: dict[tuple[str, str], float] = {}
         self.progress: Callable[[], None] | None = None  # the worker's heartbeat, passed to every model
 
     def model(self, role_id: str, roi_id: str, create: bool = True) -> RoiModel:
@@ -44,11 +46,40 @@ class Runtime:
         if key not in self._models and not create and not RoiStore(self.cfg.data_root, role_id, roi_id).exists():
             raise ModelNotReadyError(f"ROI {role_id}/{roi_id} has no fitted model: send fit_ok samples first")
         if key not in self._models:
+            if create and not RoiStore(self.cfg.data_root, role_id, roi_id).exists():
+                self._check_room(role_id, roi_id)
+            while len(self._models) >= self.cfg.limits.max_loaded_rois:  # least recently used leaves memory
+                old = next(iter(self._models))
+                log.info("unloading ROI %s/%s (limits.max_loaded_rois %d reached)", *old,
+                         self.cfg.limits.max_loaded_rois)
+                self.forget(*old)
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
             debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None
             self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id),
                                          settings, debug_dir, progress=self.progress)
+        self._models[key] = self._models.pop(key)  # most recently used last
+        self._used[key] = time.monotonic()
         return self._models[key]
+
+    def _check_room(self, role_id: str, roi_id: str) -> None:
+        """A new ROI is refused once `limits.max_rois` ROIs exist on disk (each costs memory and disk)."""
+        count = len(list_rois(self.cfg.data_root))
+        if count >= self.cfg.limits.max_rois:
+            raise InputError(f"ROI {role_id}/{roi_id} would be new, but {count} ROIs exist (limits.max_rois "
+                             f"{self.cfg.limits.max_rois}): reuse a ROI id or raise the limit", code="too_many_rois")
+
+    def unload_idle(self) -> list[tuple[str, str]]:
+        """Free the models not used for `limits.idle_unload_s` (0: never); they load again on their next job."""
+        idle_s = self.cfg.limits.idle_unload_s
+        now = time.monotonic()
+        gone = [k for k in self._models if idle_s and now - self._used.get(k, now) > idle_s]
+        for key in gone:
+            log.info("unloading ROI %s/%s: idle for over %.0f s (limits.idle_unload_s)", *key, idle_s)
+            self.forget(*key)
+        return gone
+
+    def loaded_count(self) -> int:
+        return len(self._models)  # read from other threads (health): len() of a dict is atomic
 
     def extractor_for(self, role_id: str, roi_id: str) -> FeatureExtractor:
         """The ROI's own layers / resolution (config `rois:`), on the process's one loaded network."""
@@ -63,6 +94,7 @@ class Runtime:
     def forget(self, role_id: str, roi_id: str) -> None:
         """Drop a ROI's model from memory: the next request loads it again from what is on disk."""
         self._models.pop((role_id, roi_id), None)
+        self._used.pop((role_id, roi_id), None)
 
     def heatmap_default(self, role_id: str, roi_id: str) -> bool:
         return self.cfg.roi_settings(role_id, roi_id)[1]
@@ -71,7 +103,7 @@ class Runtime:
         lim = self.cfg.limits
         return decode_image(data, mm_per_px=mm_per_px, max_bytes=lim.max_bytes,
                             max_decode_pixels=lim.max_decode_pixels, max_pixels=lim.max_pixels,
-                            min_side=self.extractor.stride)
+                            min_side=self.extractor.stride, max_decoded_bytes=lim.max_decoded_bytes)
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:

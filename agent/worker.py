@@ -63,6 +63,9 @@ class Worker:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self.max_batch = 1
+        self._open: dict[Job, float] = {}  # submitted, not yet answered -> when submitted (monotonic)
+        self._open_lock = threading.Lock()
+        self.intakes: dict[str, threading.Thread] = {}  # intake threads, watched by /health and the watchdog
 
     def start(self) -> Runtime:
         """Start the thread; returns once it has loaded and warmed the backbone (or re-raises its error)."""
@@ -91,9 +94,24 @@ class Worker:
         job.enqueued_at = time.perf_counter()
         try:
             self.queue.put(job, timeout=timeout)
-            return True
         except queue.Full:
             return False
+        with self._open_lock:
+            self._open.setdefault(job, time.monotonic())
+        return True
+
+    def oldest_unanswered_s(self) -> float | None:
+        """Age of the oldest job taken by the worker's queue and not answered yet (None: none waits)."""
+        with self._open_lock:
+            first = min(self._open.values(), default=None)
+        return None if first is None else round(time.monotonic() - first, 1)
+
+    def watch(self, name: str, thread: threading.Thread) -> None:
+        """An intake thread whose death makes the agent unhealthy (and stops the systemd watchdog pings)."""
+        self.intakes[name] = thread
+
+    def dead_intakes(self) -> list[str]:
+        return [name for name, t in self.intakes.items() if t.ident is not None and not t.is_alive()]
 
     def depth(self) -> int:
         return self.queue.qsize() + len(self._backlog)
@@ -138,6 +156,7 @@ class Worker:
             self.heartbeat()
             job = self._next(timeout=0.5)
             if job is None:
+                self.rt.unload_idle()
                 continue
             self._process_safely(self._gather(job))
 
@@ -172,6 +191,8 @@ class Worker:
 
     def _finish(self, job: Job, result: dict, preview: dict | None = None) -> None:
         self._finished.add(job)
+        with self._open_lock:
+            self._open.pop(job, None)
         self.counts[f"{job.action}_{result['status']}"] += 1
         for observe in self.observers:
             try:
@@ -315,10 +336,11 @@ class Worker:
             rep = self._fit_in_steps(model, samples, (batch[0].role_id, batch[0].roi_id))
         else:
             rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)  # type: ignore[attr-defined]
-        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates")}
-        for j in dict.fromkeys(owners):
-            n = sum(1 for o in owners if o is j)
-            self._finish(j, ok_result(j, {"added": n, "duplicates_in_batch": len(rep["duplicates"]), **state}))
+        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates", "stored")}
+        for j in dict.fromkeys(owners):  # each request counts its own images: stored now, or already stored
+            mine = [new for o, new in zip(owners, rep["stored"], strict=True) if o is j]
+            self._finish(j, ok_result(j, {"added": sum(mine), "duplicates": len(mine) - sum(mine),
+                                          "duplicates_in_batch": len(rep["duplicates"]), **state}))
         self._state_changed(model)
 
     def _fit_in_steps(self, model: object, samples: list, key: tuple[str, str]) -> dict:
@@ -326,18 +348,20 @@ class Worker:
         threshold (leave-one-out scoring) once at the end. Same bank as one call: selection is per sample."""
         added: list[str] = []
         duplicates: list[str] = []
+        stored: list[bool] = []
         timings: Counter[str] = Counter()
         for start in range(0, len(samples), FIT_STEP):
             rep = model.fit_ok(samples[start : start + FIT_STEP], finalize=False)  # type: ignore[attr-defined]
             added += rep["added"]
             duplicates += rep["duplicates"]
+            stored += rep["stored"]
             timings.update(rep["timings_ms"])
             self._serve_others(key)
         t0 = time.perf_counter()
         model.finalize()  # type: ignore[attr-defined]
         threshold_ms = (time.perf_counter() - t0) * 1000
         timings.update({"threshold": threshold_ms, "total": threshold_ms})
-        return {"added": added, "duplicates": duplicates, **model.state(),  # type: ignore[attr-defined]
+        return {"added": added, "duplicates": duplicates, "stored": stored, **model.state(),  # type: ignore[attr-defined]
                 "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": -(-len(samples) // FIT_STEP)}
 
     def _state_changed(self, model: object) -> None:

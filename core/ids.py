@@ -26,6 +26,23 @@ def safe_text(value: object, limit: int = REQUEST_ID_MAX) -> str:
     return text[:limit]
 
 
+def request_id_from(value: object) -> str:
+    """A request id from outside, encoded by `safe_text`; InputError `invalid_request_id` when it is longer
+    than REQUEST_ID_MAX characters (never cut in silence: two long ids cut alike would collide). The
+    caller answers the error under `short_request_id(value)`."""
+    rid = safe_text(value, limit=REQUEST_ID_MAX + 1)
+    if len(rid) > REQUEST_ID_MAX or not rid:
+        raise InputError(f"request_id must be 1-{REQUEST_ID_MAX} characters; got {len(str(value))}",
+                         code="invalid_request_id")
+    return rid
+
+
+def short_request_id(value: object) -> str:
+    """The id an invalid request id is answered under: its first 64 characters, marked as cut."""
+    text = safe_text(value, limit=REQUEST_ID_MAX + 1)
+    return text if len(text) <= REQUEST_ID_MAX else text[:64] + "...(cut)"
+
+
 def validate_id(value: object, kind: str = "id") -> str:
     """Return `value` if it is a safe id (``[A-Za-z0-9_.-]{1,64}``, not '.' or '..'), else raise."""
     if not isinstance(value, str) or not ID_PATTERN.match(value) or value in (".", "..") or (

@@ -28,6 +28,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_DECODE_PIXELS = 100_000_000  # decompression-bomb limit: refuse before decoding
 DEFAULT_MAX_PIXELS = 12_000_000  # above this the image is downscaled (area interpolation)
+DEFAULT_MAX_DECODED_BYTES = 400_000_000  # pixels x channels x bytes per sample, from the header
 DEFAULT_MIN_SIDE = 14  # one ViT patch
 ORIENTATION_TAG = 0x0112
 MAX_MM_PER_PX = 1000.0  # 1 m per pixel: anything larger is a unit mistake (and would overflow areas in mm²)
@@ -74,6 +75,25 @@ def _magic_format(data: bytes) -> str | None:
 def _png_bit_depth(data: bytes) -> int:
     # IHDR is the first chunk: 8-byte signature, length, type, width, height, bit depth.
     return data[24] if len(data) > 24 else 8
+
+
+def decoded_bytes(data: bytes, fmt: str, pil: Image.Image) -> int:
+    """What decoding will hold, from the header only: pixels x channels x bytes per sample (a 16-bit PNG
+    or TIFF holds two bytes per sample, where Pillow's mode may say one)."""
+    width, height = pil.size
+    channels = len(pil.getbands())
+    if pil.mode in ("I", "F", "I;32"):
+        per_sample = 4
+    elif pil.mode.startswith("I;16"):
+        per_sample = 2
+    elif fmt == "PNG":
+        per_sample = max(1, _png_bit_depth(data) // 8)
+    elif fmt == "TIFF":
+        bits = getattr(pil, "tag_v2", {}).get(258, (8,))
+        per_sample = max(1, max(bits if isinstance(bits, tuple) else (bits,)) // 8)
+    else:
+        per_sample = 1
+    return width * height * channels * per_sample
 
 
 def _to_float_rgb(arr: np.ndarray, bgr: bool) -> np.ndarray:
@@ -138,6 +158,7 @@ def decode_image(
     max_decode_pixels: int = DEFAULT_MAX_DECODE_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> ImageInput:
     """Decode image bytes by content into an `ImageInput`, or raise `InputError` with a specific code."""
     mm = validate_mm_per_px(mm_per_px)
@@ -166,6 +187,10 @@ def decode_image(
             f"image is {width}x{height} = {width * height} pixels, over the decode limit of {max_decode_pixels}",
             code="too_many_pixels",
         )
+    held = decoded_bytes(data, fmt, pil)
+    if held > max_decoded_bytes:
+        raise InputError(f"image is {width}x{height} with {len(pil.getbands())} channels: {held} bytes once decoded, "
+                         f"over the limit of {max_decoded_bytes} (limits.max_decoded_bytes)", code="too_many_bytes")
     if min(width, height) < min_side:
         raise InputError(
             f"image is {width}x{height}, smaller than one {min_side}-pixel patch", code="image_too_small"

@@ -158,6 +158,7 @@ class RoiModel:
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
         self._dirty = False
         self._known: dict[str, dict[str, str]] = {}  # sha256 -> sample_id per kind, for deduplication
+        self.last_outcomes: list[tuple[str, bool]] = []
         self._scorer = SampleScorer(self._branch_map, self._map_score, self.progress)
         self.scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
         t0 = time.perf_counter()
@@ -229,7 +230,8 @@ class RoiModel:
 
     def _records_images(self, records: list[SampleRecord]) -> list[ImageInput]:
         return [decode_image(r.image_path.read_bytes(), mm_per_px=r.meta.get("mm_per_px"),
-                             max_bytes=1 << 62, max_decode_pixels=1 << 62) for r in records]
+                             max_bytes=1 << 62, max_decode_pixels=1 << 62, max_decoded_bytes=1 << 62)
+                for r in records]
 
     def _readable_samples(self, kind: str) -> list[SampleRecord]:
         """Stored samples, with the unreadable ones (corrupt JSON or image, image gone) quarantined."""
@@ -392,7 +394,10 @@ class RoiModel:
                                f"about {need // 1024} KiB: nothing was stored", code="disk_full")
 
     def _store_samples(self, kind: str, samples: list[tuple[bytes, ImageInput, dict]]) -> tuple[list, list, list]:
+        """-> (new records, their images, the sample id of each input that was already stored). Each input's
+        outcome, in input order, is kept in `self.last_outcomes`: (sample_id, stored now)."""
         self._check_space(samples)
+        self.last_outcomes: list[tuple[str, bool]] = []
         if kind not in self._known:  # read from the sample JSONs once; this model is their only writer
             self._known[kind] = self.store.known_hashes(kind)
         known = self._known[kind]
@@ -402,9 +407,11 @@ class RoiModel:
             sha = hashlib.sha256(data).hexdigest()  # computed once: dedupe here, recorded by save_sample
             if sha in known:
                 duplicates.append(known[sha])
+                self.last_outcomes.append((known[sha], False))
                 continue
             rec = self.store.save_sample(kind, data, img.format, {"mm_per_px": img.mm_per_px, **meta}, sha=sha)
             known[sha] = rec.sample_id
+            self.last_outcomes.append((rec.sample_id, True))
             records.append(rec)
             images.append(img)
         return records, images, duplicates
@@ -436,7 +443,8 @@ class RoiModel:
         if finalize:
             self.finalize()
         t_threshold = time.perf_counter() - tt
-        report = {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state(),
+        report = {"added": [r.sample_id for r in records], "duplicates": duplicates,
+                  "stored": [new for _, new in self.last_outcomes], **self.state(),
                   "timings_ms": {"embed": round(t_backbone * 1000, 1), "coreset": round(t_coreset * 1000, 1),
                                  "threshold": round(t_threshold * 1000, 1),
                                  "total": round((time.perf_counter() - t0) * 1000, 1)}}
@@ -470,8 +478,8 @@ class RoiModel:
                    "total": round((t3 - t0) * 1000, 1)}
         log.info("send_ng %s/%s: +%d samples (%d duplicates), threshold %s, timings %s", self.store.role_id,
                  self.store.roi_id, len(records), len(duplicates), self.threshold, timings)
-        return {"added": [r.sample_id for r in records], "duplicates": duplicates, **self.state(),
-                "timings_ms": timings}
+        return {"added": [r.sample_id for r in records], "duplicates": duplicates,
+                "stored": [new for _, new in self.last_outcomes], **self.state(), "timings_ms": timings}
 
     def set_threshold(self, value: float | None) -> dict:
         """Manual override (value) or back to the configured policy (None)."""

@@ -230,7 +230,11 @@ class RoiStore:
         self.mask_path = self.root / "mask.png"
 
     def exists(self) -> bool:
-        return self.manifest_path.exists()
+        """A model on disk: its manifest, or stored OK samples to rebuild it from (a lost manifest.json)."""
+        if self.manifest_path.exists():
+            return True
+        ok = self.samples_dir("ok")
+        return ok.is_dir() and any(p.suffix == ".json" for p in ok.iterdir())
 
     def samples_dir(self, kind: str) -> Path:
         return self.root / "samples" / kind

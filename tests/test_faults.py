@@ -71,6 +71,34 @@ def test_disk_full_is_a_clear_error_and_the_agent_recovers(tmp_path: Path, fitte
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_an_mqtt_request_on_a_full_disk_is_answered_and_the_next_one_served(tmp_path: Path, fitted_template: Path,
+                                                                            tire: Path, broker: Broker) -> None:
+    """Before: with no room for the journal the request was neither answered nor acknowledged, and not
+    taken again until a restart. Now it is answered `disk_full` at once (published directly: the outbox
+    cannot be written either), and the same request sent again once space returns is served."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, 24)
+    try:
+        shutil.copytree(fitted_template, disk, dirs_exist_ok=True)
+        obs = Observer(broker.port)
+        agent = Agent(disk, broker.port).start()
+        filler = disk / "filler"
+        filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - 64_000))  # no room for a 400 KB request
+        image = base64.b64encode(sorted((tire / "test" / "good" / "rgb").glob("*.png"))[0].read_bytes()).decode()
+        request = json.dumps({"request_id": "full-1", "image_b64": image})
+        obs.publish("anomaly/st1/tire/predict", request)
+        first = obs.wait_result("full-1", timeout=60)
+        assert first["status"] == "error" and first["error"]["code"] == "disk_full", first
+        filler.unlink()
+        obs.publish("anomaly/st1/tire/predict", request)  # the sender tries again: a new request, served
+        wait_for(lambda: any(r["request_id"] == "full-1" and r["status"] == "ok" for r in obs.results()), 60,
+                 "served once space returned")
+        assert agent.sigterm() == 0
+        obs.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, tire: Path, broker: Broker) -> None:
     """Folder fit_ok batches, folder and MQTT predict bursts; kill -9 at a random moment, restart, repeat.
     In the end every accepted file and MQTT request has exactly one result, no stored sample is corrupt,

@@ -65,17 +65,39 @@ def _tree_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_poison_pills_through_the_folder_and_mqtt(data_root: Path, tire: Path, broker: Broker,
-                                                  tmp_path: Path) -> None:
+def _bomb16() -> bytes:
+    """A 16-bit RGB PNG of 9999x9999 in ~600 KB: 600 MB once decoded (3.9 GB of RSS before the cap)."""
+    import cv2
+    import numpy as np
+
+    return cv2.imencode(".png", np.zeros((9999, 9999, 3), np.uint16))[1].tobytes()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) / 1024
+
+
+def test_poison_pills_through_the_folder_mqtt_and_http(data_root: Path, tire: Path, broker: Broker,
+                                                       tmp_path: Path) -> None:
+    import base64
+
+    import httpx
+
+    from tests.broker import free_port
+
     decoy = tmp_path / "decoy"  # outside the data root: must stay exactly as it is
     (decoy / "a" / "b").mkdir(parents=True)
     (decoy / "a" / "b" / "c.png").write_bytes(img_bytes(tire))
     (decoy / "secret.png").write_bytes(b"not yours")
     before = _tree_hashes(decoy)
     obs = Observer(broker.port)
-    agent = Agent(data_root, broker.port).start()
+    port = free_port()
+    agent = Agent(data_root, broker.port, http_port=port,
+                  env={"ANOMALY_AGENT_MQTT__MAX_PAYLOAD_BYTES": str(1 << 20)}).start()
     inbox = data_root / "inbox" / "st1" / "tire" / "predict"
     good = img_bytes(tire)
+    bomb = _bomb16()
     inbox.mkdir(parents=True, exist_ok=True)
     drop(inbox, "nested.png", good, NESTED.decode())  # type: ignore[arg-type]  # sidecar: deep nesting
     badname = os.fsencode(inbox) + b"/bad\xffname.png"
@@ -87,11 +109,32 @@ def test_poison_pills_through_the_folder_and_mqtt(data_root: Path, tire: Path, b
     (data_root / "inbox" / "evil").symlink_to(decoy)  # a symlinked folder: role/roi/action below it
     long_name = "L" * 230 + ".png"
     drop(inbox, long_name, good)
+    drop(inbox, "bomb16.png", bomb)
+    drop(inbox, "longid.png", good, {"request_id": "r" * 10_000})
     obs.publish("anomaly/st1/tire/predict", NESTED)
     obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "lone\ud800x", "image_b64": ""}))
+    obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "k" * 10_000, "image_b64": ""}))
+    obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "bomb16",
+                                                        "image_b64": base64.b64encode(bomb).decode()}))
+    # over the v5 Maximum Packet Size the agent announced: the broker never sends it (no memory spent)
+    obs.publish("anomaly/st1/tire/predict", b"\x89PNG" + b"\0" * (3 << 20))
+    obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "mqtt-after",
+                                                        "image_b64": base64.b64encode(good).decode()}))
+    with httpx.Client(base_url=agent.http, timeout=60) as c:
+        form = {"role_id": "st1", "roi_id": "tire"}
+        pills = [({**form, "request_id": "h" * 10_000}, good), (form, bomb), (form, NESTED),
+                 ({"role_id": "st1\n", "roi_id": "tire"}, good)]
+        codes = []
+        for data, body in pills:
+            r = c.post("/predict", data=data, files={"file": ("x.png", body, "image/png")})
+            codes.append(r.json()["error"]["code"])
+            after = c.post("/predict", data=form, files={"file": ("ok.png", good, "image/png")})
+            assert after.status_code == 200, after.text  # after each pill, a normal input is answered
+        assert codes == ["invalid_field", "too_many_bytes", "unknown_format", "invalid_id"], codes
     drop(inbox, "after.png", good)
     results = data_root / "results" / "st1" / "tire"
     wait_for(lambda: (results / "after.json").exists() and (results / "nested.json").exists()
+             and (results / "bomb16.json").exists() and (results / "longid.json").exists()
              and (results / "heatfalse.json").exists() and os.path.exists(os.fsencode(results) + b"/bad\xffname.json"),
              90, "every folder file answered")
     nested = json.loads((results / "nested.json").read_text())
@@ -104,6 +147,16 @@ def test_poison_pills_through_the_folder_and_mqtt(data_root: Path, tire: Path, b
     wait_for(lambda: any(r["status"] == "error" and r["error"]["code"] == "invalid_json" for r in obs.results()),
              30, "the nested MQTT payload answered")
     wait_for(lambda: any(r["request_id"] == safe_text("lone\ud800x") for r in obs.results()), 30, "lone surrogate id")
+    wait_for(lambda: any(r["request_id"] == "mqtt-after" for r in obs.results()), 60, "MQTT answered after the pills")
+    by_id = {r["request_id"]: r for r in obs.results()}
+    assert by_id["k" * 64 + "...(cut)"]["error"]["code"] == "invalid_request_id"
+    assert by_id["bomb16"]["error"]["code"] == "too_many_bytes" and by_id["mqtt-after"]["status"] == "ok"
+    assert not any(r.get("error", {}).get("code") == "payload_too_large" for r in obs.results())
+    for name, code in (("bomb16", "too_many_bytes"), ("longid", "invalid_request_id")):
+        res = json.loads((results / f"{name}.json").read_text())
+        assert res["error"]["code"] == code and len(res["request_id"]) < 100, res
+    peak = _peak_rss_mb(agent.proc.pid)
+    assert peak < 1500, f"peak RSS {peak:.0f} MB"  # the 16-bit bombs cost 3.9 GB before the cap
     time.sleep(1.5)  # two rescans: nothing below the symlinked folder may be touched
     assert _tree_hashes(decoy) == before and (decoy / "a" / "b" / "c.png").exists()
     assert agent.sigterm() == 0
@@ -156,19 +209,38 @@ def test_a_chunked_http_body_is_stopped_at_the_limit(data_root: Path) -> None:
 
 def test_a_request_id_is_scoped_by_roi_and_action_and_a_reuse_is_answered(data_root: Path, tire: Path,
                                                                           broker: Broker) -> None:
-    """Two stations numbering from 1: the same id on another ROI or action is a new request; the same id
-    again on the same ROI and action is answered duplicate_request (before, both were dropped unanswered)."""
+    """Two stations numbering from 1: the same id on another ROI or action is a new request. The same id on
+    the same ROI and action: with the same payload its stored result comes again (`replay: true`, also after
+    a restart); with another payload `duplicate_request` (before, both were dropped unanswered)."""
     import base64
 
     obs = Observer(broker.port)
     agent = Agent(data_root, broker.port).start()
-    image = base64.b64encode(img_bytes(tire)).decode()
-    for topic in ("anomaly/st1/tire/predict", "anomaly/st1/other/predict", "anomaly/st1/tire/predict"):
-        obs.publish(topic, json.dumps({"request_id": "1", "image_b64": image}))
-    wait_for(lambda: len([r for r in obs.results() if r["request_id"] == "1"]) == 3, 60, "three answers to id 1")
-    by_roi = sorted((r["roi_id"], r["status"], (r.get("error") or {}).get("code")) for r in obs.results()
-                    if r["request_id"] == "1")
-    assert by_roi == [("other", "error", "model_not_fitted"), ("tire", "error", "duplicate_request"),
-                      ("tire", "ok", None)], by_roi
+    image = json.dumps({"request_id": "1", "image_b64": base64.b64encode(img_bytes(tire)).decode()})
+    other = json.dumps({"request_id": "1", "image_b64": base64.b64encode(img_bytes(tire, "hole")).decode()})
+
+    def answers() -> list[dict]:
+        return [r for r in obs.results() if r["request_id"] == "1"]
+
+    obs.publish("anomaly/st1/tire/predict", image)
+    obs.publish("anomaly/st1/other/predict", image)
+    wait_for(lambda: len(answers()) == 2, 60, "two answers to id 1")
+    first = next(r for r in answers() if r["roi_id"] == "tire")
+    assert first["status"] == "ok" and "replay" not in first
+    obs.publish("anomaly/st1/tire/predict", image)  # the same request again (a PLC retrying)
+    obs.publish("anomaly/st1/tire/predict", other)  # another image under a used id
+    wait_for(lambda: len(answers()) == 4, 60, "four answers to id 1")
+    assert agent.sigterm() == 0
+    agent.start()
+    obs.publish("anomaly/st1/tire/predict", image)
+    wait_for(lambda: len(answers()) == 5, 60, "the replay after a restart")
+    got = [(r["roi_id"], r["status"], (r.get("error") or {}).get("code"), r.get("replay", False)) for r in answers()]
+    assert sorted(got[:2]) == [("other", "error", "model_not_fitted", False), ("tire", "ok", None, False)], got
+    assert got[2:] == [("tire", "ok", None, True), ("tire", "error", "duplicate_request", False),
+                       ("tire", "ok", None, True)], got
+    replays = [r for r in answers() if r.get("replay")]
+    assert all(r["data"]["score"] == first["data"]["score"] for r in replays)  # the stored result, not a rerun
+    dup = next(r for r in answers() if r["status"] == "error" and r["roi_id"] == "tire")
+    assert "another payload" in dup["error"]["message"]
     assert agent.sigterm() == 0
     obs.close()
