@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from core import __version__
 from core.errors import AnomalyError, InputError, ModelNotReadyError, WeightsNotFoundError
 from core.ids import validate_id
+from core.thresholds import requested_policy
 
 from .config import ConfigError, load_config
 from .runtime import Runtime, expand_inputs, setup_logging
@@ -66,29 +68,24 @@ def cmd_fit(rt: Runtime, args: argparse.Namespace) -> int:
     model = rt.model(role, roi)
     files = expand_inputs(args.images)
     failed = 0
-    chunk: list = []
     bs = max(1, model.settings.fit_batch_size)
-    added = duplicates = 0
     with tqdm(total=len(files), desc=f"fit {role}/{roi}", unit="img", file=sys.stderr,
               disable=args.quiet) as bar:
-        for i, path in enumerate(files):
-            sample = _load_sample(rt, path, args)
-            if sample is None:
-                failed += 1
-                bar.update(1)
-            else:
-                chunk.append(sample)
-            if len(chunk) >= bs or (i == len(files) - 1 and chunk):
-                rep = model.fit_ok(chunk, finalize=False)
-                added += len(rep["added"])
-                duplicates += len(rep["duplicates"])
-                bar.update(len(chunk))
-                chunk = []
-    t0 = time.perf_counter()
-    model.finalize()
+
+        def chunks() -> Iterator[list]:
+            nonlocal failed
+            for start in range(0, len(files), bs):  # decoded a chunk at a time: memory stays bounded
+                loaded = [_load_sample(rt, path, args) for path in files[start : start + bs]]
+                failed += sum(s is None for s in loaded)
+                bar.update(len(loaded))
+                yield [s for s in loaded if s is not None]
+
+        t0 = time.perf_counter()
+        rep = model.fit_ok_in_steps(chunks())
     state = model.state()
-    _emit({"fitted": f"{role}/{roi}", "added": added, "duplicates": duplicates, "failed": failed,
-           "threshold_ms": round((time.perf_counter() - t0) * 1000, 1), **state})
+    _emit({"fitted": f"{role}/{roi}", "added": len(rep["added"]), "duplicates": len(rep["duplicates"]),
+           "failed": failed, "threshold_ms": rep["timings_ms"].get("threshold", 0.0),
+           "total_ms": round((time.perf_counter() - t0) * 1000, 1), **state})
     return EXIT_INPUT if failed else EXIT_OK
 
 
@@ -105,15 +102,14 @@ def cmd_predict(rt: Runtime, args: argparse.Namespace) -> int:
             data = _read(path)
             img = rt.decode(data, args.mm_per_px)
             decode_ms = (time.perf_counter() - t0) * 1000
-            res = model.predict([img], heatmap=heatmap)[0]
+            pred = model.predict([img], heatmap=heatmap)[0]
         except InputError as exc:
             failed += 1
             _emit(_error_line(path, exc))
             continue
-        res["timings_ms"] = {"decode": round(decode_ms, 2), **res["timings_ms"]}
-        res["inference_ms"] = round(res["inference_ms"] + decode_ms, 2)
-        png = res.pop("heatmap_png", None)
-        out = {"file": str(path), **res}
+        pred.add_decode(decode_ms)
+        png = pred.heatmap_png
+        out = {"file": str(path), **pred.to_dict()}
         if png is not None:
             if args.heatmap_dir:
                 target = Path(args.heatmap_dir) / f"{path.stem}.heatmap.png"
@@ -128,11 +124,9 @@ def cmd_predict(rt: Runtime, args: argparse.Namespace) -> int:
 def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
     role, roi = _role_roi(args)
     model = rt.model(role, roi)
-    if args.threshold is not None or args.reset:
-        _emit(model.set_threshold(None if args.reset else args.threshold))
-        return EXIT_OK
-    if args.policy is not None:
-        _emit(model.calibrate(args.policy, None, args.ok_percentile, args.ng_margin, args.ng_recall))
+    if args.threshold is not None or args.reset or args.policy is not None:
+        policy = requested_policy(args.policy, args.threshold, args.reset)
+        _emit(model.calibrate(policy, args.threshold, args.ok_percentile, args.ng_margin, args.ng_recall))
         return EXIT_OK
     if not args.images:
         raise InputError("give NG images, --threshold V, --policy P or --reset", code="usage")

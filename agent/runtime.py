@@ -54,9 +54,8 @@ class Runtime:
                          self.cfg.limits.max_loaded_rois)
                 self.forget(*old)
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
-            debug_dir = self.cfg.data_root / "debug" if self.cfg.debug else None
             self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id),
-                                         settings, debug_dir, progress=self.progress)
+                                         settings, progress=self.progress)
         self._models[key] = self._models.pop(key)  # most recently used last
         self._used[key] = time.monotonic()
         return self._models[key]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import AnomalyError, InputError
+from core.thresholds import requested_policy
 
 from .config import WorkerConfig
 from .jobs import Job, error_result, ok_result
@@ -271,11 +272,7 @@ class Worker:
         def num(key: str) -> float | None:
             return None if meta.get(key) is None else float(meta[key])
 
-        policy = meta.get("policy")
-        if meta.get("threshold") is not None and policy in (None, "manual"):
-            policy = "manual"
-        elif meta.get("reset") and policy is None:
-            policy = "config"
+        policy = requested_policy(meta.get("policy"), num("threshold"), as_bool(meta.get("reset", False)))
         return model.calibrate(policy, num("threshold"), num("ok_percentile"), num("ng_margin"),  # type: ignore
                                num("ng_recall"))
 
@@ -298,20 +295,18 @@ class Worker:
             for j, _, _ in ready:
                 self._finish(j, error_result(j, exc.code, exc.message))
             return
-        for (j, _, decode_ms), res in zip(ready, results, strict=True):
-            res["timings_ms"] = {"decode": round(decode_ms, 2), **res["timings_ms"]}
-            res["inference_ms"] = round(res["inference_ms"] + decode_ms, 2)
-            res["queue_ms"] = round((time.perf_counter() - j.enqueued_at) * 1000 - res["inference_ms"], 2)
-            png = res.pop("heatmap_png", None)
-            preview = res.pop("preview", None)
-            if png is not None and as_bool(j.meta.get("heatmap", heat_default)):
-                res["heatmap_png_b64"] = base64.b64encode(png).decode()
-            self.last_timing = {"inference_ms": res["inference_ms"], "batch_size": res["batch_size"],
-                                "device": res["device"]}
+        for (j, _, decode_ms), pred in zip(ready, results, strict=True):
+            pred.add_decode(decode_ms)
+            pred.queue_ms = (time.perf_counter() - j.enqueued_at) * 1000 - pred.inference_ms
+            res = pred.to_dict()
+            if pred.heatmap_png is not None and as_bool(j.meta.get("heatmap", heat_default)):
+                res["heatmap_png_b64"] = base64.b64encode(pred.heatmap_png).decode()
+            self.last_timing = {"inference_ms": pred.inference_ms, "batch_size": pred.batch_size,
+                                "device": pred.device}
             log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s)",
-                     j.role_id, j.roi_id, j.request_id, res["score"], res["threshold"], res["is_anomaly"],
-                     res["inference_ms"], res["batch_size"], res["device"])
-            self._finish(j, ok_result(j, res), preview)
+                     j.role_id, j.roi_id, j.request_id, pred.score, pred.threshold, pred.is_anomaly,
+                     pred.inference_ms, pred.batch_size, pred.device)
+            self._finish(j, ok_result(j, res), pred.preview)
 
     def _fit(self, model: object, batch: list[Job], kind: str) -> None:
         samples, owners = [], []
@@ -344,25 +339,9 @@ class Worker:
         self._state_changed(model)
 
     def _fit_in_steps(self, model: object, samples: list, key: tuple[str, str]) -> dict:
-        """A large fit_ok in steps of FIT_STEP images, other ROIs' predictions served in between; the
-        threshold (leave-one-out scoring) once at the end. Same bank as one call: selection is per sample."""
-        added: list[str] = []
-        duplicates: list[str] = []
-        stored: list[bool] = []
-        timings: Counter[str] = Counter()
-        for start in range(0, len(samples), FIT_STEP):
-            rep = model.fit_ok(samples[start : start + FIT_STEP], finalize=False)  # type: ignore[attr-defined]
-            added += rep["added"]
-            duplicates += rep["duplicates"]
-            stored += rep["stored"]
-            timings.update(rep["timings_ms"])
-            self._serve_others(key)
-        t0 = time.perf_counter()
-        model.finalize()  # type: ignore[attr-defined]
-        threshold_ms = (time.perf_counter() - t0) * 1000
-        timings.update({"threshold": threshold_ms, "total": threshold_ms})
-        return {"added": added, "duplicates": duplicates, "stored": stored, **model.state(),  # type: ignore[attr-defined]
-                "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": -(-len(samples) // FIT_STEP)}
+        """A large fit_ok in steps of FIT_STEP images, other ROIs' predictions served in between."""
+        steps = (samples[start : start + FIT_STEP] for start in range(0, len(samples), FIT_STEP))
+        return model.fit_ok_in_steps(steps, lambda: self._serve_others(key))  # type: ignore[attr-defined]
 
     def _state_changed(self, model: object) -> None:
         if self.on_state is not None:

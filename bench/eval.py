@@ -50,9 +50,9 @@ def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
             img = decode_image(p.read_bytes())
             res = model.predict([img], return_map=True)[0]
             labels.append(label)
-            scores.append(res["score"])
-            decisions.append(res["is_anomaly"])
-            amap = res["anomaly_map"]
+            scores.append(res.score)
+            decisions.append(res.is_anomaly)
+            amap = res.anomaly_map
             h, w = amap.shape
             f = PIXEL_SIDE / max(h, w)
             size = (max(1, round(w * f)), max(1, round(h * f)))

@@ -87,7 +87,7 @@ def bench_config(name: str, res: int, random_w: bool, bank_imgs: list[bytes], pr
 
         e2e_ms = median_ms(e2e, runs)
         backbone_again = median_ms(lambda: ex.forward_branches(batch), runs)
-        res_parts = model.predict([decode_image(probe)])[0]["timings_ms"]
+        res_parts = model.predict([decode_image(probe)])[0].timings_ms
         bank_mb = sum(b.bank.feats.numel() for b in model.branches) * 4 / 2**20
         bank_sizes = [len(b.bank) for b in model.branches]
     bb = (backbone_ms + backbone_again) / 2

@@ -162,6 +162,30 @@ def decode_image(
 ) -> ImageInput:
     """Decode image bytes by content into an `ImageInput`, or raise `InputError` with a specific code."""
     mm = validate_mm_per_px(mm_per_px)
+    pil = _open_checked(data, max_bytes, max_decode_pixels, min_side, max_decoded_bytes)
+    width, height = pil.size
+    fmt = pil.format or "unknown"
+    try:
+        rgb, depth = _decode_pixels(data, fmt, pil)
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombWarning) as exc:
+        code = "truncated_file" if "truncated" in str(exc).lower() else "corrupt_image"
+        raise InputError(f"{fmt} data could not be decoded: {exc}", code=code) from None
+    scale = 1.0
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        scale = new_w / width
+        if mm is not None:
+            mm = mm / scale
+    return ImageInput(rgb=rgb, mm_per_px=mm, scale=scale, original_size=(width, height), format=fmt, bit_depth=depth)
+
+
+def _open_checked(data: bytes, max_bytes: int, max_decode_pixels: int, min_side: int,
+                  max_decoded_bytes: int) -> Image.Image:
+    """Open by content and check every limit from the header, before any pixel is decoded."""
     if len(data) == 0:
         raise InputError("the file is empty (0 bytes)", code="empty_file")
     if len(data) > max_bytes:
@@ -195,19 +219,4 @@ def decode_image(
         raise InputError(
             f"image is {width}x{height}, smaller than one {min_side}-pixel patch", code="image_too_small"
         )
-    try:
-        rgb, depth = _decode_pixels(data, fmt, pil)
-    except InputError:
-        raise
-    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombWarning) as exc:
-        code = "truncated_file" if "truncated" in str(exc).lower() else "corrupt_image"
-        raise InputError(f"{fmt} data could not be decoded: {exc}", code=code) from None
-    scale = 1.0
-    if width * height > max_pixels:
-        scale = math.sqrt(max_pixels / (width * height))
-        new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        scale = new_w / width
-        if mm is not None:
-            mm = mm / scale
-    return ImageInput(rgb=rgb, mm_per_px=mm, scale=scale, original_size=(width, height), format=fmt, bit_depth=depth)
+    return pil

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import torch
 
 from .fusion import BranchScale, fuse_scores
+from .image_io import ImageInput
 from .patch_branch import PatchBranch
 
 # (patch distances [P], grid (gh, gw), input size (w, h)) -> map at the input size
@@ -87,3 +89,19 @@ class SampleScorer:
             ok = [fuse_scores(s, scales) for _, _, s in ok_parts]
         ng = [fuse_scores(s, scales) for _, _, s in ng_parts]
         return ok, ng, scales
+
+
+def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
+    """Copies of an OK image with the variation a new good part shows on a fixed station: shifted by
+    one feature stride, rotated by +-2 degrees, scaled by +-5 %, brightness +-10 %."""
+    w, h = img.size
+    centre = (w / 2, h / 2)
+    views = []
+    for angle, scale, dx, dy, gain in ((0, 1, stride_px, 0, 1), (0, 1, 0, stride_px, 1), (2, 1, 0, 0, 1),
+                                       (-2, 1, 0, 0, 1), (0, 1.05, 0, 0, 1), (0, 0.95, 0, 0, 1),
+                                       (0, 1, 0, 0, 1.1), (0, 1, 0, 0, 0.9)):
+        mat = cv2.getRotationMatrix2D(centre, angle, scale)
+        mat[:, 2] += (dx, dy)
+        rgb = cv2.warpAffine(img.rgb, mat, img.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        views.append(ImageInput(np.clip(rgb * gain, 0, 1), img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
+    return views

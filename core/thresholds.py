@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from .errors import InputError
+
 
 def ok_threshold(ok_scores: list[float], percentile: float = 99.0) -> dict:
     scores = np.asarray(ok_scores, dtype=np.float64)
@@ -120,3 +122,32 @@ class ThresholdPolicy:
         if warnings:
             th["details"]["warnings"] = warnings
         return th
+
+
+CALIBRATION_POLICIES = (None, "auto", "ok_only", "manual", "config")
+
+
+def requested_policy(policy: str | None, threshold: float | None, reset: bool) -> str | None:
+    """The policy a calibrate request means (CLI, HTTP, MQTT alike): a `threshold` alone is a manual
+    override, `reset` alone goes back to the config, no argument recomputes with the current policy."""
+    if threshold is not None and policy in (None, "manual"):
+        return "manual"
+    if reset and policy is None:
+        return "config"
+    return policy
+
+
+def check_calibration(policy: str | None, value: float | None, ok_percentile: float | None, ng_margin: float | None,
+                      ng_recall: float | None) -> None:
+    """A calibrate request's arguments, or InputError saying which one is wrong."""
+    if policy not in CALIBRATION_POLICIES:
+        raise InputError(f"policy must be one of {', '.join(p for p in CALIBRATION_POLICIES if p)}, got {policy!r}",
+                         code="invalid_policy")
+    if ok_percentile is not None and not 0 < ok_percentile <= 100:
+        raise InputError(f"ok_percentile must be in (0, 100], got {ok_percentile}", code="invalid_policy")
+    if ng_margin is not None and not 0 <= ng_margin <= 1:
+        raise InputError(f"ng_margin must be in [0, 1], got {ng_margin}", code="invalid_policy")
+    if ng_recall is not None and not 0 < ng_recall <= 1:
+        raise InputError(f"ng_recall must be in (0, 1], got {ng_recall}", code="invalid_policy")
+    if policy == "manual" and (value is None or not math.isfinite(value) or value <= 0):
+        raise InputError(f"threshold must be a finite number > 0, got {value}", code="invalid_threshold")

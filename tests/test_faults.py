@@ -188,7 +188,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     assert survived.manifest["counts"]["ok"] == fresh.manifest["counts"]["ok"] == distinct  # repeats deduplicated
     # the same samples, the same scores: exact when the bank grew in one go; a bank that was reloaded
     # between kills and then extended can keep slightly different patches (coreset selection is incremental)
-    s_survived, s_fresh = survived.predict([probe])[0]["score"], fresh.predict([probe])[0]["score"]
+    s_survived, s_fresh = survived.predict([probe])[0].score, fresh.predict([probe])[0].score
     assert s_survived == pytest.approx(s_fresh, rel=0.01)
     figures = {"kills": rounds, "files": len(sent), "lost": len(set(sent) - set(per_file)),
                "duplicated": sum(v - 1 for v in per_file.values()), "samples": fresh.manifest["counts"]["ok"],

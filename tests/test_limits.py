@@ -56,7 +56,7 @@ def test_roi_count_is_bounded_and_least_recently_used_models_leave_memory(tmp_pa
         _fit(rt, "d", data)
     assert err.value.code == "too_many_rois" and "limits.max_rois" in err.value.message
     assert not RoiStore(tmp_path / "data", "st1", "d").root.exists()  # nothing made on disk for the refused ROI
-    score = rt.model("st1", "a", create=False).predict([rt.decode(data)])[0]["score"]  # loads again from disk
+    score = rt.model("st1", "a", create=False).predict([rt.decode(data)])[0].score  # loads again from disk
     assert score == pytest.approx(0.0, abs=0.05)  # its own training image
     _fit(rt, "a", img_bytes(tire, i=1))  # an existing ROI may still learn
     time.sleep(0.6)
@@ -75,8 +75,8 @@ def test_a_deleted_manifest_is_rebuilt_from_the_samples_by_the_agent(tmp_path: P
     rt.forget("st1", "tire")
     model = rt.model("st1", "tire", create=False)
     after = model.predict([probe])[0]
-    assert model.manifest["counts"]["ok"] == 6 and after["score"] == pytest.approx(before["score"], abs=1e-5)
-    assert after["threshold"] == pytest.approx(before["threshold"], rel=1e-6)
+    assert model.manifest["counts"]["ok"] == 6 and after.score == pytest.approx(before.score, abs=1e-5)
+    assert after.threshold == pytest.approx(before.threshold, rel=1e-6)
     assert (root / "models" / "st1" / "tire" / "manifest.json").exists()
 
 

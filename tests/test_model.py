@@ -44,36 +44,36 @@ def test_predict_separates_real_defects(fitted, tire_files) -> None:
     goods = [sample(p)[1] for p in tire_files["good"][:8]]
     bads = [sample(p)[1] for p in tire_files["hole"][:8]]
     res = model.predict(goods + bads)
-    scores = [r["score"] for r in res]
+    scores = [r.score for r in res]
     auroc = roc_auc_score([0] * 8 + [1] * 8, scores)
     assert auroc >= 0.7, (auroc, scores)  # 0.78 measured; chance is 0.5
     r = res[-1]
     for key in ("is_anomaly", "score", "threshold", "inference_ms", "timings_ms", "model_version", "mm_per_px",
                 "defects"):
-        assert key in r
-    assert set(r["timings_ms"]) == {"preprocess", "backbone", "knn", "postprocess"}
-    assert r["inference_ms"] == pytest.approx(sum(r["timings_ms"].values()), abs=0.05)
+        assert key in r.to_dict()
+    assert set(r.timings_ms) == {"preprocess", "backbone", "knn", "postprocess"}
+    assert r.to_dict()["inference_ms"] == pytest.approx(sum(r.to_dict()["timings_ms"].values()), abs=0.05)
 
 
 def test_defect_regions_and_heatmap(fitted, tire_files) -> None:
     _, model = fitted
     holes = [sample(p)[1] for p in tire_files["hole"][:8]]
-    scores = [r["score"] for r in model.predict(holes)]
+    scores = [r.score for r in model.predict(holes)]
     probe = holes[int(np.argmax(scores))]
-    goods_max = max(r["score"] for r in model.predict([sample(p)[1] for p in tire_files["good"][:4]]))
+    goods_max = max(r.score for r in model.predict([sample(p)[1] for p in tire_files["good"][:4]]))
     model.set_threshold(goods_max)  # an operator's manual threshold just above these goods
     try:
         r = model.predict([probe], heatmap=True)[0]
     finally:
         model.set_threshold(None)
-    assert r["is_anomaly"] and r["threshold_method"] == "manual_override"
-    d = r["defects"]
+    assert r.is_anomaly and r.threshold_method == "manual_override"
+    d = r.defects()
     assert d["count"] >= 1 and d["regions"]
     reg = d["regions"][0]
     assert reg["area_mm2"] == pytest.approx(reg["area_px"] * 0.01, rel=1e-6)
     x, y, w, h = reg["bbox"]
-    assert 0 <= x < 384 and 0 <= y < 512 and w > 0 and h > 0 and reg["max_score"] > r["threshold"]
-    png = cv2.imdecode(np.frombuffer(r["heatmap_png"], np.uint8), cv2.IMREAD_COLOR)
+    assert 0 <= x < 384 and 0 <= y < 512 and w > 0 and h > 0 and reg["max_score"] > r.threshold
+    png = cv2.imdecode(np.frombuffer(r.heatmap_png, np.uint8), cv2.IMREAD_COLOR)
     assert png.shape == (512, 384, 3)
 
 
@@ -84,10 +84,10 @@ def test_auto_threshold_comes_from_leave_one_out_ok_scores(fitted, tire_files) -
     assert len(m["ok_scores"]) == 12
     assert model.threshold == pytest.approx(np.percentile(m["ok_scores"], 99), rel=1e-5)
     # the bank's own images score lower than their leave-one-out scores: the threshold is not optimistic
-    own = [r["score"] for r in model.predict([sample(p)[1] for p in tire_files["train"][:12]])]
+    own = [r.score for r in model.predict([sample(p)[1] for p in tire_files["train"][:12]])]
     assert np.mean(own) < np.mean(m["ok_scores"])
     goods = model.predict([sample(p)[1] for p in tire_files["good"][:10]])
-    assert sum(r["is_anomaly"] for r in goods) <= 2
+    assert sum(r.is_anomaly for r in goods) <= 2
 
 
 def test_single_ok_sample_still_gets_a_sane_threshold(tmp_path, extractor, tire_files) -> None:
@@ -96,7 +96,7 @@ def test_single_ok_sample_still_gets_a_sane_threshold(tmp_path, extractor, tire_
     th = model.threshold
     assert th is not None and np.isfinite(th) and th > 0.05
     own = model.predict([sample(tire_files["train"][0])[1]])[0]
-    assert not own["is_anomaly"] and own["score"] < th
+    assert not own.is_anomaly and own.score < th
 
 
 def test_predict_before_fit_is_a_clear_error(tmp_path, extractor, tire_files) -> None:
@@ -196,11 +196,11 @@ def test_reload_from_index_and_rebuild_from_samples(tmp_path, extractor, tire_fi
     before = model.predict(probe)[0]
     again = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
     assert np.array_equal(again.bank_rows, model.bank_rows) and again.threshold == model.threshold
-    assert again.predict(probe)[0]["score"] == before["score"]
+    assert again.predict(probe)[0].score == pytest.approx(before.score, abs=1e-6)
     shutil.rmtree(tmp_path / "models" / "r" / "store" / "index")
     rebuilt = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
     assert sorted(rebuilt.bank_rows.tolist()) == sorted(model.bank_rows.tolist())
-    assert rebuilt.predict(probe)[0]["score"] == pytest.approx(before["score"], abs=1e-5)
+    assert rebuilt.predict(probe)[0].score == pytest.approx(before.score, abs=1e-5)
 
 
 def test_crash_leftovers_in_the_index_are_ignored(tmp_path, extractor, tire_files) -> None:
@@ -213,7 +213,7 @@ def test_crash_leftovers_in_the_index_are_ignored(tmp_path, extractor, tire_file
     again.fit_ok([sample(tire_files["train"][2])])
     third = RoiModel(tmp_path, "r", "crash", extractor)
     assert third.manifest["counts"]["ok"] == 3
-    assert third.predict([sample(tire_files["good"][0])[1]])[0]["score"] > 0
+    assert third.predict([sample(tire_files["good"][0])[1]])[0].score > 0
 
 
 def test_other_backbone_rebuilds_the_index(tmp_path, extractor, tire_files) -> None:
@@ -242,13 +242,13 @@ def test_mask_limits_where_anomalies_count(tmp_path, extractor, tire_files) -> N
     model.fit_ok([sample(p) for p in tire_files["train"][:4]])
     probe = sample(tire_files["hole"][0])[1]
     full = model.predict([probe], return_map=True)[0]
-    peak_y, peak_x = np.unravel_index(np.argmax(full["anomaly_map"]), full["anomaly_map"].shape)
+    peak_y, peak_x = np.unravel_index(np.argmax(full.anomaly_map), full.anomaly_map.shape)
     mask = np.full((512, 384), 255, np.uint8)
     mask[max(0, peak_y - 60) : peak_y + 60, max(0, peak_x - 60) : peak_x + 60] = 0
     ok, png = cv2.imencode(".png", mask)
     model.set_mask(png.tobytes())
     masked = model.predict([probe])[0]
-    assert masked["score"] < full["score"]
+    assert masked.score < full.score
     with pytest.raises(InputError):
         model.set_mask(cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes())
 
@@ -274,7 +274,7 @@ def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
     try:
         scorer = SampleScorer(model._branch_map, model._map_score, lambda: None)
         ok, ng, _ = scorer.round(model.branches, model.settings.holdout_max,
-                                 {"ok": model._arrays("ok"), "ng": model._arrays("ng")}, model._nuisance_maps)
+                                 {"ok": model.index.arrays("ok"), "ng": model.index.arrays("ng")}, model._nuisance_maps)
         return ok, ng
     finally:
         for b, d in zip(model.branches, cached, strict=True):
@@ -308,16 +308,17 @@ def test_memory_fit_keeps_the_index_in_ram_only_up_to_its_bound(tmp_path, extrac
     samples = [sample(p) for p in tire_files["train"][:6]]
     ram = RoiModel(tmp_path / "a", "r", "m", extractor, ModelSettings(coreset_min=500, memory_fit=True))
     ram.fit_ok(samples[:1])
-    per_image_mb = ram._emb["ok"].rows * ram._emb["ok"].meta["dim"] * 4 / 2**20
+    per_image_mb = ram.branches[0].emb["ok"].rows * ram.branches[0].emb["ok"].meta["dim"] * 4 / 2**20
     bounded = RoiModel(tmp_path / "b", "r", "m", extractor,
                        ModelSettings(coreset_min=500, memory_fit=True, memory_fit_max_mb=3.5 * per_image_mb))
     bounded.fit_ok(samples[:3])
-    assert isinstance(bounded._emb["ok"]._ram, np.ndarray) and not isinstance(bounded._index_array("ok"), np.memmap)
+    index = bounded.branches[0].emb["ok"]
+    assert isinstance(index._ram, np.ndarray) and not isinstance(bounded.index.arrays("ok")[0], np.memmap)
     bounded.fit_ok(samples[3:])
-    assert bounded._emb["ok"]._ram is None and isinstance(bounded._index_array("ok"), np.memmap)
+    assert bounded.branches[0].emb["ok"]._ram is None and isinstance(bounded.index.arrays("ok")[0], np.memmap)
     ram.fit_ok(samples[1:3])
     ram.fit_ok(samples[3:])
-    assert isinstance(ram._emb["ok"]._ram, np.ndarray)
+    assert isinstance(ram.branches[0].emb["ok"]._ram, np.ndarray)
     assert np.array_equal(ram.bank_rows, bounded.bank_rows) and ram.threshold == pytest.approx(bounded.threshold)
 
 
@@ -350,4 +351,4 @@ def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samp
     fresh.fit_ok([sample(p) for p in tire_files["train"][:5]])  # the same samples fitted today
     probe = decode_image(tire_files["hole"][0].read_bytes())
     assert new.threshold == pytest.approx(fresh.threshold, abs=1e-6)
-    assert new.predict([probe])[0]["score"] == pytest.approx(fresh.predict([probe])[0]["score"], abs=1e-6)
+    assert new.predict([probe])[0].score == pytest.approx(fresh.predict([probe])[0].score, abs=1e-6)

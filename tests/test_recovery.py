@@ -22,7 +22,7 @@ def reference(tmp_path_factory, extractor, tire: Path) -> tuple[Path, float, byt
     model = RoiModel(root, "st1", "tire", extractor, SETTINGS)
     model.fit_ok([(p.read_bytes(), decode_image(p.read_bytes()), {"source": "test"}) for p in train])
     probe = sorted((tire / "test" / "hole" / "rgb").glob("*.png"))[0].read_bytes()
-    return root, model.predict([decode_image(probe)])[0]["score"], probe
+    return root, model.predict([decode_image(probe)])[0].score, probe
 
 
 def damaged(tmp_path: Path, reference: tuple[Path, float, bytes]) -> tuple[Path, Path]:
@@ -49,7 +49,7 @@ def test_damaged_model_files_are_rebuilt_and_predict_the_same(tmp_path, extracto
     with caplog.at_level(logging.INFO):
         model = RoiModel(root, "st1", "tire", extractor, SETTINGS)
     assert model.manifest["counts"]["ok"] == 6 and model.threshold is not None
-    score = model.predict([decode_image(reference[2])])[0]["score"]
+    score = model.predict([decode_image(reference[2])])[0].score
     assert score == pytest.approx(reference[1], abs=1e-5)
     if what != "mask.png":
         assert any(w in caplog.text for w in ("corrupt", "rebuil", "stale", "indexing", "selected")), caplog.text
@@ -73,7 +73,7 @@ def test_a_corrupt_sample_is_quarantined_not_fatal(tmp_path, extractor, referenc
     quarantined = roi / "quarantine" / "ok"
     assert (quarantined / f"{victim.stem}.reason.json").exists() and "quarantined" in caplog.text
     assert not list((roi / "samples" / "ok").glob(victim.stem + ".*"))
-    assert model.predict([decode_image(reference[2])])[0]["score"] > 0
+    assert model.predict([decode_image(reference[2])])[0].score > 0
 
 
 def test_a_corrupt_mask_is_quarantined_and_the_state_says_so(tmp_path, extractor, reference, caplog) -> None:
@@ -97,6 +97,6 @@ def test_a_corrupt_mask_is_quarantined_and_the_state_says_so(tmp_path, extractor
     assert "quarantine" in caplog.text and "whole image" in caplog.text
     assert len(list((roi / "quarantine" / "mask").glob("*.reason.json"))) == 1 and not (roi / "mask.png").exists()
     assert model.threshold == pytest.approx(whole_threshold, abs=1e-6)
-    assert model.predict([decode_image(reference[2])])[0]["score"] == pytest.approx(reference[1], abs=1e-5)
+    assert model.predict([decode_image(reference[2])])[0].score == pytest.approx(reference[1], abs=1e-5)
     fixed = model.set_mask(cv2.imencode(".png", mask)[1].tobytes())
     assert fixed["has_mask"] and "mask_error" not in fixed

@@ -1,0 +1,101 @@
+"""A ROI's settings and its manifest (manifest.json): what is stored about a model, and its public state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .memory_bank import CoresetSize
+from .storage import RoiStore, list_rois
+from .thresholds import ThresholdPolicy
+
+
+@dataclass
+class ModelSettings:
+    """Per-ROI settings (config `defaults`, overridable per ROI). See docs/configuration.md."""
+
+    coreset_ratio: float = 0.1
+    coreset_min: int = 4096
+    coreset_max: int = 8192
+    proj_dim: int = 64
+    score_stat: str = "max"
+    score_percentile: float = 99.0
+    blur_sigma: float = 4.0
+    threshold_policy: str = "auto"
+    threshold_value: float | None = None
+    ok_percentile: float = 99.0
+    holdout_max: int = 50
+    ng_margin: float = 0.5
+    ng_recall: float | None = None
+    memory_fit: bool = False
+    memory_fit_max_mb: float = 512.0
+    fit_batch_size: int = 8
+    min_defect_area_px: int = 0
+    knn_backend: str = "auto"
+
+    def coreset_size(self) -> CoresetSize:
+        return CoresetSize(self.coreset_ratio, self.coreset_min, self.coreset_max)
+
+    def bank_key(self) -> dict:
+        return {"coreset_ratio": self.coreset_ratio, "coreset_min": self.coreset_min,
+                "coreset_max": self.coreset_max, "proj_dim": self.proj_dim}
+
+
+def policy_of(m: dict) -> dict:
+    """The threshold policy in force for a manifest: configured, or set by a calibrate request."""
+    s = m.get("settings", {})
+    base = {"policy": s.get("threshold_policy"), "ok_percentile": s.get("ok_percentile"),
+            "ng_margin": s.get("ng_margin"), "ng_recall": s.get("ng_recall")}
+    if m["threshold"]["method"] == "manual_override":
+        return {"policy": "manual", "source": "calibrate"}
+    if m.get("policy_override"):
+        return {**base, **m["policy_override"], "source": "calibrate"}
+    return {**base, "source": "config"}
+
+
+def manifest_state(m: dict, has_mask: bool) -> dict:
+    """The public state of a ROI (MQTT `state` topic, CLI `models`) from its manifest."""
+    return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
+            "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
+            "bank_size": m["counts"]["bank"], "patches": m["counts"]["patches"],
+            "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
+            "threshold_details": m["threshold"]["details"], "threshold_policy": policy_of(m), "backbone": m["backbone"],
+            "branches": [{"name": b["identity"]["name"], "resolution": b["identity"]["resolution"],
+                          "bank": b.get("bank")} for b in m.get("branches", [])],
+            "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
+            "updated_utc": m["updated_utc"]}
+
+
+def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
+    """(manifest, public state) of every ROI with a model on disk. Read-only, safe beside the worker:
+    manifests are written atomically."""
+    out = []
+    for role, roi in list_rois(data_root):
+        store = RoiStore(data_root, role, roi)
+        manifest = store.read_manifest()
+        if manifest:
+            out.append((manifest, manifest_state(manifest, store.mask_path.exists())))
+    return out
+
+
+def threshold_policy(m: dict, s: ModelSettings) -> ThresholdPolicy:
+    """The config's policy, with what a calibrate request set (it outlives later fits)."""
+    over = m.get("policy_override") or {}
+    if s.threshold_policy == "manual" and not over:
+        return ThresholdPolicy("manual", manual_value=s.threshold_value)
+    return ThresholdPolicy(over.get("policy", s.threshold_policy), over.get("ok_percentile", s.ok_percentile),
+                           over.get("ng_margin", s.ng_margin), over.get("ng_recall", s.ng_recall))
+
+
+def apply_calibration(m: dict, policy: str | None, value: float | None, ok_percentile: float | None,
+                      ng_margin: float | None, ng_recall: float | None) -> None:
+    """Record a calibrate request (checked by thresholds.check_calibration) in the manifest: a manual
+    override, a policy kept for later fits, or back to the config; None: the threshold is only recomputed."""
+    if policy == "manual" and value is not None:
+        m["threshold"] = {"value": float(value), "method": "manual_override", "details": {}}
+    elif policy is not None:
+        m["threshold"] = {"value": None, "method": "none", "details": {}}
+        m.pop("policy_override", None)
+        if policy != "config":
+            over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin, "ng_recall": ng_recall}
+            m["policy_override"] = {k: v for k, v in over.items() if v is not None}
