@@ -7,12 +7,13 @@ Relative paths in the file are resolved against the file's directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from core.backbones import BACKBONES, max_block
 from core.ids import ID_PATTERN
@@ -58,26 +59,23 @@ def _check_layers(v: list[int] | None) -> list[int] | None:
     return sorted(v) if v else v
 
 
-class RoiSettings(Strict):
-    """Per-ROI model settings; every field optional so `rois` entries override only what they name."""
+def _roi_fields() -> dict[str, Any]:
+    """Every ModelSettings field that the config may set, optional (None: inherit), with its limits."""
+    hints = get_type_hints(ModelSettings)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(ModelSettings):
+        meta = dict(f.metadata)
+        if meta.pop("config", True) is False:
+            continue
+        doc, choices = meta.pop("doc", None), meta.pop("choices", None)
+        kind = Literal[choices] if choices else hints[f.name]  # type: ignore[valid-type]
+        fields[f.name] = (kind | None, Field(None, description=doc, **meta))
+    return fields
 
-    coreset_ratio: float | None = Field(None, gt=0, le=1)
-    coreset_min: int | None = Field(None, ge=0)
-    coreset_max: int | None = Field(None, ge=64)
-    score_stat: Literal["max", "percentile", "top1_mean"] | None = None
-    score_percentile: float | None = Field(None, gt=0, lt=100)
-    blur_sigma: float | None = Field(None, ge=0)
-    threshold_policy: Literal["auto", "ok_only", "manual"] | None = None
-    threshold_value: float | None = Field(None, gt=0)
-    ok_percentile: float | None = Field(None, gt=0, le=100)
-    holdout_max: int | None = Field(None, ge=1)
-    ng_margin: float | None = Field(None, ge=0, le=1)
-    ng_recall: float | None = Field(None, gt=0, le=1)
-    memory_fit: bool | None = None
-    memory_fit_max_mb: float | None = Field(None, gt=0)
-    fit_batch_size: int | None = Field(None, ge=1, le=256)
-    min_defect_area_px: int | None = Field(None, ge=0)
-    knn_backend: Literal["auto", "faiss", "torch"] | None = None
+
+class _RoiExtras(Strict):
+    """Per-ROI settings of the agent, not of the model."""
+
     heatmap: bool | None = None
     # the ROI's own features (same network, its weights loaded once): e.g. texture ROIs [10, 14] at 256
     layers: list[int] | None = None
@@ -87,6 +85,10 @@ class RoiSettings(Strict):
     @classmethod
     def _layers(cls, v: list[int] | None) -> list[int] | None:
         return _check_layers(v)
+
+
+# every field optional so `rois` entries override only what they name; generated from ModelSettings
+RoiSettings = create_model("RoiSettings", __base__=_RoiExtras, **_roi_fields())
 
 
 class FolderConfig(Strict):

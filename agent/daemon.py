@@ -9,6 +9,8 @@ import threading
 import time
 
 from .config import AgentConfig
+from .debug_heatmaps import DebugHeatmaps
+from .intake import Intake, Transport
 from .runtime import Runtime
 from .worker import Worker
 
@@ -59,45 +61,39 @@ class Heartbeat:
         self.notifier.ping()
 
 
-def run_daemon(cfg: AgentConfig) -> int:
-    # samples, models and results are product data: never readable by other users (the unit's UMask too)
-    os.umask(os.umask(0) | 0o027)
-    notifier = Notifier()
-    started = time.monotonic()
-    heartbeat = Heartbeat(notifier)
-    worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=heartbeat)
-    heartbeat.worker = worker
-    rt = worker.start()  # the worker thread loads and warms the backbone: all compute stays on that thread
-    sources = []
+def build_transports(cfg: AgentConfig, intake: Intake, rt: Runtime, started: float) -> list[Transport]:
+    """The enabled transports; every one that mirrors results (MQTT) gets the others' results too."""
+    transports: list[Transport] = []
+    mqtt_ingest = None
     if cfg.folder.enabled:
         from .folder import FolderIngest
 
-        sources.append(FolderIngest(cfg, worker))
+        transports.append(FolderIngest(cfg, intake))
     if cfg.mqtt.enabled:
         from .mqtt import MqttIngest
 
-        mqtt_ingest = MqttIngest(cfg, worker, rt, started)
-        for s in sources:
-            s.mirror = mqtt_ingest.mirror  # folder results are published on MQTT too
-        sources.append(mqtt_ingest)
+        mqtt_ingest = MqttIngest(cfg, intake, rt, started)
+        transports.append(mqtt_ingest)
+        # folder and HTTP results reach MQTT subscribers (a PLC) too, once per result
+        intake.mirrors.append((mqtt_ingest.name, mqtt_ingest.publish_result))
     if cfg.http.enabled:
         from .http_server import HttpIngest
 
-        outbox = (lambda: {"outbox": len(mqtt_ingest.spool.outgoing())}) if cfg.mqtt.enabled else None
-        http_ingest = HttpIngest(cfg, worker, rt, started, extra_health=outbox)
-        if cfg.mqtt.enabled:
-            http_ingest.ctx.mirror = mqtt_ingest.mirror  # HTTP results reach MQTT subscribers (a PLC) too
-        sources.append(http_ingest)
-    if not sources:
-        log.error("nothing to do: enable folder, mqtt and/or http in the config")
-        return 2
+        spool = mqtt_ingest.spool if mqtt_ingest is not None else None
+        outbox = (lambda: {"outbox": len(spool.outgoing())}) if spool is not None else None
+        transports.append(HttpIngest(cfg, intake, rt, started, extra_health=outbox))
+    return transports
+
+
+def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list[Transport]) -> int:
+    """Start the transports, serve until SIGTERM/SIGINT, then stop intake, drain the worker, close."""
     try:
-        for s in sources:
-            s.start()
+        for t in transports:
+            t.start()
     except RuntimeError as exc:
         log.error("%s", exc)
-        for s in sources:
-            s.stop()
+        for t in transports:
+            t.stop()
         worker.stop(drain=False, timeout=5)
         return 1
     stop = threading.Event()
@@ -108,18 +104,37 @@ def run_daemon(cfg: AgentConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    notifier.send(f"READY=1\nSTATUS=serving on {rt.extractor.name} ({rt.extractor.device})")
-    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s, http=%s", rt.extractor.name,
-             rt.extractor.device, cfg.folder.enabled, cfg.mqtt.enabled, cfg.http.enabled)
+    ex = worker.rt.extractor
+    notifier.send(f"READY=1\nSTATUS=serving on {ex.name} ({ex.device})")
+    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s, http=%s", ex.name, ex.device,
+             cfg.folder.enabled, cfg.mqtt.enabled, cfg.http.enabled)
     while not stop.wait(1.0):
         pass
     notifier.send("STOPPING=1")
     worker.intakes.clear()  # intake threads end now by design
-    for s in sources:  # stop intake first
-        s.stop()
+    for t in transports:  # stop intake first
+        t.stop()
     worker.stop(drain=True)
-    for s in sources:
-        if hasattr(s, "close"):
-            s.close()  # e.g. MQTT: flush the outbox, publish offline
+    for t in transports:
+        t.close()  # e.g. MQTT: flush the outbox, publish offline
     log.info("stopped cleanly")
     return 0
+
+
+def run_daemon(cfg: AgentConfig) -> int:
+    # samples, models and results are product data: never readable by other users (the unit's UMask too)
+    os.umask(os.umask(0) | 0o027)
+    notifier = Notifier()
+    started = time.monotonic()
+    heartbeat = Heartbeat(notifier)
+    worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=heartbeat)
+    heartbeat.worker = worker
+    rt = worker.start()  # the worker thread loads and warms the backbone: all compute stays on that thread
+    if cfg.debug:
+        worker.settings.always_heatmap = True
+        worker.observers.append(DebugHeatmaps(cfg.data_root / "debug").observe)
+    transports = build_transports(cfg, Intake(worker), rt, started)
+    if not transports:
+        log.error("nothing to do: enable folder, mqtt and/or http in the config")
+        return 2
+    return serve(cfg, notifier, worker, transports)

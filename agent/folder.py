@@ -27,20 +27,19 @@ import os
 import stat
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core.errors import AnomalyError, InputError
-from core.ids import ID_PATTERN, request_id_from, safe_text, short_request_id
-from core.storage import atomic_write_bytes, atomic_write_json, read_bounded, read_json, utc_now
+from core.errors import AnomalyError
+from core.ids import ID_PATTERN, safe_text, short_request_id
+from core.storage import read_bounded, read_json
 
 from .config import AgentConfig
-from .jobs import Job
-from .worker import Worker
+from .folder_results import FOLDER_ACTIONS, NAME_MAX_BYTES, FolderResults
+from .intake import Intake
+from .jobs import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,7 @@ try:  # watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, which delays every r
 except ImportError:  # pragma: no cover - other platforms / watchdog versions
     pass
 
-FOLDER_ACTIONS = ("predict", "fit_ok", "send_ng")
-NAME_MAX_BYTES = 200  # longer names are refused: the result, heatmap and error files must fit NAME_MAX
 SIDECAR_MAX_BYTES = 64 * 1024
-COMPLETIONS_LOG = "completions.log"
-COMPLETIONS_LOG_MAX = 32 << 20  # then rotated to completions.log.1
 IGNORED_SUFFIXES = (".part", ".tmp", ".json")
 
 
@@ -64,9 +59,12 @@ def is_candidate(name: str) -> bool:
 
 
 class FolderIngest(FileSystemEventHandler):
-    def __init__(self, cfg: AgentConfig, worker: Worker) -> None:
+    name = "folder"
+
+    def __init__(self, cfg: AgentConfig, intake: Intake) -> None:
         self.cfg = cfg
-        self.worker = worker
+        self.intake = intake
+        self.worker = intake.worker
         self.inbox = cfg.inbox
         self.data_root = cfg.data_root
         self.processing = self.data_root / "processing"
@@ -77,8 +75,7 @@ class FolderIngest(FileSystemEventHandler):
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._scanner = threading.Thread(target=self._rescan_loop, name="folder-rescan", daemon=True)
-        # e.g. MQTT: publish folder results too; (result, key): a repeated key is published only once
-        self.mirror: Callable[[dict, str | None], None] | None = None
+        self.results = FolderResults(cfg.data_root, intake)
 
     # -------------------------------------------------------------- control
     def start(self) -> None:
@@ -95,6 +92,9 @@ class FolderIngest(FileSystemEventHandler):
         self._observer.stop()
         self._observer.join(timeout=5)
         self._scanner.join(timeout=5)
+
+    def close(self) -> None:
+        """Nothing left to flush: every result file is written before its image moves on."""
 
     # --------------------------------------------------------------- events
     def on_closed(self, event: FileSystemEvent) -> None:
@@ -199,7 +199,7 @@ class FolderIngest(FileSystemEventHandler):
                 return
             if (kind == "special" or not (ID_PATTERN.match(role) and ID_PATTERN.match(roi))
                     or action not in FOLDER_ACTIONS or len(os.fsencode(path.name)) > NAME_MAX_BYTES):
-                self._reject_unclaimed(path, role, roi, action, kind)
+                self.results.reject_unclaimed(path, self.inbox, role, roi, action, kind)
                 return
             target = self.processing / role / roi / action / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ class FolderIngest(FileSystemEventHandler):
                 result = self.data_root / "results" / role / roi / f"{path.stem}.json"
                 stored = read_json(result) if result.exists() else None
                 if stored is not None and stored.get("claim") == str(path):
-                    self._finish(path, role, roi, action, stored)  # the crash came after the result file
+                    self.results.finish(path, role, roi, action, stored)  # the crash came after the result file
                     continue
                 log.info("recovering claimed file %s", safe_text(path, 1000))
                 self._enqueue(path, role, roi, action)
@@ -235,14 +235,12 @@ class FolderIngest(FileSystemEventHandler):
     def _enqueue(self, claimed: Path, role: str, roi: str, action: str) -> None:
         """Read the claimed file (bounded) and its sidecar, submit the job; any failure of this one file
         becomes its error result (the file moves to rejected/), never the intake thread's end."""
-        from .jobs import error_result
-
-        meta: dict = {"source": "folder"}
-        request_id = safe_text(f"folder:{role}/{roi}/{action}/{claimed.name}")
+        default_id = safe_text(f"folder:{role}/{roi}/{action}/{claimed.name}")
+        stub = self.intake.stub("folder", role, roi, action, default_id, "folder", self.results.deliver, claimed)
         sidecar = claimed.with_suffix(".json")
-        job = Job(role, roi, action, [], request_id, meta, on_result=self._deliver, ingress="folder")
-        job.meta["claim"] = str(claimed)
         try:
+            raw: dict = {"source": "folder"}
+            rid = None
             if sidecar.exists():
                 try:
                     side = json.loads(read_bounded(sidecar, SIDECAR_MAX_BYTES))
@@ -250,100 +248,21 @@ class FolderIngest(FileSystemEventHandler):
                         raise ValueError("sidecar must be a JSON object")
                 except (ValueError, RecursionError, AnomalyError) as exc:
                     raise AnomalyError(f"{safe_text(sidecar.name)}: {safe_text(exc, 300)}", "invalid_sidecar") from exc
-                for key in ("mm_per_px", "source", "heatmap"):
-                    if key in side:
-                        meta[key] = safe_text(side[key]) if key == "source" else side[key]
-                if side.get("request_id"):
-                    try:
-                        job.request_id = request_id_from(side["request_id"])
-                    except InputError:
-                        job.request_id = short_request_id(side["request_id"])
-                        raise
+                raw.update({k: side[k] for k in ("mm_per_px", "source", "heatmap") if k in side})
+                rid = side.get("request_id") or None
+                stub.request_id = short_request_id(rid) if rid else default_id
+            job = self.intake.build_job("folder", role, roi, action, [], rid, raw, self.results.deliver, claimed,
+                                        FOLDER_ACTIONS, default_id)
             job.images = [read_bounded(claimed, self.cfg.limits.max_bytes)]
         except AnomalyError as exc:
-            self._deliver(job, error_result(job, exc.code, exc.message))
+            self.results.deliver(stub, Outcome(self.intake.refuse(stub, exc.code, exc.message)))
             return
         except Exception as exc:  # noqa: BLE001 - whatever one file does, it gets an answer
             log.exception("folder: %s could not be read", safe_text(claimed.name))
-            self._deliver(job, error_result(job, "unreadable_file", safe_text(f"{claimed.name}: {exc}", 300)))
+            self.results.deliver(stub, Outcome(self.intake.refuse(stub, "unreadable_file",
+                                                                  safe_text(f"{claimed.name}: {exc}", 300))))
             return
-        self.worker.submit(job)  # blocks while the queue is full: the rest waits in the inbox
+        self.intake.submit(job)  # blocks while the queue is full: the rest waits in the inbox
 
-    # -------------------------------------------------------------- results
-    def _deliver(self, job: Job, result: dict) -> None:
-        claimed = Path(job.meta["claim"])
-        out_dir = self.data_root / "results" / job.role_id / job.roi_id
-        payload = {**result, "file": claimed.name, "claim": str(claimed)}
-        png_b64 = (result.get("data") or {}).pop("heatmap_png_b64", None) if result["status"] == "ok" else None
-        if png_b64:
-            import base64
-
-            atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", base64.b64decode(png_b64))
-            payload["data"]["heatmap_file"] = f"{claimed.stem}.heatmap.png"
-        atomic_write_json(out_dir / f"{claimed.stem}.json", payload)  # the commit point (see _recover)
-        self._log_completion(job, payload)
-        self._finish(claimed, job.role_id, job.roi_id, job.action, payload)
-
-    def _log_completion(self, job: Job, payload: dict) -> None:
-        """Append-only evidence of each processing (result files are overwritten; this is not)."""
-        line = json.dumps({"role_id": job.role_id, "roi_id": job.roi_id, "action": job.action,
-                           "file": payload["file"], "claim": payload["claim"], "request_id": job.request_id,
-                           "status": payload.get("status"), "timestamp_utc": payload.get("timestamp_utc")},
-                          ensure_ascii=True) + "\n"
-        path = self.data_root / "results" / COMPLETIONS_LOG
-        with self._log_lock:
-            if path.exists() and path.stat().st_size > COMPLETIONS_LOG_MAX:
-                os.replace(path, path.with_suffix(".log.1"))  # one generation kept: bounded on disk
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def _finish(self, claimed: Path, role: str, roi: str, action: str, payload: dict) -> None:
-        """After the result file: mirror it (once per claim), the error file, move the image on."""
-        if self.mirror is not None:
-            key = f"folder:{payload['claim']}@{payload.get('timestamp_utc')}"
-            self.mirror({k: v for k, v in payload.items() if k != "claim"}, key)
-        ok = payload.get("status") == "ok"
-        if not ok:
-            err_dir = self.data_root / "rejected" / role / roi / action
-            atomic_write_json(err_dir / f"{claimed.stem}.error.json", {**(payload.get("error") or {}),
-                                                                        "file": claimed.name,
-                                                                        "timestamp_utc": utc_now()})
-        self._move_on(claimed, role, roi, action, ok=ok)
-
-    def _move_on(self, claimed: Path, role: str, roi: str, action: str, ok: bool) -> None:
-        target_dir = self.data_root / ("done" if ok else "rejected") / role / roi / action
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for src in (claimed, claimed.with_suffix(".json")):
-            if src.exists():
-                dst = target_dir / src.name
-                if dst.exists():
-                    dst = target_dir / f"{src.stem}.{int(time.time() * 1000)}{src.suffix}"
-                os.replace(src, dst)
-
-    def _reject_unclaimed(self, path: Path, role: str, roi: str, action: str, kind: str = "file") -> None:
-        """Bad ids, an unknown action folder, a name too long, or not a regular file: moved aside (the
-        link or FIFO itself, never what it points to) with the reason; ids never become paths."""
-        target_dir = self.data_root / "rejected" / "_invalid"
-        target_dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        # unique: the same file name may be rejected from several bad folders within one second; short
-        # enough that it and its .error.json fit NAME_MAX
-        short = os.fsdecode(os.fsencode(path.name)[:120])
-        dst = target_dir / f"{stamp}_{uuid.uuid4().hex[:8]}_{short}"
-        os.replace(path, dst)
-        if kind == "special":
-            code, msg = "not_a_regular_file", "only regular files are taken (not links, FIFOs, devices or folders)"
-        elif len(os.fsencode(path.name)) > NAME_MAX_BYTES:
-            code, msg = "name_too_long", f"file names are limited to {NAME_MAX_BYTES} bytes"
-        elif action not in FOLDER_ACTIONS:
-            code, msg = "unknown_action", f"folder action {action!r} is not one of {', '.join(FOLDER_ACTIONS)}"
-        else:
-            code, msg = "invalid_id", f"role/roi folder {role!r}/{roi!r} is not a valid id ([A-Za-z0-9_.-]{{1,64}})"
-        atomic_write_json(dst.with_name(dst.name + ".error.json"),
-                          {"code": code, "message": msg, "path": safe_text(path.relative_to(self.inbox), 1000),
-                           "timestamp_utc": utc_now()})
-        log.warning("rejected %s: %s (%s)", safe_text(path, 1000), msg, code)
+    def publish_result(self, result: dict, key: str | None) -> None:
+        """The folder does not mirror other transports' results."""

@@ -11,27 +11,33 @@ import uvicorn
 
 from .config import AgentConfig
 from .http_api import HttpContext, create_app
+from .intake import Intake
 from .metrics import Metrics
 from .recent import RecentResults
 from .runtime import Runtime
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 PREVIEW_PX = 256  # side of the thumbnails kept for the operator page's heatmaps
 
 
 class HttpIngest:
-    def __init__(self, cfg: AgentConfig, worker: Worker, rt: Runtime, started: float,
+    name = "http"
+
+    def __init__(self, cfg: AgentConfig, intake: Intake, rt: Runtime, started: float,
                  extra_health: Callable[[], dict] | None = None) -> None:
         self.cfg = cfg
+        worker = intake.worker
+        if worker is None:
+            raise RuntimeError("the HTTP transport needs the worker")
         self.worker = worker
         h = cfg.http
         recent = RecentResults(h.recent_results)
         metrics = Metrics(rt, worker, cfg.data_root)
         worker.observers += [metrics.observe, recent.observe]
+        intake.refusal_observers.append(metrics.rejected)  # folder and MQTT refusals are counted too
         if recent.enabled:
             worker.preview_px = PREVIEW_PX
-        self.ctx = HttpContext(cfg, worker, rt, started, metrics, recent, token=h.read_token(),
+        self.ctx = HttpContext(cfg, worker, rt, started, metrics, recent, intake, token=h.read_token(),
                                agent_id=cfg.mqtt.client_id, extra_health=extra_health)
         self.server = uvicorn.Server(uvicorn.Config(
             create_app(self.ctx), host=h.host, port=h.port, log_level="warning", access_log=False,
@@ -64,6 +70,9 @@ class HttpIngest:
         if self.ctx.token is None and h.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("http: serving %s without a token: anyone on the network can fit and calibrate; "
                         "set http.token_file", h.host)
+
+    def publish_result(self, result: dict, key: str | None) -> None:
+        """HTTP answers its own requests only."""
 
     def stop(self) -> None:
         """Stop intake: new requests get 503 shutting_down; requests already queued still get their answer."""

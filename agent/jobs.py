@@ -1,13 +1,47 @@
-"""Jobs flowing from ingestion (folder, MQTT, HTTP) to the worker, and the one result shape for all."""
+"""Jobs flowing from any intake (folder, MQTT, HTTP) to the worker, and the one result shape for all."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.storage import utc_now
 
 ACTIONS = ("predict", "fit_ok", "send_ng", "calibrate")
+
+
+@dataclass
+class Params:
+    """A request's parameters, the same for every ingress (intake.params_from converts what came in)."""
+
+    mm_per_px: object = None  # checked when the image is decoded (invalid_mm_per_px)
+    source: str = "unknown"
+    heatmap: bool | None = None  # None: the ROI's default (config heatmap)
+    threshold: float | None = None
+    reset: bool = False
+    policy: str | None = None
+    ok_percentile: float | None = None
+    ng_margin: float | None = None
+    ng_recall: float | None = None
+
+
+@dataclass
+class Outcome:
+    """What the worker hands back for a job: the result payload (no heatmap in it), the heatmap PNG (each
+    channel encodes it its own way: base64 in JSON, a file next to the result) and a preview thumbnail."""
+
+    result: dict
+    heatmap_png: bytes | None = None
+    send_heatmap: bool = False  # the request asked for the heatmap (or its ROI sends one by default)
+    preview: dict | None = None
+
+    def with_heatmap_b64(self) -> dict:
+        """The result as JSON channels send it: `data.heatmap_png_b64` when the heatmap was asked for."""
+        if self.heatmap_png is None or not self.send_heatmap or "data" not in self.result:
+            return self.result
+        return {**self.result, "data": {**self.result["data"],
+                                        "heatmap_png_b64": base64.b64encode(self.heatmap_png).decode()}}
 
 
 @dataclass(eq=False)
@@ -17,10 +51,11 @@ class Job:
     action: str
     images: list[bytes]  # one image (predict, send_ng) or several (fit_ok batch); none for calibrate
     request_id: str
-    meta: dict = field(default_factory=dict)  # mm_per_px, source, heatmap, threshold, ...
-    on_result: Callable[[Job, dict], None] | None = None
+    params: Params = field(default_factory=Params)
+    reply: Callable[[Job, Outcome], None] | None = None  # called once, from the worker thread
+    origin: object = None  # the transport's own note of where the job came from; only that transport reads it
     enqueued_at: float = 0.0
-    ingress: str = "unknown"  # folder, mqtt, http: for metrics and the operator page
+    ingress: str = "unknown"  # folder, mqtt, http: for metrics, logs and the operator page
 
 
 def ok_result(job: Job, data: dict) -> dict:

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from core.model import stored_rois
 
-from .jobs import Job
+from .jobs import Job, Outcome
 from .runtime import Runtime
 from .worker import Worker
 
@@ -56,8 +56,9 @@ class Metrics:
         if state.get("threshold") is not None:
             self.threshold.labels(role, roi).set(state["threshold"])
 
-    def observe(self, job: Job, result: dict, _preview: dict | None = None) -> None:
+    def observe(self, job: Job, outcome: Outcome) -> None:
         """A worker observer: one call per finished job."""
+        result = outcome.result
         code = result["error"]["code"] if result["status"] == "error" else ""
         self.requests.labels(job.ingress, job.action, result["status"], code).inc()
         if job.enqueued_at:

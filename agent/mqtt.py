@@ -14,7 +14,6 @@ See docs/protocol.md.
 from __future__ import annotations
 
 import base64
-import binascii
 import errno
 import hashlib
 import json
@@ -30,13 +29,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from core.errors import InputError
-from core.ids import request_id_from, safe_text, short_request_id, validate_id
+from core.ids import request_id_from, safe_text, short_request_id
 from core.model import stored_rois
 
-from .config import AgentConfig
-from .durable import Replies, Spool, read_outbox
+from .config import AgentConfig, MqttConfig
+from .durable import Replies, Spool
 from .health import health_body
-from .jobs import ACTIONS, Job, error_result
+from .intake import Intake
+from .jobs import Job, Outcome
+from .mqtt_outbox import OutboxPublisher
+from .mqtt_requests import parse_request, peek_request_id, replay_messages, why_duplicate
 from .runtime import Runtime
 from .worker import Worker
 
@@ -45,11 +47,37 @@ OUTPUT_SUFFIXES = ("result", "state")
 PACKET_OVERHEAD = 64 * 1024  # topic, properties, headers on top of mqtt.max_payload_bytes
 
 
+def make_client(mc: MqttConfig) -> mqtt.Client:
+    """The paho client as the config says: protocol, manual acks, credentials, TLS, Last Will."""
+    kw = {"client_id": mc.client_id, "manual_ack": True}
+    if mc.protocol == "5":
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, **kw)
+    else:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, clean_session=False, **kw)
+    if mc.username:
+        password = mc.password_file.read_text().strip() if mc.password_file else None
+        client.username_pw_set(mc.username, password)
+    if mc.tls:
+        t = mc.tls
+        client.tls_set(ca_certs=str(t.ca) if t.ca else None, certfile=str(t.cert) if t.cert else None,
+                       keyfile=str(t.key) if t.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.will_set(f"{mc.base_topic}/status", "offline", qos=1, retain=True)
+    client.reconnect_delay_set(min_delay=1, max_delay=15)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    return client
+
+
 class MqttIngest:
-    def __init__(self, cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> None:
+    name = "mqtt"
+
+    def __init__(self, cfg: AgentConfig, intake: Intake, rt: Runtime, started: float) -> None:
         self.cfg = cfg
         self.mc = cfg.mqtt
-        self.worker = worker
+        self.intake = intake
+        if intake.worker is None:
+            raise RuntimeError("the MQTT transport needs the worker")
+        self.worker: Worker = intake.worker
         self.rt = rt
         self.started = started
         self.base = self.mc.base_topic
@@ -60,34 +88,16 @@ class MqttIngest:
         self._stop = threading.Event()
         self._feed: queue.Queue[tuple[Job, int | None] | None] = queue.Queue()
         self._wake = threading.Event()
-        self.client = self._make_client()
-        worker.on_state = self.publish_state
+        self.client = make_client(self.mc)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.worker.on_state = self.publish_state
+        self.outbox = OutboxPublisher(self.client, self.spool, self._connected, self._wake, self.v5)
         self._threads = [threading.Thread(target=self._feeder, name="mqtt-feed", daemon=True),
-                         threading.Thread(target=self._publisher, name="mqtt-out", daemon=True)]
+                         threading.Thread(target=self.outbox.run, name="mqtt-out", daemon=True)]
 
     # ------------------------------------------------------------- client
-    def _make_client(self) -> mqtt.Client:
-        kw = {"client_id": self.mc.client_id, "manual_ack": True}
-        if self.v5:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, **kw)
-        else:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, clean_session=False, **kw)
-        if self.mc.username:
-            password = self.mc.password_file.read_text().strip() if self.mc.password_file else None
-            client.username_pw_set(self.mc.username, password)
-        if self.mc.tls:
-            t = self.mc.tls
-            client.tls_set(ca_certs=str(t.ca) if t.ca else None, certfile=str(t.cert) if t.cert else None,
-                           keyfile=str(t.key) if t.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        client.will_set(f"{self.base}/status", "offline", qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=15)
-        client.max_inflight_messages_set(100)
-        client.max_queued_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        return client
-
     def start(self) -> None:
         for meta, payload in self.spool.pending():  # requests recorded before a crash come first
             log.info("mqtt: resuming recorded request %s", meta["key"])
@@ -118,9 +128,7 @@ class MqttIngest:
     def close(self, timeout: float = 10.0) -> None:
         """After the worker drained: flush the outbox, publish offline, disconnect."""
         deadline = time.monotonic() + timeout
-        self._wake.set()
-        while self.spool.outgoing() and self._connected.is_set() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.outbox.flush(deadline)
         if self._connected.is_set():
             info = self.client.publish(f"{self.base}/status", "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=max(0.5, deadline - time.monotonic()))
@@ -175,7 +183,7 @@ class MqttIngest:
         user = dict(getattr(props, "UserProperty", []) or []) if props else {}
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
-        raw_id = self._peek_request_id(msg.payload, user)
+        raw_id = peek_request_id(msg.payload, user)
         try:
             request_id = request_id_from(raw_id) if raw_id is not None else None
         except InputError as exc:  # answered now, under a marked short id: never cut in silence
@@ -199,109 +207,78 @@ class MqttIngest:
                 "correlation_b64": base64.b64encode(correlation).decode() if correlation else None,
                 "request_id": request_id or key, "received": time.time(), "payload_sha256": payload_sha,
                 "replayable": bool(request_id)}
-        try:
-            seq = self.spool.record(key, meta, msg.payload)  # durable before the PUBACK
-        except OSError as exc:  # e.g. a full disk: answered now (not kept), so the sender can send it again
-            code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error"
-            log.error("mqtt: %s: could not record %s (%s); answered %s", safe_text(topic), safe_text(key),
-                      exc.strerror or exc, code)
-            self._publish_now(topic, request_id or key, user, response_topic, correlation, code,
-                              f"the agent could not record the request: {exc.strerror or exc}; nothing was done, "
-                              "send it again")
+        if self._record(key, meta, msg.payload, correlation):
+            self._dispatch(meta, msg.payload, msg.mid, msg.qos)
+        else:
             self.client.ack(msg.mid, msg.qos)
-            return
-        meta.update(key=key, seq=seq)
-        self._dispatch(meta, msg.payload, msg.mid, msg.qos)
 
-    def _answer_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: object,
+    def _record(self, key: str, meta: dict, payload: bytes, correlation: bytes | None) -> bool:
+        """Journal a request before its PUBACK. On a full disk it is answered now (not kept), so the
+        sender can send it again: False."""
+        try:
+            meta.update(key=key, seq=self.spool.record(key, meta, payload))
+            return True
+        except OSError as exc:
+            code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error"
+            log.error("mqtt: %s: could not record %s (%s); answered %s", safe_text(meta["topic"]), safe_text(key),
+                      exc.strerror or exc, code)
+            self._publish_now(meta["topic"], meta["request_id"], meta["user"], meta["response_topic"], correlation,
+                              code, f"the agent could not record the request: {exc.strerror or exc}; nothing was "
+                              "done, send it again")
+            return False
+
+    def _answer_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: bytes | None,
                     code: str, message: str) -> None:
         """Answer a message refused before it was recorded (to its response topic too), without the queue."""
         role, roi, action = topic[len(self.base) + 1 :].split("/")
-        job = Job(role, roi, action, [], request_id, {"source": "mqtt"}, on_result=self._deliver, ingress="mqtt")
-        job.meta["_mqtt"] = {"topic": topic, "user": user, "response_topic": response_topic, "request_id": request_id,
-                             "correlation_b64": base64.b64encode(correlation).decode() if correlation else None}
-        if code != "duplicate_request":
-            log.warning("mqtt: %s/%s/%s refused: %s (%s)", safe_text(role), safe_text(roi), safe_text(action), message,
-                        code)
-        self._deliver(job, error_result(job, code, message))
+        origin = {"topic": topic, "user": user, "response_topic": response_topic, "request_id": request_id,
+                  "correlation_b64": base64.b64encode(correlation).decode() if correlation else None}
+        job = self.intake.stub("mqtt", role, roi, action, request_id, "mqtt", self._deliver, origin)
+        self._deliver(job, Outcome(self.intake.refuse(job, code, message)))
 
     def _repeated(self, topic: str, key: str, request_id: str, payload_sha: str, user: dict, response_topic: object,
-                  correlation: object) -> None:
+                  correlation: bytes | None) -> None:
         """A request id seen before for this ROI and action: the same payload gets its stored answer again
         (`replay: true`), a different one (or an answer no longer kept) `duplicate_request`."""
         role, roi, action = topic[len(self.base) + 1 :].split("/")
         stored = self.replies.get(key)
         if stored is not None and stored.get("payload_sha256") == payload_sha and stored.get("messages"):
-            first = dict(stored["messages"][0])
-            first["payload"] = json.dumps({**json.loads(first["payload"]), "replay": True})
-            msgs = [first]
-            if response_topic:
-                msgs.append({**first, "topic": response_topic,
-                             "correlation_b64": base64.b64encode(correlation).decode() if correlation else None})
+            msgs = replay_messages(stored["messages"][0], response_topic, correlation)
             log.warning("mqtt: request_id %s repeated for %s/%s/%s with the same payload: its result sent again",
                         request_id, safe_text(role), safe_text(roi), safe_text(action))
             self.spool.enqueue(msgs)
             self._wake.set()
             return
-        if stored is not None:
-            why = "the request then had another payload"
-        elif self.spool.in_flight(key):
-            why = "that request is still being processed; its result comes when it is done"
-        else:
-            why = f"its answer is no longer kept (the last {self.mc.replay_results} are: mqtt.replay_results)"
+        why = why_duplicate(stored is not None, self.spool.in_flight(key), self.mc.replay_results)
         log.warning("mqtt: request_id %s reused for %s/%s/%s: answered duplicate_request", request_id,
                     safe_text(role), safe_text(roi), safe_text(action))
         self._answer_now(topic, request_id, user, response_topic, correlation, "duplicate_request",
                          f"request_id {request_id!r} was already taken for {role}/{roi}/{action}: {why}; use a new "
                          "request_id for a new request")
 
-    def _publish_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: object,
+    def _publish_now(self, topic: str, request_id: str, user: dict, response_topic: object, correlation: bytes | None,
                      code: str, message: str) -> None:
         """An error answer that cannot go through the outbox (the disk is full): published directly."""
         role, roi, action = topic[len(self.base) + 1 :].split("/")
-        job = Job(role, roi, action, [], request_id, {"source": "mqtt"}, ingress="mqtt")
-        first = self._result_message(error_result(job, code, message))
-        self.client.publish(first["topic"], first["payload"], qos=1)
-        if response_topic:
-            props = Properties(PacketTypes.PUBLISH)
-            if correlation:
-                props.CorrelationData = correlation
-            self.client.publish(str(response_topic), first["payload"], qos=1, properties=props)
-
-    @staticmethod
-    def _peek_request_id(payload: bytes, user: dict) -> object:
-        if payload[:1] == b"{":
-            try:
-                rid = json.loads(payload).get("request_id")
-                return rid if rid is not None else None
-            except (ValueError, AttributeError, RecursionError):  # the parser answers it: invalid_json
-                return None
-        return user.get("request_id") or None
+        job = self.intake.stub("mqtt", role, roi, action, request_id, "mqtt")
+        self.outbox.publish_now(self._result_message(self.intake.refuse(job, code, message)), response_topic,
+                                correlation)
 
     # ------------------------------------------------------------ requests
     def _dispatch(self, meta: dict, payload: bytes, mid: int | None, qos: int = 1) -> None:
-        parts = meta["topic"][len(self.base) + 1 :].split("/")
-        role, roi, action = parts
-        job = Job(role, roi, action, [], meta["request_id"], {"source": "mqtt"}, on_result=self._deliver,
-                  ingress="mqtt")
-        job.meta["_mqtt"] = meta
+        role, roi, action = meta["topic"][len(self.base) + 1 :].split("/")
+        stub = self.intake.stub("mqtt", role, roi, action, meta["request_id"], "mqtt", self._deliver, meta)
         try:
-            validate_id(role, "role_id")
-            validate_id(roi, "roi_id")
-            if action not in ACTIONS:
-                raise InputError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}", "unknown_action")
-            self._parse(job, payload, meta.get("user") or {})
+            self.intake.check_target(role, roi, action)
+            images, raw = parse_request(action, payload, meta.get("user") or {}, self.mc.max_payload_bytes)
+            job = self.intake.build_job("mqtt", role, roi, action, images, meta["request_id"],
+                                        {"source": "mqtt", **raw}, self._deliver, meta)
         except InputError as exc:
-            self._deliver(job, error_result(job, exc.code, exc.message))
+            self._deliver(stub, Outcome(self.intake.refuse(stub, exc.code, exc.message)))
             if mid is not None:
                 self.client.ack(mid, qos)
             return
         self._feed.put((job, mid if mid is None else (mid, qos)))
-
-    def _parse(self, job: Job, payload: bytes, user: dict) -> None:
-        images, meta = parse_request(job.action, payload, user, self.mc.max_payload_bytes)
-        job.images = images
-        job.meta.update(meta)
 
     def _feeder(self) -> None:
         """Hand recorded requests to the worker; ack each one only when the worker took it."""
@@ -310,14 +287,14 @@ class MqttIngest:
             if item is None:
                 return
             job, ack = item
-            while not self.worker.submit(job, timeout=0.5):
+            while not self.intake.submit(job, timeout=0.5):
                 if self._stop.is_set() and ack is not None:
                     return  # not acked: the broker redelivers; the journal has it anyway
             if ack is not None:
                 self.client.ack(*ack)
 
     # ------------------------------------------------------------- output
-    def mirror(self, result: dict, key: str | None = None) -> None:
+    def publish_result(self, result: dict, key: str | None = None) -> None:
         """Publish a result that came in through another channel (folder, HTTP); once per `key`."""
         msgs = [self._result_message(result)]
         if key is None:
@@ -327,9 +304,9 @@ class MqttIngest:
             return
         self._wake.set()
 
-    def _deliver(self, job: Job, result: dict) -> None:
-        meta = job.meta.get("_mqtt", {})
-        msgs = [self._result_message(result)]
+    def _deliver(self, job: Job, outcome: Outcome) -> None:
+        meta: dict = job.origin if isinstance(job.origin, dict) else {}
+        msgs = [self._result_message(outcome.with_heatmap_b64())]
         if meta.get("response_topic"):
             msgs.append({**msgs[0], "topic": meta["response_topic"], "correlation_b64": meta.get("correlation_b64")})
         self.spool.answer(meta.get("key"), meta.get("seq"), msgs)
@@ -353,101 +330,3 @@ class MqttIngest:
                 "outbox": len(self.spool.outgoing())}
         self.spool.enqueue([{"topic": f"{self.base}/health", "payload": json.dumps(body), "qos": 1}])
         self._wake.set()
-
-    def _publisher(self) -> None:
-        """Send the outbox in order; a file is deleted only after the broker's PUBACK of all its messages.
-
-        paho keeps an unacknowledged message and resends it after a reconnect, so a message that
-        timed out is waited on again (not published twice) on the next round.
-        """
-        inflight: dict[str, mqtt.MQTTMessageInfo] = {}
-        while True:
-            self._wake.wait(timeout=1.0)
-            self._wake.clear()
-            for path in self.spool.outgoing():
-                if not self._connected.is_set():
-                    break
-                try:
-                    _, messages = read_outbox(path)
-                except (OSError, ValueError):
-                    log.error("mqtt: unreadable outbox file %s dropped", path.name)
-                    path.unlink(missing_ok=True)
-                    continue
-                if not all(self._published(f"{path.name}#{i}", msg, inflight) for i, msg in enumerate(messages)):
-                    break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
-                path.unlink(missing_ok=True)
-                for i in range(len(messages)):
-                    inflight.pop(f"{path.name}#{i}", None)
-
-    def _published(self, name: str, msg: dict, inflight: dict[str, mqtt.MQTTMessageInfo]) -> bool:
-        """Publish one outbox message (once per process: kept in `inflight` until its file is gone) and
-        wait for its PUBACK."""
-        info = inflight.get(name)
-        if info is None:
-            props = None
-            if msg.get("correlation_b64") and self.v5:
-                props = Properties(PacketTypes.PUBLISH)
-                props.CorrelationData = base64.b64decode(msg["correlation_b64"])
-            info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1), retain=False,
-                                       properties=props)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return False
-            inflight[name] = info
-        try:
-            info.wait_for_publish(timeout=15)
-        except (RuntimeError, ValueError):
-            pass
-        return info.is_published()
-
-
-REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
-                "ng_recall")
-
-
-def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int) -> tuple[list[bytes], dict]:
-    """An MQTT request payload -> (image bytes, metadata); InputError with a code for anything unusable.
-
-    JSON (`image_b64`, `images_b64` for fit_ok, metadata keys) or raw image bytes with the metadata in
-    v5 user properties. calibrate may come without images: `threshold`, `reset`, `policy` or nothing.
-    """
-    if len(payload) > max_payload_bytes:
-        raise InputError(f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes ({max_payload_bytes})",
-                         "payload_too_large")
-    meta: dict = {}
-    if payload[:1] == b"{":
-        try:
-            body = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
-            raise InputError(f"payload is not valid JSON: {exc}", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise InputError("JSON payload must be an object", "invalid_json")
-        images = body.get("images_b64") if action == "fit_ok" and "images_b64" in body else None
-        if images is None and body.get("image_b64") is not None:
-            images = [body["image_b64"]]
-        if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) for i in images)):
-            raise InputError("image_b64 must be a string and images_b64 a list of strings", "invalid_base64")
-        try:
-            decoded = [base64.b64decode(i, validate=True) for i in images or []]
-        except (binascii.Error, ValueError):
-            raise InputError("image_b64 is not valid base64", "invalid_base64") from None
-        meta = {k: body[k] for k in REQUEST_KEYS if k in body}
-    else:
-        decoded = [payload] if payload else []
-        meta = {k: (user[k] if k == "source" else _parse_scalar(user[k])) for k in REQUEST_KEYS
-                if k in user and k != "reset"}
-    if action != "calibrate" and not decoded:
-        raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
-    if "source" in meta:
-        meta["source"] = safe_text(meta["source"])
-    return decoded, meta
-
-
-def _parse_scalar(raw: str) -> object:
-    low = raw.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return float(raw)
-    except ValueError:
-        return raw
-

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from core.heatmap import render_heatmap
 
-from .jobs import Job
+from .jobs import Job, Outcome
 
 
 @dataclass
@@ -28,15 +28,12 @@ class RecentResults:
         self._seq = 0
         self.enabled = size > 0
 
-    def observe(self, job: Job, result: dict, preview: dict | None = None) -> None:
+    def observe(self, job: Job, outcome: Outcome) -> None:
         if not self.enabled:
             return
-        res = result
-        if "data" in result and "heatmap_png_b64" in result["data"]:
-            res = {**result, "data": {k: v for k, v in result["data"].items() if k != "heatmap_png_b64"}}
         with self._lock:
             self._seq += 1
-            self._items.append(RecentResult(self._seq, job.ingress, res, preview))
+            self._items.append(RecentResult(self._seq, job.ingress, outcome.result, outcome.preview))
 
     def items(self) -> list[RecentResult]:
         """Newest first."""

@@ -1,14 +1,13 @@
 """The inference worker: one thread owns the models and the device; ingestion only enqueues.
 
 Predicts for the same ROI that arrive within `max_wait_ms` are micro-batched (up to `max_batch`),
-consecutive fit_ok jobs of one ROI are fitted together. Every job ends in exactly one call of its
-`on_result` with an ok or error result; observers (metrics, the operator page's recent results) see
-each result first, with the prediction's preview thumbnail.
+consecutive fit_ok jobs of one ROI are fitted together (agent/actions.py does the work). Every job ends
+in exactly one call of its `reply` with an `Outcome` (ok or error result, heatmap bytes, preview);
+observers (metrics, the operator page's recent results, debug heatmap files) see each outcome first.
 """
 
 from __future__ import annotations
 
-import base64
 import errno
 import logging
 import os
@@ -20,24 +19,15 @@ from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import AnomalyError, InputError
-from core.thresholds import requested_policy
+from core.errors import AnomalyError
 
+from .actions import Actions, ActionSettings
 from .config import WorkerConfig
-from .jobs import Job, error_result, ok_result
+from .jobs import Job, Outcome, error_result
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-FIT_STEP = 8  # images per step of a large fit_ok; waiting predictions of other ROIs are answered between steps
 
-
-
-def as_bool(value: object) -> bool:
-    """A flag from outside: true/false, 1/0, and the strings "true"/"false"/"1"/"0"/"yes"/"no" ("false" is
-    false, not a non-empty string)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    return bool(value)
 
 class Worker:
     """Owns the backbone and the models. The runtime is built by the worker thread itself: PyTorch's
@@ -52,12 +42,11 @@ class Worker:
         self.cfg = cfg
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
         self.heartbeat = heartbeat or (lambda: None)
-        self.on_state = on_state
-        self.observers: list[Callable[[Job, dict, dict | None], None]] = []
+        self.settings = ActionSettings(on_state=on_state)
+        self.actions: Actions
+        self.observers: list[Callable[[Job, Outcome], None]] = []
         self._finished: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs already answered (exactly once)
-        self.preview_px = 0  # > 0: predictions carry a thumbnail for observers (operator page)
         self.counts: Counter[str] = Counter()
-        self.last_timing: dict = {}
         self._stop = threading.Event()
         self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
@@ -67,6 +56,27 @@ class Worker:
         self._open: dict[Job, float] = {}  # submitted, not yet answered -> when submitted (monotonic)
         self._open_lock = threading.Lock()
         self.intakes: dict[str, threading.Thread] = {}  # intake threads, watched by /health and the watchdog
+
+    # the actions' settings, set by the transports (operator page thumbnails, MQTT state, debug heatmaps)
+    @property
+    def on_state(self) -> Callable[[str, str, dict], None] | None:
+        return self.settings.on_state
+
+    @on_state.setter
+    def on_state(self, fn: Callable[[str, str, dict], None] | None) -> None:
+        self.settings.on_state = fn
+
+    @property
+    def preview_px(self) -> int:
+        return self.settings.preview_px
+
+    @preview_px.setter
+    def preview_px(self, px: int) -> None:
+        self.settings.preview_px = px
+
+    @property
+    def last_timing(self) -> dict:
+        return self.settings.last_timing
 
     def start(self) -> Runtime:
         """Start the thread; returns once it has loaded and warmed the backbone (or re-raises its error)."""
@@ -79,6 +89,7 @@ class Worker:
     def _main(self) -> None:
         try:
             self.rt = self._rt_factory()
+            self.actions = Actions(self.rt, self.settings, self._finish, self.heartbeat, self._serve_others)
         except BaseException as exc:  # handed to start() in the main thread
             self._failure = exc
             self._ready.set()
@@ -169,7 +180,7 @@ class Worker:
             log.exception("worker: unexpected error on %s %s/%s", job.action, job.role_id, job.roi_id)
             for j in batch:
                 if j not in self._finished:
-                    self._finish(j, error_result(j, "internal_error", f"{type(exc).__name__}: {exc}"))
+                    self._finish(j, Outcome(error_result(j, "internal_error", f"{type(exc).__name__}: {exc}")))
 
     def _serve_others(self, busy: tuple[str, str]) -> None:
         """Between steps of a long fit: answer the predictions of other ROIs that are waiting, so that one
@@ -190,27 +201,21 @@ class Worker:
                 held.add(key)
                 self._backlog.append(job)
 
-    def _finish(self, job: Job, result: dict, preview: dict | None = None) -> None:
+    def _finish(self, job: Job, outcome: Outcome) -> None:
         self._finished.add(job)
         with self._open_lock:
             self._open.pop(job, None)
-        self.counts[f"{job.action}_{result['status']}"] += 1
+        self.counts[f"{job.action}_{outcome.result['status']}"] += 1
         for observe in self.observers:
             try:
-                observe(job, result, preview)
+                observe(job, outcome)
             except Exception:
                 log.exception("worker: observer failed for %s", job.request_id)
-        if job.on_result is not None:
+        if job.reply is not None:
             try:
-                job.on_result(job, result)
+                job.reply(job, outcome)
             except Exception:
                 log.exception("worker: result delivery failed for %s", job.request_id)
-
-    # ------------------------------------------------------------- actions
-    def _decode(self, job: Job, data: bytes) -> tuple[object, float]:
-        t0 = time.perf_counter()
-        img = self.rt.decode(data, job.meta.get("mm_per_px"))
-        return img, (time.perf_counter() - t0) * 1000
 
     def _process(self, batch: list[Job]) -> None:
         first = batch[0]
@@ -227,123 +232,17 @@ class Worker:
                 model = self.rt.model(first.role_id, first.roi_id, create=bool(creates))
             except AnomalyError as exc:
                 for j in batch:
-                    self._finish(j, error_result(j, exc.code, exc.message))
+                    self.actions.fail(j, exc.code, exc.message)
                 return
-            self._act(model, batch)
+            self.actions.run(model, batch)
         except AnomalyError as exc:  # e.g. disk_full refused before anything was written
             for j in batch:
                 if j not in self._finished:
-                    self._finish(j, error_result(j, exc.code, exc.message))
+                    self.actions.fail(j, exc.code, exc.message)
         except OSError as exc:  # the data root could not be written: a clear error, the model reloaded from disk
             code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "storage_error"
             log.error("worker: %s on %s %s/%s: %s", code, first.action, first.role_id, first.roi_id, exc)
             self.rt.forget(first.role_id, first.roi_id)
             for j in batch:
                 if j not in self._finished:
-                    self._finish(j, error_result(j, code, f"could not write to the data root: {exc.strerror or exc}"))
-
-    def _act(self, model: object, batch: list[Job]) -> None:
-        first = batch[0]
-        action = first.action
-        if action == "predict":
-            self._predict(model, batch)
-        elif action == "fit_ok":
-            self._fit(model, batch, "ok")
-        elif action == "send_ng":
-            self._fit(model, batch, "ng")
-        elif action == "calibrate":
-            for j in batch:
-                try:
-                    if j.images:
-                        self._fit(model, [j], "ng")
-                        continue
-                    self._finish(j, ok_result(j, self._calibrate(model, j.meta)))
-                    self._state_changed(model)
-                except (AnomalyError, ValueError, TypeError) as exc:
-                    code = getattr(exc, "code", "invalid_threshold")
-                    self._finish(j, error_result(j, code, getattr(exc, "message", str(exc))))
-        else:
-            for j in batch:
-                self._finish(j, error_result(j, "unknown_action", f"unknown action {action!r}"))
-
-    @staticmethod
-    def _calibrate(model: object, meta: dict) -> dict:
-        """calibrate without images: `threshold` (manual), `reset` (back to the config) or `policy`."""
-        def num(key: str) -> float | None:
-            return None if meta.get(key) is None else float(meta[key])
-
-        policy = requested_policy(meta.get("policy"), num("threshold"), as_bool(meta.get("reset", False)))
-        return model.calibrate(policy, num("threshold"), num("ok_percentile"), num("ng_margin"),  # type: ignore
-                               num("ng_recall"))
-
-    def _predict(self, model: object, batch: list[Job]) -> None:
-        ready: list[tuple[Job, object, float]] = []
-        for j in batch:
-            try:
-                img, ms = self._decode(j, j.images[0])
-                ready.append((j, img, ms))
-            except AnomalyError as exc:
-                self._finish(j, error_result(j, exc.code, exc.message))
-        if not ready:
-            return
-        heat_default = self.rt.heatmap_default(batch[0].role_id, batch[0].roi_id)
-        want_heatmap = any(as_bool(j.meta.get("heatmap", heat_default)) for j, _, _ in ready)
-        try:
-            results = model.predict([img for _, img, _ in ready], heatmap=want_heatmap,  # type: ignore[attr-defined]
-                                    preview_px=self.preview_px)
-        except AnomalyError as exc:
-            for j, _, _ in ready:
-                self._finish(j, error_result(j, exc.code, exc.message))
-            return
-        for (j, _, decode_ms), pred in zip(ready, results, strict=True):
-            pred.add_decode(decode_ms)
-            pred.queue_ms = (time.perf_counter() - j.enqueued_at) * 1000 - pred.inference_ms
-            res = pred.to_dict()
-            if pred.heatmap_png is not None and as_bool(j.meta.get("heatmap", heat_default)):
-                res["heatmap_png_b64"] = base64.b64encode(pred.heatmap_png).decode()
-            self.last_timing = {"inference_ms": pred.inference_ms, "batch_size": pred.batch_size,
-                                "device": pred.device}
-            log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s)",
-                     j.role_id, j.roi_id, j.request_id, pred.score, pred.threshold, pred.is_anomaly,
-                     pred.inference_ms, pred.batch_size, pred.device)
-            self._finish(j, ok_result(j, res), pred.preview)
-
-    def _fit(self, model: object, batch: list[Job], kind: str) -> None:
-        samples, owners = [], []
-        for j in batch:
-            try:
-                if not j.images:
-                    raise InputError("no image in the request", code="missing_image")
-                decoded = []
-                for data in j.images:  # a 60-image upload decodes for seconds: keep the watchdog fed
-                    self.heartbeat()
-                    decoded.append(self._decode(j, data)[0])
-            except AnomalyError as exc:
-                self._finish(j, error_result(j, exc.code, exc.message))
-                continue
-            meta = {"source": j.meta.get("source", "unknown"), "request_id": j.request_id}
-            for data, img in zip(j.images, decoded, strict=True):
-                samples.append((data, img, meta))
-                owners.append(j)
-        if not samples:
-            return
-        if kind == "ok" and len(samples) > FIT_STEP:
-            rep = self._fit_in_steps(model, samples, (batch[0].role_id, batch[0].roi_id))
-        else:
-            rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)  # type: ignore[attr-defined]
-        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates", "stored")}
-        for j in dict.fromkeys(owners):  # each request counts its own images: stored now, or already stored
-            mine = [new for o, new in zip(owners, rep["stored"], strict=True) if o is j]
-            self._finish(j, ok_result(j, {"added": sum(mine), "duplicates": len(mine) - sum(mine),
-                                          "duplicates_in_batch": len(rep["duplicates"]), **state}))
-        self._state_changed(model)
-
-    def _fit_in_steps(self, model: object, samples: list, key: tuple[str, str]) -> dict:
-        """A large fit_ok in steps of FIT_STEP images, other ROIs' predictions served in between."""
-        steps = (samples[start : start + FIT_STEP] for start in range(0, len(samples), FIT_STEP))
-        return model.fit_ok_in_steps(steps, lambda: self._serve_others(key))  # type: ignore[attr-defined]
-
-    def _state_changed(self, model: object) -> None:
-        if self.on_state is not None:
-            st = model.state()  # type: ignore[attr-defined]
-            self.on_state(st["role_id"], st["roi_id"], st)
+                    self.actions.fail(j, code, f"could not write to the data root: {exc.strerror or exc}")

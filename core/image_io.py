@@ -55,7 +55,9 @@ def validate_mm_per_px(value: object) -> float | None:
     if value is None:
         return None
     try:
-        number = float(value)  # type: ignore[arg-type]
+        if not isinstance(value, (int, float, str)):
+            raise TypeError(type(value).__name__)
+        number = float(value)
     except (TypeError, ValueError):
         raise InputError(f"mm_per_px must be a number, got {value!r}", code="invalid_mm_per_px") from None
     if isinstance(value, bool) or not math.isfinite(number) or number <= 0 or number > MAX_MM_PER_PX:

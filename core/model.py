@@ -284,22 +284,22 @@ class RoiModel:
         preview_px > 0 adds `preview`: a thumbnail of the image, map and mask (heatmap.thumbnail) so a
         heatmap can be drawn later without the cost of a full-size one on every prediction.
         """
-        if self._knn is None or self.threshold is None:
+        threshold = self.threshold
+        if self._knn is None or threshold is None:
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
         if not self.index.matches_extractor():
             raise BackboneMismatchError("the running backbone differs from the one this bank was built with")
-        return [self._predict_one(img, emb, heatmap, return_map, preview_px)
+        return [self._predict_one(img, emb, float(threshold), heatmap, return_map, preview_px)
                 for img, emb in zip(images, self.index.embed(images), strict=True)]
 
-    def _predict_one(self, img: ImageInput, emb: Embedded, heatmap: bool, return_map: bool,
+    def _predict_one(self, img: ImageInput, emb: Embedded, threshold: float, heatmap: bool, return_map: bool,
                      preview_px: int) -> Prediction:
         t0 = time.perf_counter()
         dists = [branch.search(emb.feats[b]) for b, branch in enumerate(self.branches)]
         t1 = time.perf_counter()
         maps = [self._branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
         score = fuse_scores([self._map_score(m) for m in maps], self.scales)
-        threshold = float(self.threshold)  # type: ignore[arg-type]
         full = cv2.resize(fuse_maps(maps, self.scales), img.size, interpolation=cv2.INTER_LINEAR)
         mask_full = self._mask_at(img.size)
         count, regions = defect_regions(full, threshold, mask_full, img.mm_per_px, self.settings.min_defect_area_px)

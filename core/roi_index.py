@@ -89,7 +89,7 @@ class RoiIndex:
                        "batch_size": len(chunk)}
                 for j, i in enumerate(chunk):
                     out[i] = Embedded([a[j] for a in arrays], [g for _, g in per_branch], input_size, size, dict(per))
-        return out  # type: ignore[return-value]
+        return [e for e in out if e is not None]  # every place was filled
 
     def arrays(self, kind: str) -> list[np.ndarray]:
         """Each branch's embedding rows of one kind: in RAM (memory_fit, bounded) or memory-mapped."""

@@ -2,36 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .memory_bank import CoresetSize
 from .storage import RoiStore, list_rois
 from .thresholds import ThresholdPolicy
 
 
+def _opt(default: object, doc: str, **limits: object) -> Any:
+    """A setting with its limits (ge/gt/le/lt, choices) and meaning: the config schema (agent/config.py
+    RoiSettings) is generated from these, so a limit is written once."""
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
 @dataclass
 class ModelSettings:
     """Per-ROI settings (config `defaults`, overridable per ROI). See docs/configuration.md."""
 
-    coreset_ratio: float = 0.1
-    coreset_min: int = 4096
-    coreset_max: int = 8192
-    proj_dim: int = 64
-    score_stat: str = "max"
-    score_percentile: float = 99.0
-    blur_sigma: float = 4.0
-    threshold_policy: str = "auto"
-    threshold_value: float | None = None
-    ok_percentile: float = 99.0
-    holdout_max: int = 50
-    ng_margin: float = 0.5
-    ng_recall: float | None = None
-    memory_fit: bool = False
-    memory_fit_max_mb: float = 512.0
-    fit_batch_size: int = 8
-    min_defect_area_px: int = 0
-    knn_backend: str = "auto"
+    coreset_ratio: float = _opt(0.1, "share of a fit's patches kept in the bank", gt=0, le=1)
+    coreset_min: int = _opt(4096, "the bank keeps at least this many patches", ge=0)
+    coreset_max: int = _opt(8192, "and at most this many", ge=64)
+    proj_dim: int = _opt(64, "random projection for the k-center greedy selection", config=False)
+    score_stat: str = _opt("max", "image score from the map", choices=("max", "percentile", "top1_mean"))
+    score_percentile: float = _opt(99.0, "the percentile when score_stat is percentile", gt=0, lt=100)
+    blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly map (pixels at the backbone input)", ge=0)
+    threshold_policy: str = _opt("auto", "how the threshold is set", choices=("auto", "ok_only", "manual"))
+    threshold_value: float | None = _opt(None, "the threshold of threshold_policy manual", gt=0)
+    ok_percentile: float = _opt(99.0, "percentile of leave-one-out OK scores (auto without NG, ok_only)", gt=0,
+                                le=100)
+    holdout_max: int = _opt(50, "at most this many recent OK samples are scored leave-one-out", ge=1)
+    ng_margin: float = _opt(0.5, "0..1 of the way from the highest OK to the lowest NG score", ge=0, le=1)
+    ng_recall: float | None = _opt(None, "share of NG samples that must score above the threshold", gt=0, le=1)
+    memory_fit: bool = _opt(False, "keep the raw embeddings in RAM during fits (bounded by memory_fit_max_mb)")
+    memory_fit_max_mb: float = _opt(512.0, "RAM bound of memory_fit", gt=0)
+    fit_batch_size: int = _opt(8, "images per backbone forward in a fit", ge=1, le=256)
+    min_defect_area_px: int = _opt(0, "regions smaller than this are not reported", ge=0)
+    knn_backend: str = _opt("auto", "nearest-neighbour search", choices=("auto", "faiss", "torch"))
 
     def coreset_size(self) -> CoresetSize:
         return CoresetSize(self.coreset_ratio, self.coreset_min, self.coreset_max)

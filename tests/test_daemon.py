@@ -332,7 +332,10 @@ def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Pat
     # the fit lasts well beyond the 0.5 s ping interval, yet no gap between pings comes near its length
     assert box["r"].status_code == 200 and end - start > 5.0, (box["r"].text[:300], end - start)
     during = [start, *[t for t in pings if start < t < end], end]
-    assert max(b - a for a, b in zip(during, during[1:], strict=False)) < 2.5, during
+    # the longest step between pings is one batched forward: ~1 s here, 4.3 s with a CPU hog on both
+    # cores (a suite run under load failed on a fixed 2.5 s); without the pings it is the whole fit
+    gap = max(b - a for a, b in zip(during, during[1:], strict=False))
+    assert gap < max(2.5, 0.25 * (end - start)), (gap, end - start, during)
     assert agent.sigterm() == 0
     rest = []
     try:
@@ -347,6 +350,7 @@ def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Pat
 def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
     from agent.config import load_config
     from agent.folder import FolderIngest
+    from agent.intake import Intake
 
     cfg = load_config(None, env={}, overrides={"data_root": str(tmp_path), "folder.done_retention_days": 1})
     done = tmp_path / "done" / "st1" / "roi" / "predict"
@@ -355,7 +359,7 @@ def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
     old.write_bytes(b"x")
     new.write_bytes(b"x")
     os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
-    ingest = FolderIngest(cfg, worker=None)  # type: ignore[arg-type]
+    ingest = FolderIngest(cfg, Intake(worker=None))
     assert ingest.cleanup_done() == 1 and not old.exists() and new.exists()
 
 

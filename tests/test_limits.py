@@ -14,7 +14,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.health import health_body
-from agent.jobs import Job
+from agent.jobs import Job, Outcome
 from agent.runtime import Runtime
 from agent.worker import Worker
 from core.errors import InputError
@@ -91,11 +91,11 @@ def test_added_counts_only_what_was_stored(tmp_path: Path, fitted_template: Path
     answers: list[dict] = []
     done = threading.Event()
 
-    def got(_job: Job, result: dict) -> None:
-        answers.append(result)
+    def got(_job: Job, outcome: Outcome) -> None:
+        answers.append(outcome.result)
         done.set()
 
-    worker.submit(Job("st1", "tire", "fit_ok", [stored, new, new], "r1", {}, on_result=got))
+    worker.submit(Job("st1", "tire", "fit_ok", [stored, new, new], "r1", reply=got))
     assert done.wait(120)
     worker.stop()
     data = answers[0]["data"]
@@ -113,7 +113,7 @@ def test_health_tells_a_dead_intake_thread_and_an_input_waiting_too_long(tmp_pat
     dead.start()
     dead.join()
     worker.watch("folder-rescan", dead)
-    worker.submit(Job("st1", "tire", "predict", [b""], "r1", {}))
+    worker.submit(Job("st1", "tire", "predict", [b""], "r1"))
     time.sleep(0.4)
     body = health_body(rt, worker, time.monotonic(), "t")
     assert body["status"] == "degraded" and body["intake"] == {"folder-rescan": False}, body

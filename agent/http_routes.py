@@ -1,0 +1,205 @@
+"""The HTTP endpoints as FastAPI routers: samples (fit_ok, send_ng, calibrate), inference (predict),
+state (models, health, metrics) and ui (operator page, heatmaps). Every request that needs the model
+becomes a Job through the intake, exactly as a folder file or an MQTT message does."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from core.ids import validate_id
+from core.model import manifest_state, stored_rois
+from core.storage import RoiStore
+
+from .health import health_body
+from .http_errors import ApiError, _rid_header
+from .http_models import ERRORS, FitResult, MmPerPx, Policy, PredictResult, RequestId, Roi, RoiState, Role, Source
+from .jobs import Job, Outcome
+from .operator_page import render_page
+
+if TYPE_CHECKING:
+    from .http_api import HttpContext
+
+log = logging.getLogger("agent.http_api")
+
+
+class HttpJobs:
+    """Build a job from a request, queue it, wait for its one outcome (then mirror it to MQTT)."""
+
+    def __init__(self, ctx: HttpContext) -> None:
+        self.ctx = ctx
+
+    async def read_files(self, files: list[UploadFile]) -> list[bytes]:
+        limit = self.ctx.cfg.limits.max_bytes
+        out = []
+        for f in files:
+            data = await f.read(limit + 1)
+            if len(data) > limit:
+                raise ApiError("file_too_large", f"{f.filename or 'file'}: over limits.max_bytes ({limit} bytes)")
+            out.append(data)
+        return out
+
+    def job(self, action: str, role_id: str, roi_id: str, images: list[bytes], request_id: str | None,
+            **params: Any) -> Job:
+        return self.ctx.intake.build_job("http", role_id, roi_id, action, images, request_id, params, None,
+                                         default_id=f"http-{uuid.uuid4().hex}")
+
+    async def run(self, job: Job) -> JSONResponse:
+        """Queue the job, wait for its outcome; the ok data, or ApiError with the worker's code."""
+        ctx = self.ctx
+        if not ctx.accepting:
+            raise ApiError("shutting_down", "the agent is stopping; retry on its restart")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Outcome] = loop.create_future()
+
+        def reply(_job: Job, outcome: Outcome) -> None:  # in the worker thread
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(outcome))
+            # after the answer is on its way: no extra latency for the client
+            ctx.intake.publish("http", outcome.with_heatmap_b64())
+
+        job.reply = reply
+        if not ctx.intake.submit(job, timeout=0):
+            raise ApiError("queue_full", f"the worker queue is full ({ctx.cfg.worker.queue_size}); retry later")
+        try:
+            outcome = await asyncio.wait_for(done, ctx.cfg.http.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError("timeout", f"no result within http.request_timeout_s ({ctx.cfg.http.request_timeout_s} "
+                           "s); the job stays queued and runs", counted=True) from None
+        result = outcome.with_heatmap_b64()
+        if result["status"] != "ok":
+            raise ApiError(result["error"]["code"], result["error"]["message"], counted=True)
+        body = {"request_id": job.request_id, "role_id": job.role_id, "roi_id": job.roi_id, **result["data"]}
+        return JSONResponse(body, headers=_rid_header(job.request_id))
+
+
+def samples_router(jobs: HttpJobs) -> APIRouter:
+    r = APIRouter(tags=["samples"])
+
+    async def samples(action: str, role_id: str, roi_id: str, files: list[UploadFile], mm_per_px: float | None,
+                      source: str, request_id: str | None) -> JSONResponse:
+        return await jobs.run(jobs.job(action, role_id, roi_id, await jobs.read_files(files), request_id,
+                                       mm_per_px=mm_per_px, source=source))
+
+    @r.post("/fit_ok", response_model=FitResult, responses=ERRORS)
+    async def fit_ok(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="OK images")],
+                     mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
+        """Store OK samples (image + JSON) and update the ROI's memory bank and threshold in one batch."""
+        return await samples("fit_ok", role_id, roi_id, files, mm_per_px, source, request_id)
+
+    @r.post("/send_ng", response_model=FitResult, responses=ERRORS)
+    async def send_ng(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="NG images")],
+                      mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
+        """Store NG samples and recalibrate the threshold (policy auto: between OK and NG scores)."""
+        return await samples("send_ng", role_id, roi_id, files, mm_per_px, source, request_id)
+
+    @r.post("/calibrate", response_model=RoiState, responses=ERRORS)
+    async def calibrate(
+        role_id: Role, roi_id: Roi,
+        policy: Policy = None,
+        threshold: Annotated[float | None, Form(description="manual threshold (policy manual)")] = None,
+        ok_percentile: Annotated[float | None, Form(description="percentile of leave-one-out OK scores")] = None,
+        ng_margin: Annotated[float | None, Form(description="0..1 of the way from the top OK to the lowest NG")] = None,
+        ng_recall: Annotated[float | None, Form(description="share of NG samples that must score above the "
+                                                            "threshold (never above the OK-only one)")] = None,
+        request_id: RequestId = None,
+    ) -> JSONResponse:
+        """Recompute the ROI's threshold from its stored OK/NG samples; the answer says how it was derived."""
+        return await jobs.run(jobs.job("calibrate", role_id, roi_id, [], request_id, policy=policy,
+                                       threshold=threshold, ok_percentile=ok_percentile, ng_margin=ng_margin,
+                                       ng_recall=ng_recall))
+
+    return r
+
+
+def inference_router(jobs: HttpJobs) -> APIRouter:
+    r = APIRouter(tags=["inference"])
+
+    @r.post("/predict", response_model=PredictResult, responses=ERRORS)
+    async def predict(role_id: Role, roi_id: Roi, file: Annotated[UploadFile, File(description="the ROI image")],
+                      mm_per_px: MmPerPx = None,
+                      heatmap: Annotated[bool | None, Form(description="include heatmap_png_b64")] = None,
+                      request_id: RequestId = None) -> JSONResponse:
+        """Score one ROI image: is_anomaly, score, threshold, timings, defects (and a heatmap on request)."""
+        return await jobs.run(jobs.job("predict", role_id, roi_id, await jobs.read_files([file]), request_id,
+                                       mm_per_px=mm_per_px, heatmap=heatmap, source="http"))
+
+    return r
+
+
+def roi_states(ctx: HttpContext, scores: dict | None = None) -> list[dict]:
+    """Read from the manifests on disk (written atomically by the worker); scores: filled per ROI."""
+    out = []
+    for m, state in stored_rois(ctx.cfg.data_root):
+        out.append(state)
+        if scores is not None:
+            scores[(state["role_id"], state["roi_id"])] = (m.get("ok_scores", []), m.get("ng_scores", []))
+    return out
+
+
+def health(ctx: HttpContext) -> dict:
+    body = health_body(ctx.rt, ctx.worker, ctx.started, ctx.agent_id)
+    return {**body, **(ctx.extra_health() if ctx.extra_health else {})}
+
+
+def state_router(ctx: HttpContext) -> APIRouter:
+    r = APIRouter(tags=["state"])
+
+    @r.get("/models", response_model=list[RoiState])
+    async def models() -> JSONResponse:
+        """State of every ROI: samples, bank size, threshold and how it was set."""
+        return JSONResponse(await asyncio.to_thread(roi_states, ctx))
+
+    @r.get("/models/{role_id}/{roi_id}", response_model=RoiState, responses=ERRORS)
+    async def model(role_id: str, roi_id: str) -> JSONResponse:
+        """State of one ROI (404 when it has never been fitted)."""
+        validate_id(role_id, "role_id")
+        validate_id(roi_id, "roi_id")
+        store = RoiStore(ctx.cfg.data_root, role_id, roi_id)
+        m = store.read_manifest()
+        if not m:
+            raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
+        return JSONResponse(manifest_state(m, store.mask_path.exists()))
+
+    @r.get("/health")
+    async def get_health() -> JSONResponse:
+        """Liveness and load: the same content as the MQTT health message. Needs no token."""
+        return JSONResponse(health(ctx))
+
+    @r.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return r
+
+
+def ui_router(ctx: HttpContext) -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+
+    def render() -> str:
+        scores: dict = {}
+        states = roi_states(ctx, scores)
+        return render_page(states, scores, ctx.recent.items(), health(ctx), ctx.cfg.http.page_refresh_s)
+
+    @r.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        t0 = time.perf_counter()
+        html = await asyncio.to_thread(render)
+        log.debug("operator page rendered in %.1f ms", (time.perf_counter() - t0) * 1000)
+        return HTMLResponse(html)
+
+    @r.get("/ui/heatmap/{seq}.png")
+    async def heatmap(seq: int) -> Response:
+        png = await asyncio.to_thread(ctx.recent.heatmap_png, seq)
+        if png is None:
+            raise ApiError("not_found", f"no heatmap for result {seq} (older results are not kept)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    return r

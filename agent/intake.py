@@ -1,0 +1,134 @@
+"""The one path of a request from any transport to the worker and back.
+
+Each transport (folder, MQTT, HTTP: `Transport`) turns what it received into a `Job` with `build_job`
+(ids, action, request id and parameters checked in one place), refuses what cannot become a job with
+`refuse` (logged at WARNING with code, ROI and source, counted, answered), submits the job, and answers
+its origin when the worker replies; `publish` then fans the result out to the other transports that
+mirror results (MQTT publishes folder and HTTP results on the result topic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from core.errors import InputError
+from core.ids import request_id_from, safe_text, validate_id
+
+from .jobs import ACTIONS, Job, Outcome, Params, error_result
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+NUMBERS = {"threshold": "invalid_threshold", "ok_percentile": "invalid_policy", "ng_margin": "invalid_policy",
+           "ng_recall": "invalid_policy"}
+PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", *NUMBERS)
+
+
+class Transport(Protocol):
+    """An ingress: started and stopped by the daemon; `publish_result` mirrors another ingress's result."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def publish_result(self, result: dict, key: str | None) -> None: ...
+
+
+def as_bool(value: object) -> bool:
+    """A flag from outside: true/false, 1/0, and the strings "true"/"false"/"1"/"0"/"yes"/"no" ("false" is
+    false, not a non-empty string)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
+
+def params_from(raw: Mapping[str, object]) -> Params:
+    """Request parameters from any ingress (form fields, JSON body, sidecar, v5 user properties)."""
+    p = Params()
+    if raw.get("mm_per_px") is not None:
+        p.mm_per_px = raw["mm_per_px"]
+    if raw.get("source") is not None:
+        p.source = safe_text(raw["source"])
+    if raw.get("heatmap") is not None:
+        p.heatmap = as_bool(raw["heatmap"])
+    p.reset = as_bool(raw.get("reset", False))
+    if raw.get("policy") is not None:
+        p.policy = str(raw["policy"])
+    for key, code in NUMBERS.items():
+        if raw.get(key) is None:
+            continue
+        value = raw[key]
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) else math.nan
+        except ValueError:
+            number = math.nan
+        if isinstance(value, bool) or not math.isfinite(number):
+            raise InputError(f"{key} must be a finite number, got {safe_text(value, 60)!r}", code=code)
+        setattr(p, key, number)
+    return p
+
+
+class Intake:
+    """Shared by the transports: build, refuse, submit, fan out."""
+
+    def __init__(self, worker: Worker | None) -> None:
+        self.worker = worker
+        self.mirrors: list[tuple[str, Callable[[dict, str | None], None]]] = []  # (transport name, publish)
+        self.refusal_observers: list[Callable[[str, str, str], None]] = []  # (ingress, action, code)
+
+    def build_job(self, ingress: str, role_id: str, roi_id: str, action: str, images: list[bytes],
+                  request_id: object, raw: Mapping[str, object], reply: Callable[[Job, Outcome], None] | None,
+                  origin: object = None, actions: tuple[str, ...] = ACTIONS, default_id: str = "") -> Job:
+        """A Job, or InputError (invalid_id, unknown_action, invalid_request_id, invalid_* parameters)."""
+        self.check_target(role_id, roi_id, action, actions)
+        rid = request_id_from(request_id) if request_id not in (None, "") else default_id
+        return Job(role_id, roi_id, action, images, rid, params_from(raw), reply=reply, origin=origin,
+                   ingress=ingress)
+
+    @staticmethod
+    def check_target(role_id: str, roi_id: str, action: str, actions: tuple[str, ...] = ACTIONS) -> None:
+        """The ids and the action a request names (checked before its payload is parsed)."""
+        validate_id(role_id, "role_id")
+        validate_id(roi_id, "roi_id")
+        if action not in actions:
+            raise InputError(f"unknown action {safe_text(action, 60)!r}; use one of {', '.join(actions)}",
+                             "unknown_action")
+
+    @staticmethod
+    def stub(ingress: str, role_id: str, roi_id: str, action: str, request_id: str, source: str = "unknown",
+             reply: Callable[[Job, Outcome], None] | None = None, origin: object = None) -> Job:
+        """A job that will only carry a refusal (its ids may be the invalid ones: they are only echoed)."""
+        return Job(role_id, roi_id, action, [], request_id, Params(source=source), reply=reply, origin=origin,
+                   ingress=ingress)
+
+    def refuse(self, job: Job, code: str, message: str) -> dict:
+        """An input answered with an error before it reached the queue: logged, counted; the error result."""
+        log.warning("%s: refused %s %s/%s (request %s, source %s): %s: %s", job.ingress, safe_text(job.action, 60),
+                    safe_text(job.role_id, 80), safe_text(job.roi_id, 80), job.request_id, job.params.source, code,
+                    message)
+        for observe in self.refusal_observers:
+            try:
+                observe(job.ingress, job.action if job.action in ACTIONS else "other", code)
+            except Exception:
+                log.exception("intake: refusal observer failed")
+        return error_result(job, code, message)
+
+    def submit(self, job: Job, timeout: float | None = None) -> bool:
+        if self.worker is None:
+            raise RuntimeError("intake without a worker")
+        return self.worker.submit(job, timeout=timeout)
+
+    def publish(self, origin: str, result: dict, key: str | None = None) -> None:
+        """Fan a result out to every other transport that mirrors results (after the origin answered)."""
+        for name, publish in self.mirrors:
+            if name != origin:
+                try:
+                    publish(result, key)
+                except Exception:
+                    log.exception("intake: mirroring a %s result to %s failed", origin, name)
