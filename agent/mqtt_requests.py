@@ -8,7 +8,6 @@ import binascii
 import json
 
 from core.errors import InputError
-from core.ids import safe_text
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
                 "ng_recall")
@@ -43,24 +42,11 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
         meta = {k: body[k] for k in REQUEST_KEYS if k in body}
     else:
         decoded = [payload] if payload else []
-        meta = {k: (user[k] if k == "source" else _parse_scalar(user[k])) for k in REQUEST_KEYS
-                if k in user and k != "reset"}
+        # strings: intake.params_from converts (flags, numbers) and encodes (source) for every ingress
+        meta = {k: user[k] for k in REQUEST_KEYS if k in user and k != "reset"}
     if action != "calibrate" and not decoded:
         raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
-    if "source" in meta:
-        meta["source"] = safe_text(meta["source"])
     return decoded, meta
-
-
-def _parse_scalar(raw: str) -> object:
-    low = raw.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return float(raw)
-    except ValueError:
-        return raw
-
 
 
 def peek_request_id(payload: bytes, user: dict) -> object:

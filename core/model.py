@@ -43,7 +43,6 @@ from .storage import RoiStore, utc_now
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_POLICIES = thresholds.POLICIES
 __all__ = ["Embedded", "ModelSettings", "Prediction", "RoiModel", "manifest_state", "policy_of", "stored_rois"]
 
 
