@@ -225,7 +225,7 @@ class FolderIngest(FileSystemEventHandler):
                 result = self.data_root / "results" / role / roi / f"{path.stem}.json"
                 stored = read_json(result) if result.exists() else None
                 if stored is not None and stored.get("claim") == str(path):
-                    self.results.finish(path, role, roi, action, stored)  # the crash came after the result file
+                    self.results.recovered(path, role, roi, action, stored)  # the crash came after the result file
                     continue
                 log.info("recovering claimed file %s", safe_text(path, 1000))
                 self._enqueue(path, role, roi, action)

@@ -42,13 +42,13 @@ class FolderResults:
             atomic_write_bytes(out_dir / f"{claimed.stem}.heatmap.png", outcome.heatmap_png)
             payload["data"] = {**payload["data"], "heatmap_file": f"{claimed.stem}.heatmap.png"}
         atomic_write_json(out_dir / f"{claimed.stem}.json", payload)  # the commit point (see FolderIngest._recover)
-        self._log_completion(job, payload)
+        self._log_completion(job.role_id, job.roi_id, job.action, payload)
         self.finish(claimed, job.role_id, job.roi_id, job.action, payload)
 
-    def _log_completion(self, job: Job, payload: dict) -> None:
+    def _log_completion(self, role: str, roi: str, action: str, payload: dict) -> None:
         """Append-only evidence of each processing (result files are overwritten; this is not)."""
-        line = json.dumps({"role_id": job.role_id, "roi_id": job.roi_id, "action": job.action,
-                           "file": payload["file"], "claim": payload["claim"], "request_id": job.request_id,
+        line = json.dumps({"role_id": role, "roi_id": roi, "action": action,
+                           "file": payload["file"], "claim": payload["claim"], "request_id": payload.get("request_id"),
                            "status": payload.get("status"), "timestamp_utc": payload.get("timestamp_utc")},
                           ensure_ascii=True) + "\n"
         path = self.data_root / "results" / COMPLETIONS_LOG
@@ -61,6 +61,18 @@ class FolderResults:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def recovered(self, claimed: Path, role: str, roi: str, action: str, payload: dict) -> None:
+        """A kill came after the result file: its completion line is written now if the kill also came
+        before that line (found by CI: a kill between the two left a processing with no line)."""
+        path = self.data_root / "results" / COMPLETIONS_LOG
+        mark = json.dumps({"claim": payload["claim"]}, ensure_ascii=True)[1:-1]
+        stamp = json.dumps({"timestamp_utc": payload.get("timestamp_utc")}, ensure_ascii=True)[1:-1]
+        with self._log_lock:
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        if not any(mark in line and stamp in line for line in lines):
+            self._log_completion(role, roi, action, payload)
+        self.finish(claimed, role, roi, action, payload)
 
     def finish(self, claimed: Path, role: str, roi: str, action: str, payload: dict) -> None:
         """After the result file: mirror it (once per claim), the error file, move the image on."""
