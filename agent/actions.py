@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core import lifecycle
 from core.errors import AnomalyError, InputError
 from core.image_io import ImageInput
 from core.model import RoiModel
@@ -19,6 +20,7 @@ from .jobs import Job, Outcome, error_result, ok_result
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+LIFECYCLE = ("delete_samples", "rollback", "reset")
 FIT_STEP = 8  # images per step of a large fit_ok; waiting predictions of other ROIs are answered between steps
 
 
@@ -64,9 +66,29 @@ class Actions:
                     continue
                 self.finish(j, Outcome(ok_result(j, state)))
                 self.state_changed(model)
+        elif action in LIFECYCLE:
+            for j in batch:
+                self.lifecycle(model, j)
         else:
             for j in batch:
                 self.fail(j, "unknown_action", f"unknown action {action!r}")
+
+    def lifecycle(self, model: RoiModel, j: Job) -> None:
+        """delete_samples, rollback, reset: each a new version of the ROI (core/lifecycle.py)."""
+        try:
+            if j.action == "delete_samples":
+                data = lifecycle.delete_samples(model, lifecycle.ids_from(j.params.sample_ids),
+                                                f"deleted by request {j.request_id} ({j.params.source})")
+            elif j.action == "rollback":
+                data = lifecycle.rollback(model, j.params.version)
+            else:
+                data = lifecycle.reset_roi(model)
+        except AnomalyError as exc:
+            self.fail(j, exc.code, exc.message)
+            return
+        self.rt.drift.forget(j.role_id, j.roi_id)  # another model: the recent scores no longer compare
+        self.finish(j, Outcome(ok_result(j, data)))
+        self.state_changed(model)
 
     def _decode(self, job: Job, data: bytes) -> tuple[ImageInput, float]:
         t0 = time.perf_counter()
@@ -101,6 +123,9 @@ class Actions:
                      j.role_id, j.roi_id, j.request_id, pred.score, pred.threshold, pred.is_anomaly,
                      pred.inference_ms, pred.batch_size, pred.device)
             self.finish(j, Outcome(ok_result(j, pred.to_dict()), pred.heatmap_png, wants[j], pred.preview))
+            changed = self.rt.drift.observe(model, pred.score, pred.is_anomaly)
+            if changed is not None:
+                self.state_changed(model, changed)
 
     def fit(self, model: RoiModel, batch: list[Job], kind: str) -> None:
         samples, owners = [], []
@@ -116,6 +141,12 @@ class Actions:
                 self.fail(j, exc.code, exc.message)
                 continue
             meta = {"source": j.params.source, "request_id": j.request_id}
+            try:  # an image stored under the other label: refused, or moved with relabel=true
+                lifecycle.label_conflicts(model, kind, [(d, i, meta) for d, i in zip(j.images, decoded, strict=True)],
+                                          j.params.relabel)
+            except AnomalyError as exc:
+                self.fail(j, exc.code, exc.message)
+                continue
             for data, img in zip(j.images, decoded, strict=True):
                 samples.append((data, img, meta))
                 owners.append(j)
@@ -127,14 +158,18 @@ class Actions:
             rep = model.fit_ok_in_steps(steps, lambda: self.serve_others(key))
         else:
             rep = model.fit_ok(samples) if kind == "ok" else model.send_ng(samples)
-        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates", "stored")}
+        state = {k: v for k, v in rep.items() if k not in ("added", "duplicates", "stored", "refused", "ids")}
         for j in dict.fromkeys(owners):  # each request counts its own images: stored now, or already stored
             mine = [new for o, new in zip(owners, rep["stored"], strict=True) if o is j]
-            self.finish(j, Outcome(ok_result(j, {"added": sum(mine), "duplicates": len(mine) - sum(mine),
-                                                 "duplicates_in_batch": len(rep["duplicates"]), **state})))
+            mine_ids = [sid for o, sid in zip(owners, rep.get("ids", []), strict=False) if o is j]
+            refused = [sid for sid in rep.get("refused", []) if sid in mine_ids]
+            self.finish(j, Outcome(ok_result(j, {"added": sum(mine) - len(refused), "duplicates": len(mine) - sum(mine),
+                                                 "duplicates_in_batch": len(rep["duplicates"]),
+                                                 **({"refused": refused} if refused else {}), **state})))
         self.state_changed(model)
 
-    def state_changed(self, model: RoiModel) -> None:
+    def state_changed(self, model: RoiModel, drift: dict | None = None) -> None:
         if self.settings.on_state is not None:
             st = model.state()
-            self.settings.on_state(st["role_id"], st["roi_id"], st)
+            current = drift or self.rt.drift.current(st["role_id"], st["roi_id"])
+            self.settings.on_state(st["role_id"], st["roi_id"], {**st, **({"drift": current} if current else {})})

@@ -1,4 +1,5 @@
-"""`anomaly-agent` command line: fit, predict, calibrate, models, mask, run.
+"""`anomaly-agent` command line: fit, predict, calibrate, models, mask, run; samples, rollback, export, import
+(agent/cli_lifecycle.py).
 
 Exit codes: 0 success; 1 at least one input could not be used (the others were processed);
 2 invalid configuration or usage; 3 the model or backbone is not ready (not fitted, weights missing).
@@ -22,7 +23,9 @@ from core.errors import AnomalyError, InputError, ModelNotReadyError, WeightsNot
 from core.ids import validate_id
 from core.thresholds import requested_policy
 
+from .cli_lifecycle import LIFECYCLE_COMMANDS, cmd_samples_list, lifecycle_parsers
 from .config import ConfigError, load_config
+from .drift import read_drift
 from .runtime import Runtime, expand_inputs, setup_logging
 
 log = logging.getLogger("anomaly_agent")
@@ -81,9 +84,10 @@ def cmd_fit(rt: Runtime, args: argparse.Namespace) -> int:
                 yield [s for s in loaded if s is not None]
 
         t0 = time.perf_counter()
-        rep = model.fit_ok_in_steps(chunks())
+        rep = model.fit_ok_in_steps(chunks(), relabel=args.relabel)
     state = model.state()
-    _emit({"fitted": f"{role}/{roi}", "added": len(rep["added"]), "duplicates": len(rep["duplicates"]),
+    _emit({"fitted": f"{role}/{roi}", "added": len(rep["added"]) - len(rep.get("refused", [])),
+           "duplicates": len(rep["duplicates"]), **({"refused": rep["refused"]} if rep.get("refused") else {}),
            "failed": failed, "threshold_ms": rep["timings_ms"].get("threshold", 0.0),
            "total_ms": round((time.perf_counter() - t0) * 1000, 1), **state})
     return EXIT_INPUT if failed else EXIT_OK
@@ -133,7 +137,7 @@ def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
     loaded = [_load_sample(rt, path, args) for path in expand_inputs(args.images)]
     samples = [s for s in loaded if s is not None]
     failed = len(loaded) - len(samples)
-    rep = model.send_ng(samples)
+    rep = model.send_ng(samples, relabel=args.relabel)
     _emit({"calibrated": f"{role}/{roi}", "added": len(rep["added"]), "duplicates": len(rep["duplicates"]),
            "failed": failed, **{k: v for k, v in rep.items() if k not in ("added", "duplicates")}})
     return EXIT_INPUT if failed else EXIT_OK
@@ -149,7 +153,8 @@ def cmd_models(data_root: Path) -> int:
     from core.model import stored_rois
 
     for _, state in stored_rois(data_root):
-        _emit(state)
+        drift = read_drift(data_root, state["role_id"], state["roi_id"])
+        _emit({**state, "drift": drift} if drift else state)
     return EXIT_OK
 
 
@@ -173,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mm-per-px", type=float, default=None)
     sp.add_argument("--source", default=None)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--relabel", action="store_true", help="an image stored as NG moves to OK (else refused)")
     sp = sub.add_parser("predict", help="score images; one JSON line per image on stdout")
     roi_args(sp)
     sp.add_argument("images", nargs="+")
@@ -192,10 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ng-margin", type=float, default=None, help="with --policy auto: 0..1 from top OK to lowest NG")
     sp.add_argument("--ng-recall", type=float, default=None,
                     help="with --policy auto: share of NG samples that must score above the threshold")
+    sp.add_argument("--relabel", action="store_true", help="an image stored as OK moves to NG (else refused)")
     sp = sub.add_parser("mask", help="set a ROI mask PNG (non-zero = inspected)")
     roi_args(sp)
     sp.add_argument("mask")
-    sub.add_parser("models", help="list ROIs: samples, threshold, backbone, version")
+    sub.add_parser("models", help="list ROIs: samples, threshold, versions, suspects, drift")
+    lifecycle_parsers(sub, roi_args)
     sp = sub.add_parser("run", help="run the daemon (watched folders, MQTT)")
     sp.add_argument("--mqtt-host", default=None)
     sp.add_argument("--mqtt-port", type=int, default=None)
@@ -218,14 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     if args.command == "models":
         return cmd_models(cfg.data_root)
+    if args.command == "samples" and not args.delete and not args.reset:
+        return cmd_samples_list(cfg.data_root, args)
     try:
         if args.command == "run":
             from .daemon import run_daemon
 
             return run_daemon(cfg)
         rt = Runtime(cfg)
-        return {"fit": cmd_fit, "predict": cmd_predict, "calibrate": cmd_calibrate, "mask": cmd_mask}[
-            args.command](rt, args)
+        return {"fit": cmd_fit, "predict": cmd_predict, "calibrate": cmd_calibrate, "mask": cmd_mask,
+                **LIFECYCLE_COMMANDS}[args.command](rt, args)
     except (ModelNotReadyError, WeightsNotFoundError) as exc:
         print(f"anomaly-agent: {exc.message}", file=sys.stderr)
         return EXIT_NOT_READY

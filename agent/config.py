@@ -191,6 +191,30 @@ class LimitsConfig(Strict):
     idle_unload_s: float = Field(3600.0, ge=0)
 
 
+class LifecycleConfig(Strict):
+    versions_kept: int = Field(10, ge=1, le=1000)  # manifest + bank + threshold of the last N versions per ROI
+    suspect_policy: Literal["accept", "flag", "refuse"] = "flag"
+    suspect_z: float = Field(3.5, gt=0)
+    suspect_min_samples: int = Field(8, ge=3)
+
+
+class DriftConfig(Strict):
+    window: int = Field(200, ge=5, le=100_000)
+    min_predictions: int = Field(30, ge=1)
+    warning: float = Field(0.5, gt=0)
+    alarm: float = Field(0.8, gt=0)
+    ng_rate_warning: float = Field(0.10, gt=0, le=1)
+    ng_rate_alarm: float = Field(0.25, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> DriftConfig:
+        if self.alarm < self.warning or self.ng_rate_alarm < self.ng_rate_warning:
+            raise ValueError("each alarm level must be at least its warning level")
+        if self.min_predictions > self.window:
+            raise ValueError("min_predictions must not exceed window")
+        return self
+
+
 class AgentConfig(Strict):
     data_root: Path = Path("data")
     device: str = "auto"
@@ -204,6 +228,8 @@ class AgentConfig(Strict):
     http: HttpConfig = HttpConfig()
     worker: WorkerConfig = WorkerConfig()
     limits: LimitsConfig = LimitsConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("device")
     @classmethod

@@ -28,6 +28,7 @@ from core.errors import AnomalyError
 from .config import AgentConfig
 from .http_errors import STATUS_BY_CODE, ApiError, error_response, refuse
 from .http_guard import Guard
+from .http_lifecycle import lifecycle_router
 from .http_routes import HttpJobs, inference_router, samples_router, state_router, ui_router
 from .intake import Intake
 from .metrics import Metrics
@@ -90,7 +91,8 @@ def create_app(ctx: HttpContext) -> FastAPI:
         return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
     jobs = HttpJobs(ctx)
-    for router in (samples_router(jobs), inference_router(jobs), state_router(ctx), ui_router(ctx)):
+    for router in (samples_router(jobs), inference_router(jobs), state_router(ctx), ui_router(ctx),
+                   lifecycle_router(ctx, jobs)):
         app.include_router(router)
     if ctx.token:  # Swagger UI's "Authorize" button: the token is sent with "Try it out"
         schema = app.openapi()

@@ -21,11 +21,14 @@ STATUS_BY_CODE = {
     "unknown_format": 415, "unsupported_image": 415, "invalid_field": 422, "invalid_id": 422,
     "invalid_mm_per_px": 422, "invalid_threshold": 422, "invalid_policy": 422, "internal_error": 500,
     "queue_full": 503, "shutting_down": 503, "timeout": 504, "disk_full": 507, "storage_error": 500,
+    "unknown_sample": 404, "unknown_version": 404, "conflicting_label": 409, "roi_exists": 409,
+    "version_unavailable": 409, "checksum_mismatch": 422, "invalid_archive": 422, "invalid_sample_ids": 422,
+    "invalid_version": 422,
 }
 
 
 ENDPOINTS = ("fit_ok", "send_ng", "predict", "calibrate", "models", "health", "metrics", "docs", "docs-static",
-             "openapi.json", "ui")
+             "openapi.json", "ui", "samples", "rollback", "reset", "export", "import")
 
 
 class ApiError(Exception):

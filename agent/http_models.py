@@ -63,6 +63,8 @@ Role = Annotated[str, Form(description="station / recipe id, [A-Za-z0-9_.-]{1,64
 Roi = Annotated[str, Form(description="ROI id, [A-Za-z0-9_.-]{1,64}")]
 MmPerPx = Annotated[float | None, Form(description="millimetres per pixel of the image (defect areas in mm²)")]
 RequestId = Annotated[str | None, Form(max_length=200, description="your id, echoed in the result")]
+Relabel = Annotated[bool, Form(description="an image stored under the other label moves to this one "
+                                           "(else refused: conflicting_label)")]
 Source = Annotated[str, Form(max_length=200, description="who sent it (kept in the sample's JSON)")]
 Policy = Annotated[Literal["auto", "ok_only", "manual", "config"] | None, Form(description=(
     "auto: between OK and NG scores when NG samples exist, else the OK percentile; ok_only: the OK "

@@ -16,11 +16,24 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from core.ids import validate_id
 from core.model import manifest_state, stored_rois
+from core.roi_versions import RoiVersions
 from core.storage import RoiStore
 
 from .health import health_body
 from .http_errors import ApiError, _rid_header
-from .http_models import ERRORS, FitResult, MmPerPx, Policy, PredictResult, RequestId, Roi, RoiState, Role, Source
+from .http_models import (
+    ERRORS,
+    FitResult,
+    MmPerPx,
+    Policy,
+    PredictResult,
+    Relabel,
+    RequestId,
+    Roi,
+    RoiState,
+    Role,
+    Source,
+)
 from .jobs import Job, Outcome
 from .operator_page import render_page
 
@@ -83,21 +96,23 @@ def samples_router(jobs: HttpJobs) -> APIRouter:
     r = APIRouter(tags=["samples"])
 
     async def samples(action: str, role_id: str, roi_id: str, files: list[UploadFile], mm_per_px: float | None,
-                      source: str, request_id: str | None) -> JSONResponse:
+                      source: str, request_id: str | None, relabel: bool) -> JSONResponse:
         return await jobs.run(jobs.job(action, role_id, roi_id, await jobs.read_files(files), request_id,
-                                       mm_per_px=mm_per_px, source=source))
+                                       mm_per_px=mm_per_px, source=source, relabel=relabel))
 
     @r.post("/fit_ok", response_model=FitResult, responses=ERRORS)
     async def fit_ok(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="OK images")],
-                     mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
+                     mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None,
+                     relabel: Relabel = False) -> JSONResponse:
         """Store OK samples (image + JSON) and update the ROI's memory bank and threshold in one batch."""
-        return await samples("fit_ok", role_id, roi_id, files, mm_per_px, source, request_id)
+        return await samples("fit_ok", role_id, roi_id, files, mm_per_px, source, request_id, relabel)
 
     @r.post("/send_ng", response_model=FitResult, responses=ERRORS)
     async def send_ng(role_id: Role, roi_id: Roi, files: Annotated[list[UploadFile], File(description="NG images")],
-                      mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None) -> JSONResponse:
+                      mm_per_px: MmPerPx = None, source: Source = "http", request_id: RequestId = None,
+                      relabel: Relabel = False) -> JSONResponse:
         """Store NG samples and recalibrate the threshold (policy auto: between OK and NG scores)."""
-        return await samples("send_ng", role_id, roi_id, files, mm_per_px, source, request_id)
+        return await samples("send_ng", role_id, roi_id, files, mm_per_px, source, request_id, relabel)
 
     @r.post("/calibrate", response_model=RoiState, responses=ERRORS)
     async def calibrate(
@@ -137,7 +152,8 @@ def roi_states(ctx: HttpContext, scores: dict | None = None) -> list[dict]:
     """Read from the manifests on disk (written atomically by the worker); scores: filled per ROI."""
     out = []
     for m, state in stored_rois(ctx.cfg.data_root):
-        out.append(state)
+        drift = ctx.rt.drift.current(state["role_id"], state["roi_id"])
+        out.append({**state, **({"drift": drift} if drift else {})})
         if scores is not None:
             scores[(state["role_id"], state["roi_id"])] = (m.get("ok_scores", []), m.get("ng_scores", []))
     return out
@@ -165,7 +181,9 @@ def state_router(ctx: HttpContext) -> APIRouter:
         m = store.read_manifest()
         if not m:
             raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
-        return JSONResponse(manifest_state(m, store.mask_path.exists()))
+        drift = ctx.rt.drift.current(role_id, roi_id)
+        state = manifest_state(m, store.mask_path.exists(), RoiVersions(store).versions())
+        return JSONResponse({**state, **({"drift": drift} if drift else {})})
 
     @r.get("/health")
     async def get_health() -> JSONResponse:

@@ -23,7 +23,7 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 NUMBERS = {"threshold": "invalid_threshold", "ok_percentile": "invalid_policy", "ng_margin": "invalid_policy",
            "ng_recall": "invalid_policy"}
-PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", *NUMBERS)
+PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", "relabel", "sample_ids", "version", *NUMBERS)
 
 
 class Transport(Protocol):
@@ -58,6 +58,9 @@ def params_from(raw: Mapping[str, object]) -> Params:
     if raw.get("heatmap") is not None:
         p.heatmap = as_bool(raw["heatmap"])
     p.reset = as_bool(raw.get("reset", False))
+    p.relabel = as_bool(raw.get("relabel", False))
+    p.sample_ids = raw.get("sample_ids")
+    p.version = raw.get("version")
     if raw.get("policy") is not None:
         p.policy = str(raw["policy"])
     for key, code in NUMBERS.items():

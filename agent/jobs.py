@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from core.storage import utc_now
 
-ACTIONS = ("predict", "fit_ok", "send_ng", "calibrate")
+ACTIONS = ("predict", "fit_ok", "send_ng", "calibrate", "delete_samples", "rollback", "reset")
+IMAGELESS = ("calibrate", "delete_samples", "rollback", "reset")  # actions that carry no image
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Params:
     ok_percentile: float | None = None
     ng_margin: float | None = None
     ng_recall: float | None = None
+    relabel: bool = False  # fit_ok / send_ng: an image stored under the other label moves to this one
+    sample_ids: object = None  # delete_samples: checked by core.lifecycle (invalid_sample_ids)
+    version: object = None  # rollback: checked by core.lifecycle (invalid_version)
 
 
 @dataclass

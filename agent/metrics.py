@@ -41,6 +41,13 @@ class Metrics:
                              registry=r)
         self.threshold = Gauge("anomaly_agent_threshold", "Decision threshold per ROI", ["role_id", "roi_id"],
                                registry=r)
+        self.drift = Gauge("anomaly_agent_drift_state", "Drift per ROI: 0 ok, 1 warning, 2 alarm",
+                           ["role_id", "roi_id"], registry=r)
+        self.margin = Gauge("anomaly_agent_drift_margin_used", "Median recent OK score as a share of the way from "
+                            "the usual OK score to the threshold", ["role_id", "roi_id"], registry=r)
+        self.ng_rate = Gauge("anomaly_agent_recent_ng_rate", "NG rate of the drift window", ["role_id", "roi_id"],
+                             registry=r)
+        self.rt = rt
         queue = Gauge("anomaly_agent_queue_depth", "Jobs waiting for the worker", registry=r)
         queue.set_function(worker.depth)
         ex = rt.extractor
@@ -74,8 +81,18 @@ class Metrics:
             self.batch.observe(data["batch_size"])
             if data["is_anomaly"]:
                 self.anomalies.labels(job.role_id, job.roi_id).inc()
+            self._set_drift(job.role_id, job.roi_id)
         elif "samples" in data:
             self._set_state({"role_id": job.role_id, "roi_id": job.roi_id, **data})
+
+    def _set_drift(self, role: str, roi: str) -> None:
+        d = self.rt.drift.current(role, roi)
+        if not d:
+            return
+        self.drift.labels(role, roi).set(("ok", "warning", "alarm").index(d["state"]))
+        if d.get("margin_used") is not None:
+            self.margin.labels(role, roi).set(d["margin_used"])
+        self.ng_rate.labels(role, roi).set(d["ng_rate"])
 
     def rejected(self, ingress: str, action: str, code: str) -> None:
         """A request refused before it reached the worker (queue full, bad fields, auth)."""

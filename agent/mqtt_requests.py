@@ -10,7 +10,8 @@ import json
 from core.errors import InputError
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
-                "ng_recall")
+                "ng_recall", "relabel", "sample_ids", "version")
+IMAGELESS = ("calibrate", "delete_samples", "rollback", "reset")
 
 
 def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int) -> tuple[list[bytes], dict]:
@@ -44,7 +45,7 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
         decoded = [payload] if payload else []
         # strings: intake.params_from converts (flags, numbers) and encodes (source) for every ingress
         meta = {k: user[k] for k in REQUEST_KEYS if k in user and k != "reset"}
-    if action != "calibrate" and not decoded:
+    if action not in IMAGELESS and not decoded:
         raise InputError("no image in the request (image_b64, images_b64 or raw image bytes)", "missing_image")
     return decoded, meta
 

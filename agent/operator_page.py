@@ -20,7 +20,7 @@ header{background:#1d2430;color:#fff;padding:10px 20px}header h1{margin:0;font-s
 header p{margin:4px 0 0;color:#c8cdd6}main{padding:12px 20px}h2{font-size:16px;margin:18px 0 8px}
 table{border-collapse:collapse;background:#fff;width:100%}th,td{padding:6px 8px;border-bottom:1px solid #e2e5ea;
 text-align:left;vertical-align:middle}th{background:#e9ecf1;font-weight:600}
-.ok{color:#16794a;font-weight:600}.ng{color:#c0262d;font-weight:600}.err{color:#8a5a00;font-weight:600}
+.ok{color:#16794a;font-weight:600}.ng{color:#c0262d;font-weight:600}.warn{color:#a65f00;font-weight:600}.err{color:#8a5a00;font-weight:600}
 .grid{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
 .card{background:#fff;border:1px solid #dde1e7;border-radius:6px;
 padding:8px;width:220px}.card img{width:100%;border-radius:4px;background:#000}.card.anomaly{border-color:#c0262d}
@@ -79,6 +79,25 @@ def _policy(state: dict) -> str:
     return f"{escape(str(p.get('policy')))} <span class='muted'>({src})</span>"
 
 
+def _lifecycle(s: dict) -> str:
+    """Drift state, suspect OK samples and kept versions of a ROI (issue: the operator sees them without files)."""
+    d = s.get("drift") or {}
+    state = d.get("state", "ok")
+    colour = {"ok": "ok", "warning": "warn", "alarm": "ng"}.get(state, "muted")
+    drift = (f'<span class="{colour} drift">drift {escape(state)}</span>'
+             + (f' <span class="muted">(good parts at {d["margin_used"]:.0%} of the margin, NG rate '
+                f'{d["ng_rate"]:.0%}, {d["predictions"]} recent)</span>' if d.get("margin_used") is not None else "")
+             + "".join(f"<br><span class='muted'>{escape(x)}</span>" for x in d.get("reasons", [])))
+    sus = s.get("suspect_samples") or []
+    suspects = (f'<br><span class="warn suspects">{len(sus)} suspect OK sample(s): '
+                + ", ".join(f"<code>{escape(x['sample_id'])}</code> ({x['loo_score']:.3g})" for x in sus[:3])
+                + "</span>") if sus else ""
+    versions = s.get("versions") or []
+    kept = f"<br><span class='muted'>versions kept: {escape(', '.join(map(str, versions[-10:])))}</span>" if versions \
+        else ""
+    return f"<td class='lifecycle'>{drift}{suspects}{kept}</td>"
+
+
 def _roi_rows(states: list[dict], manifests_scores: dict, recent: list[RecentResult]) -> str:
     if not states:
         return "<p class='muted'>No ROI fitted yet: send OK samples (fit_ok) by folder, MQTT or HTTP.</p>"
@@ -98,11 +117,12 @@ def _roi_rows(states: list[dict], manifests_scores: dict, recent: list[RecentRes
             f'<td>{s["bank_size"]}</td><td class="thr">{_fmt(s["threshold"])}</td>'
             f'<td>{escape(s["threshold_method"])}<br><span class="muted">policy {_policy(s)}'
             f'{"; NG/OK separable" if details.get("separable") else ""}</span></td>'
-            f"<td>{score_plot(ok, ng, s['threshold'], scores)}</td></tr>")
+            f"<td>{score_plot(ok, ng, s['threshold'], scores)}</td>{_lifecycle(s)}</tr>")
     return ("<table><tr><th>ROI</th><th>OK</th><th>NG</th><th>bank</th><th>threshold</th><th>how it was set</th>"
             "<th>OK / NG scores vs threshold "
             "<span class='legend muted'><span style='color:#2e9d62'>■ OK</span><span style='color:#d6453d'>■ NG"
-            "</span><span style='color:#2b5fd9'>| recent</span></span></th></tr>" + "".join(rows) + "</table>")
+            "</span><span style='color:#2b5fd9'>| recent</span></span></th><th>drift, suspects, versions</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _result_cards(recent: list[RecentResult]) -> str:

@@ -8,12 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.backbones import FeatureExtractor, get_extractor
+from core.drift import DriftSettings
 from core.errors import InputError, ModelNotReadyError
 from core.image_io import ImageInput, decode_image
+from core.lifecycle import LifecycleSettings
 from core.model import RoiModel
 from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
+from .drift import DriftTracker
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,8 @@ class Runtime:
         self._models: dict[tuple[str, str], RoiModel] = {}  # in order of last use (least recent first)
         self._used: dict[tuple[str, str], float] = {}
         self.progress: Callable[[], None] | None = None  # the worker's heartbeat, passed to every model
+        self.lifecycle = LifecycleSettings(**cfg.lifecycle.model_dump())
+        self.drift = DriftTracker(cfg.data_root, DriftSettings(**cfg.drift.model_dump()))
 
     def model(self, role_id: str, roi_id: str, create: bool = True) -> RoiModel:
         """The ROI's model; create=False: ModelNotReadyError for a ROI never fitted (nothing made on disk)."""
@@ -55,7 +60,7 @@ class Runtime:
                 self.forget(*old)
             settings, _ = self.cfg.roi_settings(role_id, roi_id)
             self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id),
-                                         settings, progress=self.progress)
+                                         settings, progress=self.progress, lifecycle=self.lifecycle)
         self._models[key] = self._models.pop(key)  # most recently used last
         self._used[key] = time.monotonic()
         return self._models[key]

@@ -25,6 +25,7 @@ from .fusion import BranchScale, fuse_maps, fuse_scores
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput
 from .knn import NearestNeighbour
+from .lifecycle import LifecycleSettings, apply_suspect_policy, find_suspects, finish_pending, label_conflicts
 from .patch_branch import PatchBranch
 from .prediction import Prediction
 from .roi_index import Embedded, RoiIndex
@@ -36,6 +37,7 @@ from .roi_manifest import (
     stored_rois,
     threshold_policy,
 )
+from .roi_versions import RoiVersions, clear_pending
 from .sample_scores import SampleScorer, nuisance_views
 from .sample_store import Sample, SampleStore, decode_record
 from .scoring import defect_regions, image_score, input_res_map, resize_mask
@@ -51,28 +53,43 @@ class RoiModel:
     worker owns it."""
 
     def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
-                 settings: ModelSettings | None = None, progress: Callable[[], None] | None = None) -> None:
+                 settings: ModelSettings | None = None, progress: Callable[[], None] | None = None,
+                 lifecycle: LifecycleSettings | None = None) -> None:
         # progress: called between steps of long work (index rebuild, fits, threshold scoring), e.g. to
         # tell a service watchdog that the caller is busy, not hung
         self.progress = progress or (lambda: None)
         self.store = RoiStore(Path(data_root), role_id, roi_id)
         self.extractor = extractor
         self.settings = settings or ModelSettings()
+        self.lifecycle = lifecycle or LifecycleSettings()
         self.identity = extractor.identity.to_dict()
-        self.index = RoiIndex(self.store, extractor, self.settings, self.progress)
+        self.versions = RoiVersions(self.store, self.lifecycle.versions_kept)
+        self.change = "rebuild"  # what the next manifest version records as its cause
+        self.open()
+
+    def open(self) -> None:
+        """Load (or reload, after a rollback or delete) everything from disk; a lifecycle operation a kill
+        interrupted is finished first, so the model is the old version or the new one, never a mix."""
+        t0 = time.perf_counter()
+        self.index = RoiIndex(self.store, self.extractor, self.settings, self.progress)
         self.samples = SampleStore(self.store, self.index.bytes_needed, self.progress)
+        self._dirty = False
+        self._scorer = SampleScorer(self._branch_map, self._map_score, self.progress)
+        pending = finish_pending(self)
         self.manifest = self.store.read_manifest() or self._new_manifest()
         self.mask, mask_error = self.store.load_mask()
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
-        self._dirty = False
-        self._scorer = SampleScorer(self._branch_map, self._map_score, self.progress)
         self.scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
-        t0 = time.perf_counter()
         if mask_error:
             self.manifest["mask_error"] = mask_error
         self._sync_index(force_threshold=bool(mask_error))
+        if pending is not None:
+            if pending["op"] == "rollback":
+                self.snapshot()
+            clear_pending(self.store)
+        self.change = "rebuild"
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, banks %s patches, threshold %s (%.0f ms)",
-                 role_id, roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
+                 self.store.role_id, self.store.roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
                  [len(b.bank) for b in self.branches], self.manifest["threshold"]["value"],
                  (time.perf_counter() - t0) * 1000)
 
@@ -108,7 +125,7 @@ class RoiModel:
         return len(self.branches[0].emb[kind].entries)
 
     def state(self) -> dict:
-        return manifest_state(self.manifest, self.mask is not None)
+        return manifest_state(self.manifest, self.mask is not None, self.versions.versions())
 
     def policy(self) -> dict:
         return policy_of(self.manifest)
@@ -164,22 +181,36 @@ class RoiModel:
         th = m["threshold"] if m["threshold"]["method"] == "manual_override" else self.threshold_policy().decide(
             ok_scores, ng_scores)
         ok = self.branches[0].emb["ok"]
+        scored = self._scorer.by_sample if self._knn is not None else {}
+        by_sample = {k: {sid: round(x, 6) for sid, x in scored.get(k, {}).items()} for k in ("ok", "ng")}
         m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
                  bank_key=s.bank_key(), bank_rows_total=ok.rows, ok_scores=[round(x, 6) for x in ok_scores],
                  ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now(), branches=self.index.info(),
-                 branch_scales=[x.to_dict() for x in self.scales])
+                 branch_scales=[x.to_dict() for x in self.scales], change=self.change, sample_scores=by_sample,
+                 suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle))
+        m.pop("rollback_of", None)
         m["counts"] = {"ok": len(ok.entries), "ng": self._count("ng"), "bank": len(self.branches[0].bank),
                        "patches": ok.rows}
         self.store.write_manifest(m)
+        self.snapshot()
+
+    def sample_ids(self) -> dict[str, list[str]]:
+        return {kind: [e["sample_id"] for e in self.branches[0].emb[kind].entries] for kind in ("ok", "ng")}
+
+    def snapshot(self) -> None:
+        """Keep this manifest version (core/roi_versions.py) so that it can be rolled back to."""
+        self.versions.snapshot(self.manifest, [b.bank_path for b in self.branches], self.sample_ids())
 
     # --------------------------------------------------------------- public
-    def fit_ok(self, samples: list[Sample], finalize: bool = True) -> dict:
+    def fit_ok(self, samples: list[Sample], finalize: bool = True, relabel: bool = False) -> dict:
         """Store OK samples (image bytes + JSON), extend the bank, update the threshold.
 
         Large sets can be fed in chunks with finalize=False and one `finalize()` at the end, so that
         the threshold (leave-one-out scoring) is computed once (`fit_ok_in_steps`).
         """
         t0 = time.perf_counter()
+        label_conflicts(self, "ok", samples, relabel)
+        self.change = "fit_ok"
         stored = self.samples.add("ok", samples)
         t_backbone, t_coreset = self.index.extend_banks(stored.records, stored.images)
         self._dirty = self._dirty or bool(stored.records)
@@ -194,15 +225,16 @@ class RoiModel:
         log.info("fit_ok %s/%s: +%d samples (%d duplicates), banks %s, threshold %s, device %s, timings %s",
                  self.store.role_id, self.store.roi_id, len(stored.records), len(stored.duplicates),
                  [len(b.bank) for b in self.branches], self.threshold, self.extractor.device, report["timings_ms"])
-        return report
+        return apply_suspect_policy(self, report) if finalize else report
 
-    def fit_ok_in_steps(self, chunks: Iterable[list[Sample]], between: Callable[[], None] = lambda: None) -> dict:
+    def fit_ok_in_steps(self, chunks: Iterable[list[Sample]], between: Callable[[], None] = lambda: None,
+                        relabel: bool = False) -> dict:
         """A large fit_ok in chunks (decoded as they come: memory stays bounded), `between()` called after
         each (e.g. to answer other ROIs' predictions); the threshold (leave-one-out scoring) once at the end.
         Same bank as one call: selection is per sample."""
         reports = []
         for chunk in chunks:
-            reports.append(self.fit_ok(chunk, finalize=False))
+            reports.append(self.fit_ok(chunk, finalize=False, relabel=relabel))
             between()
         t0 = time.perf_counter()
         self.finalize()
@@ -210,8 +242,9 @@ class RoiModel:
         timings = Counter(threshold=threshold_ms, total=threshold_ms)
         for rep in reports:
             timings.update(rep["timings_ms"])
-        return {**{k: [x for rep in reports for x in rep[k]] for k in ("added", "duplicates", "stored")},
-                **self.state(), "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": len(reports)}
+        return apply_suspect_policy(self, {
+            **{k: [x for rep in reports for x in rep[k]] for k in ("added", "duplicates", "stored", "ids")},
+            **self.state(), "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": len(reports)})
 
     def finalize(self) -> None:
         """After fit_ok(finalize=False) calls: rebuild the search index, threshold and manifest."""
@@ -220,9 +253,11 @@ class RoiModel:
             self._update_threshold_and_save()
             self._dirty = False
 
-    def send_ng(self, samples: list[Sample]) -> dict:
+    def send_ng(self, samples: list[Sample], relabel: bool = False) -> dict:
         """Store NG calibration samples and recalibrate the threshold (policy auto)."""
         t0 = time.perf_counter()
+        label_conflicts(self, "ng", samples, relabel)
+        self.change = "send_ng"
         stored = self.samples.add("ng", samples)
         t1 = t2 = time.perf_counter()
         if stored.records:
@@ -253,6 +288,7 @@ class RoiModel:
         for later fits; "manual" with `value`: a fixed override; "config": back to the configured policy.
         """
         thresholds.check_calibration(policy, value, ok_percentile, ng_margin, ng_recall)
+        self.change = "calibrate"
         apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall)
         if self._knn is None and policy != "manual":
             raise ModelNotReadyError(
@@ -268,6 +304,7 @@ class RoiModel:
         if mask is None or not (mask > 0).any():
             raise InputError("mask must be a PNG with non-zero pixels where anomalies count", code="invalid_mask")
         self.store.save_mask(png)
+        self.change = "mask"
         self.manifest.pop("mask_error", None)
         self.mask = mask > 0
         self._mask_cache.clear()

@@ -66,6 +66,16 @@ class PatchBranch:
         if kind == "ok":
             self.bank_path.unlink(missing_ok=True)
 
+    def compact(self, kind: str, ids: set[str]) -> list[str]:
+        """Drop the rows of samples no longer stored (deleted, relabelled); an OK bank is then selected again
+        from the remaining rows (its row numbers changed). Returns the dropped sample ids."""
+        dropped = self.emb[kind].keep(ids)
+        if dropped:
+            self.distances.clear()
+            if kind == "ok":
+                self.bank_path.unlink(missing_ok=True)
+        return dropped
+
     def append(self, kind: str, items: list[tuple[dict, np.ndarray]]) -> list[tuple[int, int]]:
         """Append samples' rows (entry, features [n, D]); returns their (offset, count) spans."""
         store = self.emb[kind]

@@ -137,7 +137,7 @@ class RoiIndex:
         """Make every branch's index and bank match the stored samples and the features; `previous`: the
         branches the manifest recorded (a bank is trusted only if its identity and row count agree)."""
         for kind in ("ok", "ng"):
-            self._sync_kind(samples, kind)
+            self.sync_kind(samples, kind)
         arrays = self.arrays("ok")
         for b, branch in enumerate(self.branches):
             before = previous[b] if b < len(previous) else {}
@@ -148,10 +148,14 @@ class RoiIndex:
                          self.store.roi_id, branch.identity["name"], len(branch.emb["ok"].entries), len(branch.bank))
             branch.refresh_knn()
 
-    def _sync_kind(self, samples: SampleStore, kind: str) -> None:
+    def sync_kind(self, samples: SampleStore, kind: str) -> None:
         records = samples.readable(kind)
         ids = [r.sample_id for r in records]
         for branch in self.branches:
+            dropped = branch.compact(kind, set(ids))
+            if dropped:
+                log.info("%s/%s: %d %s samples left the index of branch %s", self.store.role_id, self.store.roi_id,
+                         len(dropped), kind, branch.identity["name"])
             if branch.stale(kind, ids):
                 if records:
                     log.warning("%s/%s: %s index of branch %s stale (features or samples changed): rebuilding "

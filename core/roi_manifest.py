@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .memory_bank import CoresetSize
+from .roi_versions import RoiVersions
 from .storage import RoiStore, list_rois
 from .thresholds import ThresholdPolicy
 
@@ -61,7 +62,7 @@ def policy_of(m: dict) -> dict:
     return {**base, "source": "config"}
 
 
-def manifest_state(m: dict, has_mask: bool) -> dict:
+def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -> dict:
     """The public state of a ROI (MQTT `state` topic, CLI `models`) from its manifest."""
     return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
             "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
@@ -71,6 +72,8 @@ def manifest_state(m: dict, has_mask: bool) -> dict:
             "branches": [{"name": b["identity"]["name"], "resolution": b["identity"]["resolution"],
                           "bank": b.get("bank")} for b in m.get("branches", [])],
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
+            "suspect_samples": m.get("suspect_samples", []), "versions": versions or [],
+            "change": m.get("change"), **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {}),
             "updated_utc": m["updated_utc"]}
 
 
@@ -82,7 +85,7 @@ def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
         store = RoiStore(data_root, role, roi)
         manifest = store.read_manifest()
         if manifest:
-            out.append((manifest, manifest_state(manifest, store.mask_path.exists())))
+            out.append((manifest, manifest_state(manifest, store.mask_path.exists(), RoiVersions(store).versions())))
     return out
 
 

@@ -29,6 +29,7 @@ class SampleScorer:
         self.score_fn = score_fn
         self.progress = progress
         self._branch_cache: dict[tuple, tuple[int, float]] = {}  # (kind, id, branch) -> (version, score)
+        self.by_sample: dict[str, dict[str, float]] = {"ok": {}, "ng": {}}  # of the last round, by sample id
 
     def clear(self) -> None:
         """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
@@ -88,6 +89,8 @@ class SampleScorer:
             scales = [BranchScale.of([s[b] for _, _, s in ok_parts]) for b in range(len(branches))]
             ok = [fuse_scores(s, scales) for _, _, s in ok_parts]
         ng = [fuse_scores(s, scales) for _, _, s in ng_parts]
+        self.by_sample = {"ok": {sid: x for (sid, _, _), x in zip(ok_parts, ok, strict=False)},
+                          "ng": {sid: x for (sid, _, _), x in zip(ng_parts, ng, strict=True)}}
         return ok, ng, scales
 
 

@@ -26,7 +26,7 @@ class Stored:
 
     def report(self) -> dict:
         return {"added": [r.sample_id for r in self.records], "duplicates": self.duplicates,
-                "stored": [new for _, new in self.outcomes]}
+                "stored": [new for _, new in self.outcomes], "ids": [sid for sid, _ in self.outcomes]}
 
 
 class SampleStore:

@@ -204,6 +204,32 @@ class EmbeddingStore:
             self._ram_rows = rows
         return self._ram[:rows]
 
+    def keep(self, ids: set[str]) -> list[str]:
+        """Drop the rows of every sample not in `ids` (a deleted or relabelled sample), order kept; returns
+        the dropped sample ids. The data file is rewritten beside and renamed, then the JSON: a crash in
+        between leaves a JSON whose rows the file lacks, which the next start rebuilds from the samples."""
+        dropped = [e["sample_id"] for e in self.entries if e["sample_id"] not in ids]
+        if not dropped:
+            return []
+        dim, kept, rows = int(self.meta["dim"]), [], 0
+        mm = np.memmap(self.data_path, dtype=np.float32, mode="r", shape=(self.rows, dim)) if self.rows else None
+        tmp = self.data_path.with_name(f".{self.data_path.name}.keep.tmp")
+        with open(tmp, "wb") as fh:
+            for e in self.entries:
+                if e["sample_id"] in ids and mm is not None:
+                    fh.write(np.ascontiguousarray(mm[e["offset"] : e["offset"] + e["count"]]).tobytes())
+                    kept.append({**e, "offset": rows})
+                    rows += e["count"]
+            fh.flush()
+            os.fsync(fh.fileno())
+        del mm
+        os.replace(tmp, self.data_path)
+        fsync_dir(self.data_path.parent)
+        self.meta = {**self.meta, "rows": rows, "entries": kept}
+        atomic_write_json(self.meta_path, self.meta)
+        self._drop_ram()
+        return dropped
+
     def _allocate(self, rows: int, dim: int) -> np.ndarray:
         """Room for the RAM copy. With a bound up to LAZY_RESERVE_MAX, the whole bound at once: a large
         np.empty is an anonymous mapping whose pages only count once written, so the copy then never
@@ -290,6 +316,53 @@ class RoiStore:
                                                                 "timestamp_utc": utc_now()})
         log.warning("%s/%s: %s sample %s quarantined (%s)", self.role_id, self.roi_id, kind, sample_id, reason)
         return target
+
+    def trash(self, kind: str, sample_id: str, reason: str) -> bool:
+        """Move a sample's files to trash/<kind>/ with the reason (a delete, a relabel, a rollback): never
+        destroyed, restorable by `untrash`. The JSON goes first, so a half-moved sample is no longer listed.
+        False when the sample is not stored (already moved)."""
+        src = self.samples_dir(kind)
+        meta = read_json(src / f"{sample_id}.json")
+        if meta is None:
+            return False
+        target = self.root / "trash" / kind
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(target / f"{sample_id}.reason.json", {"sample_id": sample_id, "kind": kind,
+                                                                "reason": reason, "timestamp_utc": utc_now()})
+        os.replace(src / f"{sample_id}.json", target / f"{sample_id}.json")
+        image = str(meta.get("image_file", ""))
+        if image and (src / image).is_file():
+            os.replace(src / image, target / image)
+        fsync_dir(target)
+        fsync_dir(src)
+        log.warning("%s/%s: %s sample %s moved to trash (%s)", self.role_id, self.roi_id, kind, sample_id, reason)
+        return True
+
+    def untrash(self, kind: str, sample_id: str) -> bool:
+        """Bring a trashed sample back (image first, then its JSON, which makes it listed again)."""
+        src = self.root / "trash" / kind
+        meta = read_json(src / f"{sample_id}.json")
+        if meta is None:
+            return (self.samples_dir(kind) / f"{sample_id}.json").exists()
+        image = str(meta.get("image_file", ""))
+        if not image or not (src / image).is_file():
+            return False
+        dst = self.samples_dir(kind)
+        dst.mkdir(parents=True, exist_ok=True)
+        os.replace(src / image, dst / image)
+        os.replace(src / f"{sample_id}.json", dst / f"{sample_id}.json")
+        (src / f"{sample_id}.reason.json").unlink(missing_ok=True)
+        fsync_dir(dst)
+        return True
+
+    def sample_file(self, kind: str, sample_id: str, in_trash: bool = False) -> tuple[dict, Path] | None:
+        """(metadata, image path) of a stored (or trashed) sample, None when there is none."""
+        directory = self.root / "trash" / kind if in_trash else self.samples_dir(kind)
+        meta = read_json(directory / f"{validate_id(sample_id, 'sample_id')}.json")
+        if meta is None:
+            return None
+        image = directory / str(meta.get("image_file", ""))
+        return (meta, image) if image.is_file() and image.parent == directory else None
 
     def known_hashes(self, kind: str) -> dict[str, str]:
         return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}

@@ -1,0 +1,215 @@
+"""Taking back what a ROI learned, on real magnetic-tile images: a crack fed as OK and deleted, rollback,
+export / import to another data root, tampered archives, conflicting labels, suspect samples, and a
+lifecycle operation interrupted at each of its steps."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from core import lifecycle
+from core.errors import BackboneMismatchError, InputError
+from core.image_io import decode_image
+from core.lifecycle import LifecycleSettings
+from core.model import RoiModel
+from core.roi_archive import export_roi, import_roi
+from core.roi_versions import write_pending
+
+
+def sample(path: Path) -> tuple[bytes, object, dict]:
+    data = path.read_bytes()
+    return data, decode_image(data), {"source": "test"}
+
+
+def score(model: RoiModel, path: Path) -> float:
+    return model.predict([decode_image(path.read_bytes())])[0].score
+
+
+@pytest.fixture(scope="module")
+def tiles(tile: Path) -> dict[str, list[Path]]:
+    return {"ok": sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[:15],
+            "crack": sorted((tile / "MT_Crack" / "Imgs").glob("*.jpg"))[:12]}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, extractor, tiles) -> tuple[Path, Path]:
+    """15 OK tiles fitted; the crack the model flags most clearly (the defect that will be fed as OK)."""
+    root = tmp_path_factory.mktemp("life") / "data"
+    model = RoiModel(root, "st", "tile", extractor)
+    model.fit_ok([sample(p) for p in tiles["ok"]])
+    crack = max(tiles["crack"], key=lambda p: score(model, p))
+    assert score(model, crack) > model.threshold, "the model must flag the crack before it is poisoned"
+    return root, crack
+
+
+@pytest.fixture
+def roi(tmp_path: Path, template, extractor) -> tuple[RoiModel, Path, Path]:
+    root = tmp_path / "data"
+    shutil.copytree(template[0], root)
+    return RoiModel(root, "st", "tile", extractor), template[1], root
+
+
+def test_a_crack_fed_as_ok_is_flagged_and_deleting_it_brings_detection_back(roi) -> None:
+    model, crack, _ = roi
+    clean_threshold, clean_score = model.threshold, score(model, crack)
+    rep = model.fit_ok([sample(crack)])
+    poisoned_id = rep["added"][0]
+    assert score(model, crack) < model.threshold, "poisoned: the crack now passes"
+    assert [x["sample_id"] for x in rep["suspect_samples"]] == [poisoned_id]  # flagged (policy flag)
+    assert model.state()["suspect_samples"][0]["sample_id"] == poisoned_id
+    listed = {x["sample_id"]: x for x in lifecycle.sample_list(model.store)}
+    assert listed[poisoned_id]["suspect"] and listed[poisoned_id]["loo_score"] > clean_threshold
+    assert set(listed[poisoned_id]) >= {"sample_id", "kind", "sha256", "source", "timestamp_utc", "mm_per_px",
+                                        "loo_score"}
+
+    out = lifecycle.delete_samples(model, [poisoned_id])
+    assert out["deleted"] == {"ok": [poisoned_id], "ng": []}
+    assert score(model, crack) == pytest.approx(clean_score, abs=1e-6)
+    assert score(model, crack) > model.threshold, "detection is back"
+    assert model.threshold == pytest.approx(clean_threshold, abs=1e-6)
+    assert model.state()["suspect_samples"] == []
+    trashed = model.store.root / "trash" / "ok"
+    assert (trashed / f"{poisoned_id}.json").exists() and (trashed / f"{poisoned_id}.reason.json").exists()
+    with pytest.raises(InputError) as err:
+        lifecycle.delete_samples(model, ["20990101T000000000000Z_000000000000"])
+    assert err.value.code == "unknown_sample"
+
+
+def test_rollback_returns_the_exact_threshold_and_scores_as_a_new_version(roi, tiles) -> None:
+    model, crack, _ = roi
+    before_version, before_threshold, before_score = model.version, model.threshold, score(model, crack)
+    rep = model.fit_ok([sample(crack)])
+    assert model.threshold != before_threshold
+    other = next(p for p in tiles["crack"] if p != crack)
+    model.send_ng([sample(other)])
+    out = lifecycle.rollback(model, before_version)
+    assert out["rolled_back_to"] == before_version
+    assert model.version > before_version + 1  # a new version; history is not rewritten
+    assert model.threshold == before_threshold
+    assert score(model, crack) == before_score
+    assert rep["added"][0] not in {x["sample_id"] for x in lifecycle.sample_list(model.store)}
+    assert model.manifest["rollback_of"] == before_version and model.state()["change"] == "rollback"
+    # forward again: the poisoned version is kept too, its sample comes back from the trash
+    lifecycle.rollback(model, before_version + 1)
+    assert rep["added"][0] in {x["sample_id"] for x in lifecycle.sample_list(model.store)}
+    assert score(model, crack) < model.threshold
+    with pytest.raises(InputError) as err:
+        lifecycle.rollback(model, 999)
+    assert err.value.code == "unknown_version"
+
+
+def test_versions_are_bounded(tmp_path, template, extractor, tiles) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(template[0], root)
+    model = RoiModel(root, "st", "tile", extractor, lifecycle=LifecycleSettings(versions_kept=3))
+    for value in (0.5, 0.6, 0.7, 0.8):
+        model.set_threshold(value)
+    assert model.versions.versions() == [model.version - 2, model.version - 1, model.version]
+    assert len(list((model.store.root / "versions").iterdir())) == 3
+
+
+def test_export_import_predicts_the_same_scores_on_another_data_root(roi, tmp_path, extractor, tiles) -> None:
+    model, crack, root = roi
+    archive = export_roi(root, "st", "tile")
+    other = tmp_path / "station2"
+    ident, branches = extractor.identity.to_dict(), [i.to_dict() for i in extractor.branch_identities]
+    got = import_roi(other, archive, ident, branches, "st2", "tile")
+    assert got["samples"] == {"ok": 15, "ng": 0} and got["role_id"] == "st2"
+    copy = RoiModel(other, "st2", "tile", extractor)
+    assert copy.threshold == model.threshold
+    for p in (crack, tiles["ok"][0]):
+        assert score(copy, p) == pytest.approx(score(model, p), abs=1e-6)
+    with pytest.raises(InputError) as err:  # the same ids again: refused, nothing overwritten
+        import_roi(other, archive, ident, branches, "st2", "tile")
+    assert err.value.code == "roi_exists"
+
+
+def _rewrite(archive: bytes, change) -> bytes:
+    """The archive with its members passed through change(name, data) -> [(name, data), ...]."""
+    src = tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as dst:
+        for m in src.getmembers():
+            for name, data in change(m.name, src.extractfile(m).read()):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_tampered_archive_is_refused_and_nothing_is_written(roi, tmp_path, extractor) -> None:
+    _, _, root = roi
+    archive = export_roi(root, "st", "tile")
+    ident, branches = extractor.identity.to_dict(), [i.to_dict() for i in extractor.branch_identities]
+    dotdot = _rewrite(archive, lambda n, d: [(n, d)] + ([("../evil.json", d)] if n == "manifest.json" else []))
+    changed = _rewrite(archive, lambda n, d: [(n, d + b" " if n == "manifest.json" else d)])
+    other = dict(ident, resolution=999)
+    cases = [(dotdot, ident, "invalid_archive"), (changed, ident, "checksum_mismatch"),
+             (archive, other, "backbone_mismatch"), (b"not a tar", ident, "invalid_archive")]
+    target = tmp_path / "station2"
+    for data, identity, code in cases:
+        with pytest.raises((InputError, BackboneMismatchError)) as err:
+            import_roi(target, data, identity, branches)
+        assert err.value.code == code
+        assert not (target / "models").exists()
+        assert not (tmp_path / "evil.json").exists() and not (target.parent / "evil.json").exists()
+
+
+def test_the_same_image_as_ok_and_ng_is_refused_unless_relabelled(roi, tiles) -> None:
+    model, _, _ = roi
+    ok_image = tiles["ok"][3]
+    ok_id = model.store.known_hashes("ok")[hashlib.sha256(ok_image.read_bytes()).hexdigest()]
+    with pytest.raises(InputError) as err:
+        model.send_ng([sample(ok_image)])
+    assert err.value.code == "conflicting_label" and ok_id in err.value.message
+    assert model.state()["samples"] == {"ok": 15, "ng": 0}
+    model.send_ng([sample(ok_image)], relabel=True)
+    assert model.state()["samples"] == {"ok": 14, "ng": 1}
+    kinds = {x["sha256"]: x["kind"] for x in lifecycle.sample_list(model.store)}
+    assert list(kinds.values()).count("ng") == 1
+
+
+def test_suspect_policy_refuse_keeps_the_crack_out(tmp_path, template, extractor) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(template[0], root)
+    model = RoiModel(root, "st", "tile", extractor, lifecycle=LifecycleSettings(suspect_policy="refuse"))
+    threshold = model.threshold
+    rep = model.fit_ok([sample(template[1])])
+    assert rep["refused"] == rep["added"]
+    assert model.state()["samples"]["ok"] == 15 and model.threshold == pytest.approx(threshold, abs=1e-6)
+    assert score(model, template[1]) > model.threshold
+
+
+@pytest.mark.parametrize("step", ["journal_only", "half_moved", "all_moved"])
+def test_a_delete_interrupted_at_any_step_ends_in_the_new_version(roi, extractor, step) -> None:
+    """The disk as a kill -9 leaves it after each step of a delete: the next start finishes it."""
+    model, crack, root = roi
+    ids = [x["sample_id"] for x in lifecycle.sample_list(model.store)][:2]
+    write_pending(model.store, {"op": "delete", "ids": {"ok": ids, "ng": []}, "reason": "test", "change": "delete"})
+    if step != "journal_only":
+        model.store.trash("ok", ids[0], "test")
+    if step == "all_moved":
+        model.store.trash("ok", ids[1], "test")
+    again = RoiModel(root, "st", "tile", extractor)
+    assert again.state()["samples"]["ok"] == 13
+    assert not (again.store.root / "pending.json").exists()
+    assert {x["sample_id"] for x in lifecycle.sample_list(again.store)}.isdisjoint(ids)
+
+
+def test_a_rollback_interrupted_after_moving_samples_ends_in_the_rolled_back_version(roi, extractor) -> None:
+    model, crack, root = roi
+    v0, t0, s0 = model.version, model.threshold, score(model, crack)
+    added = model.fit_ok([sample(crack)])["added"][0]
+    write_pending(model.store, {"op": "rollback", "to": v0, "new_version": model.version + 1})
+    model.store.trash("ok", added, f"rollback to version {v0}")  # the first step was done, then the kill
+    again = RoiModel(root, "st", "tile", extractor)
+    assert again.threshold == t0 and score(again, crack) == s0
+    assert again.manifest["rollback_of"] == v0
+    assert not (again.store.root / "pending.json").exists()
+    assert json.loads((again.versions.path(again.version) / "manifest.json").read_text())["rollback_of"] == v0
