@@ -7,7 +7,7 @@ predictions is compared with what the model was calibrated on:
 - `margin_used`: the median score of the recent parts judged OK, as a share of the way from the median
   leave-one-out OK score at calibration (0: as usual) to the threshold (1: good parts at the threshold);
 - `ng_rate` of the window against `ng_rate_usual`, the NG rate of the (up to 10 windows of) predictions
-  before it.
+  before it, judged once at least one whole window of them exists.
 
 `warning` when margin_used >= `warning` or the NG rate rose by `ng_rate_warning`; `alarm` at `alarm` /
 `ng_rate_alarm`. Below `min_predictions` in the window the state is `ok` with `enough_data: false`.
@@ -57,7 +57,7 @@ class DriftMonitor:
         n = len(self.recent)
         out: dict = {"state": "ok", "predictions": n, "enough_data": n >= s.min_predictions, "reasons": []}
         ng_rate = sum(a for _, a in self.recent) / n if n else 0.0
-        usual = sum(self.older) / len(self.older) if len(self.older) >= s.min_predictions else None
+        usual = sum(self.older) / len(self.older) if len(self.older) >= s.window else None  # a full window before
         out.update(ng_rate=round(ng_rate, 4), ng_rate_usual=None if usual is None else round(usual, 4))
         ref = float(np.median(reference_ok)) if reference_ok else None
         med = float(np.median(ok_scores)) if ok_scores else None

@@ -1,0 +1,59 @@
+"""Drift on real images: good tire parts whose lighting brightens step by step raise `warning`, then
+`alarm`; the state clears when the scores return (core/drift.py fed by real predictions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from core.drift import DriftMonitor, DriftSettings
+from core.image_io import decode_image
+from core.model import RoiModel
+
+RAMP = (1.0, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0)  # brightness gain per step of 10 good parts
+
+
+def brighter(path: Path, gain: float):
+    img = np.clip(cv2.imread(str(path)).astype(np.float32) * gain, 0, 255).astype(np.uint8)
+    return decode_image(cv2.imencode(".png", img)[1].tobytes())
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, tire: Path, extractor) -> RoiModel:
+    m = RoiModel(tmp_path_factory.mktemp("drift"), "st", "tire", extractor)
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:10]
+    m.fit_ok([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in train])
+    return m
+
+
+def test_brightening_good_parts_raise_warning_then_alarm_and_clear(model, tire: Path) -> None:
+    good = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:10]
+    mon = DriftMonitor(DriftSettings(window=10, min_predictions=5))
+    states = []
+    for gain in (*RAMP, 1.0, 1.0):
+        for p in good:
+            pred = model.predict([brighter(p, gain)])[0]
+            mon.add(pred.score, pred.is_anomaly)
+        state = mon.evaluate(model.threshold, model.manifest["ok_scores"])
+        states.append((gain, state["state"], state["margin_used"], state["ng_rate"]))
+    seen = [s for _, s, _, _ in states]
+    assert seen[0] == "ok", states
+    first_alert = next(i for i, s in enumerate(seen) if s != "ok")
+    assert seen[first_alert] == "warning", states  # a warning comes before the alarm
+    assert "alarm" in seen[first_alert + 1 : len(RAMP)], states
+    assert seen[-1] == "ok", states  # the scores returned: the state clears by itself
+
+
+def test_too_few_predictions_judge_nothing_and_the_window_survives_a_save() -> None:
+    mon = DriftMonitor(DriftSettings(window=10, min_predictions=5))
+    for _ in range(4):
+        mon.add(0.9, False)
+    out = mon.evaluate(1.0, [0.5, 0.5, 0.5])
+    assert out["state"] == "ok" and not out["enough_data"] and out["margin_used"] == pytest.approx(0.8)
+    mon.add(0.9, False)
+    assert mon.evaluate(1.0, [0.5])["state"] == "alarm"
+    again = DriftMonitor(DriftSettings(window=10, min_predictions=5), mon.to_dict("alarm"))
+    assert again.evaluate(1.0, [0.5]) == mon.evaluate(1.0, [0.5])
