@@ -213,3 +213,51 @@ def test_a_rollback_interrupted_after_moving_samples_ends_in_the_rolled_back_ver
     assert again.manifest["rollback_of"] == v0
     assert not (again.store.root / "pending.json").exists()
     assert json.loads((again.versions.path(again.version) / "manifest.json").read_text())["rollback_of"] == v0
+
+
+def test_kill9_during_a_delete_or_a_rollback_leaves_the_old_or_the_new_version(roi, extractor) -> None:
+    """`anomaly-agent samples --delete` and `rollback --to` killed with SIGKILL at random moments: the next
+    start holds exactly the samples before the operation or after it, with that version's threshold."""
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    model, crack, root = roi
+    model.fit_ok([sample(crack)])  # a version to roll back from
+    env = {**os.environ, "ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0",
+           "ANOMALY_AGENT_BACKBONE__RESOLUTION": str(extractor.identity.resolution)}
+    rng = random.Random(7)
+    outcomes = []
+    for round_ in range(8):
+        m = RoiModel(root, "st", "tile", extractor)
+        before = {x["sample_id"] for x in lifecycle.sample_list(m.store)}
+        threshold_before = m.threshold
+        if round_ % 2 == 0:
+            victim = sorted(before)[round_]
+            cmd, after = ["samples", "--delete", victim], before - {victim}
+        else:
+            target = m.versions.versions()[0]
+            kept = m.versions.read(target)
+            cmd = ["rollback", "--to", str(target)]
+            after = set(kept[1]["ok"]) | set(kept[1]["ng"])
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "ERROR",
+                                 *cmd, "--role", "st", "--roi", "tile"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.5, 8.0))  # start-up takes ~3 s here: most kills land inside the operation
+        proc.kill()
+        proc.wait(timeout=10)
+        mid = (root / "models" / "st" / "tile" / "pending.json").exists()  # killed inside the operation
+        again = RoiModel(root, "st", "tile", extractor)
+        now = {x["sample_id"] for x in lifecycle.sample_list(again.store)}
+        assert now in (before, after), (round_, cmd)
+        assert not (again.store.root / "pending.json").exists()
+        assert again.state()["samples"]["ok"] + again.state()["samples"]["ng"] == len(now)
+        if now == before:
+            assert again.threshold == threshold_before
+        elif cmd[0] == "rollback":
+            assert again.threshold == kept[0]["threshold"]["value"]
+        assert again.predict([decode_image(crack.read_bytes())])[0].score > 0
+        outcomes.append(("new" if now == after else "old") + ("/mid" if mid else ""))
+    print("kill outcomes:", outcomes)  # which of the two each kill left is random; both are valid
