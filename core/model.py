@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +20,7 @@ import numpy as np
 from . import thresholds
 from .backbones import FeatureExtractor
 from .errors import BackboneMismatchError, InputError, ModelNotReadyError
-from .fusion import BranchScale, fuse_maps, fuse_scores
-from .heatmap import render_heatmap, thumbnail
+from .fusion import BranchScale
 from .image_io import ImageInput
 from .knn import NearestNeighbour
 from .lifecycle import LifecycleSettings, apply_suspect_policy, find_suspects, finish_pending, label_conflicts
@@ -37,10 +35,11 @@ from .roi_manifest import (
     stored_rois,
     threshold_policy,
 )
+from .roi_predict import fit_in_steps, predict_one
 from .roi_versions import RoiVersions, clear_pending
 from .sample_scores import SampleScorer, nuisance_views
 from .sample_store import Sample, SampleStore, decode_record
-from .scoring import defect_regions, image_score, input_res_map, resize_mask
+from .scoring import image_score, input_res_map, resize_mask
 from .storage import RoiStore, utc_now
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class RoiModel:
         self.index = RoiIndex(self.store, self.extractor, self.settings, self.progress)
         self.samples = SampleStore(self.store, self.index.bytes_needed, self.progress)
         self._dirty = False
-        self._scorer = SampleScorer(self._branch_map, self._map_score, self.progress)
+        self._scorer = SampleScorer(self.branch_map, self.map_score, self.progress)
         pending = finish_pending(self)
         self.manifest = self.store.read_manifest() or self._new_manifest()
         self.mask, mask_error = self.store.load_mask()
@@ -87,6 +86,8 @@ class RoiModel:
             if pending["op"] == "rollback":
                 self.snapshot()
             clear_pending(self.store)
+        if self.store.manifest_path.exists() and self.version not in self.versions.versions():
+            self.snapshot()  # an imported ROI, or one written before versions were kept: its first change can be undone
         self.change = "rebuild"
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, banks %s patches, threshold %s (%.0f ms)",
                  self.store.role_id, self.store.roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
@@ -144,14 +145,14 @@ class RoiModel:
             self._update_threshold_and_save()
 
     # --------------------------------------------------------------- scoring
-    def _branch_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    def branch_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
         return input_res_map(dist, grid, input_size, self.settings.blur_sigma)
 
-    def _map_score(self, amap: np.ndarray) -> float:
-        mask = self._mask_at((amap.shape[1], amap.shape[0]))
+    def map_score(self, amap: np.ndarray) -> float:
+        mask = self.mask_at((amap.shape[1], amap.shape[0]))
         return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile)
 
-    def _mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
+    def mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
         """The ROI mask resized to (w, h), computed once per size (ROIs of a station share sizes)."""
         if size not in self._mask_cache:
             if len(self._mask_cache) >= 32:  # ROIs of varying size: keep the memory bounded
@@ -164,7 +165,7 @@ class RoiModel:
         img = decode_record(self.store.list_samples("ok")[-1])
         last = self.branches[0].emb["ok"].entries[-1]
         views = nuisance_views(img, self.extractor.stride * img.size[0] / last["input_size"][0])
-        return [[self._branch_map(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)
+        return [[self.branch_map(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)
                  for b, branch in enumerate(self.branches)] for emb in self.index.embed(views)]
 
     def _update_threshold_and_save(self) -> None:
@@ -229,22 +230,8 @@ class RoiModel:
 
     def fit_ok_in_steps(self, chunks: Iterable[list[Sample]], between: Callable[[], None] = lambda: None,
                         relabel: bool = False) -> dict:
-        """A large fit_ok in chunks (decoded as they come: memory stays bounded), `between()` called after
-        each (e.g. to answer other ROIs' predictions); the threshold (leave-one-out scoring) once at the end.
-        Same bank as one call: selection is per sample."""
-        reports = []
-        for chunk in chunks:
-            reports.append(self.fit_ok(chunk, finalize=False, relabel=relabel))
-            between()
-        t0 = time.perf_counter()
-        self.finalize()
-        threshold_ms = (time.perf_counter() - t0) * 1000
-        timings = Counter(threshold=threshold_ms, total=threshold_ms)
-        for rep in reports:
-            timings.update(rep["timings_ms"])
-        return apply_suspect_policy(self, {
-            **{k: [x for rep in reports for x in rep[k]] for k in ("added", "duplicates", "stored", "ids")},
-            **self.state(), "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": len(reports)})
+        """A large fit_ok in chunks, the threshold once at the end (core/roi_predict.py fit_in_steps)."""
+        return fit_in_steps(self, chunks, between, relabel)
 
     def finalize(self) -> None:
         """After fit_ok(finalize=False) calls: rebuild the search index, threshold and manifest."""
@@ -326,27 +313,5 @@ class RoiModel:
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
         if not self.index.matches_extractor():
             raise BackboneMismatchError("the running backbone differs from the one this bank was built with")
-        return [self._predict_one(img, emb, float(threshold), heatmap, return_map, preview_px)
+        return [predict_one(self, img, emb, float(threshold), heatmap, return_map, preview_px)
                 for img, emb in zip(images, self.index.embed(images), strict=True)]
-
-    def _predict_one(self, img: ImageInput, emb: Embedded, threshold: float, heatmap: bool, return_map: bool,
-                     preview_px: int) -> Prediction:
-        t0 = time.perf_counter()
-        dists = [branch.search(emb.feats[b]) for b, branch in enumerate(self.branches)]
-        t1 = time.perf_counter()
-        maps = [self._branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
-        score = fuse_scores([self._map_score(m) for m in maps], self.scales)
-        full = cv2.resize(fuse_maps(maps, self.scales), img.size, interpolation=cv2.INTER_LINEAR)
-        mask_full = self._mask_at(img.size)
-        count, regions = defect_regions(full, threshold, mask_full, img.mm_per_px, self.settings.min_defect_area_px)
-        png = render_heatmap(img.rgb, full, threshold, mask_full) if heatmap else None
-        t2 = time.perf_counter()
-        timings = {"preprocess": emb.timings["preprocess"], "backbone": emb.timings["backbone"],
-                   "knn": (t1 - t0) * 1000, "postprocess": (t2 - t1) * 1000}
-        return Prediction(
-            is_anomaly=bool(score > threshold), score=score, threshold=threshold,
-            threshold_method=self.manifest["threshold"]["method"], timings_ms=timings,
-            batch_size=int(emb.timings["batch_size"]), device=str(self.extractor.device), model_version=self.version,
-            backbone=self.identity["name"], mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.size,
-            defect_count=count, regions=regions, heatmap_png=png, anomaly_map=full if return_map else None,
-            preview=thumbnail(img.rgb, full, mask_full, preview_px) if preview_px else None)

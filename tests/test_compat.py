@@ -39,7 +39,9 @@ def test_a_data_root_written_by_commit_907ae81_loads_unchanged(tmp_path: Path, c
         model = RoiModel(root, "st1", "synthetic", ex, ModelSettings(**expected["settings"]))
     assert not any(w in caplog.text for w in ("stale", "indexing", "selected", "rebuil")), caplog.text
     after = {p.relative_to(roi): p.read_bytes() for p in roi.rglob("*") if p.is_file()}
-    assert after == before  # not one file rewritten
+    assert {k: after.get(k) for k in before} == before  # not one file rewritten
+    # only added: the snapshot of the loaded version, so that its first change can be rolled back
+    assert {k.parts[:2] for k in set(after) - set(before)} == {("versions", f"{expected['model_version']:08d}")}
     pred = model.predict([decode_image((FIXTURE / "probe.png").read_bytes())])[0]
     assert pred.score == pytest.approx(expected["score"], abs=1e-5)
     assert pred.threshold == pytest.approx(expected["threshold"], abs=1e-6)

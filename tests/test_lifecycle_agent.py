@@ -95,6 +95,13 @@ def test_lifecycle_over_http_and_mqtt_and_drift_on_every_channel(tmp_path: Path,
             a = c.post("/predict", data=form(), files=uploads([p], "file")).json()
             b = c.post("/predict", data=form(roi="tire_copy"), files=uploads([p], "file")).json()
             assert b["score"] == pytest.approx(a["score"], abs=1e-6) and b["threshold"] == a["threshold"]
+            assert error_of(c.post("/rollback", data=form(roi="tire_copy", version=999))) == "unknown_version"
+            wiped = c.post("/reset", data=form(roi="tire_copy"))
+            assert wiped.status_code == 200 and wiped.json()["samples"] == {"ok": 0, "ng": 0}
+            assert error_of(c.post("/predict", data=form(roi="tire_copy"), files=uploads([p], "file"))) == \
+                "model_not_fitted"
+            undo = c.post("/rollback", data=form(roi="tire_copy", version=wiped.json()["model_version"] - 1))
+            assert undo.status_code == 200 and undo.json()["samples"] == {"ok": 9, "ng": 1}
 
             # drift: good parts brightening step by step; the state reaches every channel
             seen = []

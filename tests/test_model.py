@@ -272,7 +272,7 @@ def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
     for b in model.branches:
         b.distances = BankDistances()
     try:
-        scorer = SampleScorer(model._branch_map, model._map_score, lambda: None)
+        scorer = SampleScorer(model.branch_map, model.map_score, lambda: None)
         ok, ng, _ = scorer.round(model.branches, model.settings.holdout_max,
                                  {"ok": model.index.arrays("ok"), "ng": model.index.arrays("ng")}, model._nuisance_maps)
         return ok, ng
