@@ -24,7 +24,7 @@ from core.ids import validate_id
 from core.thresholds import requested_policy
 
 from .cli_lifecycle import LIFECYCLE_COMMANDS, cmd_samples_list, lifecycle_parsers
-from .config import ConfigError, load_config
+from .config import ConfigError, check_service_files, load_config
 from .drift import read_drift
 from .runtime import Runtime, expand_inputs, setup_logging
 
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .daemon import run_daemon
 
+            check_service_files(cfg)
             return run_daemon(cfg)
         rt = Runtime(cfg)
         return {"fit": cmd_fit, "predict": cmd_predict, "calibrate": cmd_calibrate, "mask": cmd_mask,
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"anomaly-agent: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG if exc.code in ("invalid_id", "usage") else EXIT_INPUT
+    except ConfigError as exc:
+        print(f"anomaly-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except ValueError as exc:
         print(f"anomaly-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG

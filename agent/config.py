@@ -326,10 +326,15 @@ def _env_overrides(env: dict[str, str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, from_env: dict[str, str] | None = None) -> str:
+    """Every problem by its key path; a value that came from an environment variable names the variable."""
     lines = [f"invalid configuration in {source}:"]
+    from_env = from_env or {}
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
+        var = next((name for key, name in from_env.items() if loc == key or loc.startswith(key + ".")), None)
+        if var:
+            loc = f"{loc} (from the environment variable {var})"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see docs/configuration.md)"
@@ -337,6 +342,43 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             msg = f"{msg}; got {err.get('input')!r}"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _origin(from_env: dict[str, str], key: str) -> str:
+    return f" (from the environment variable {from_env[key]})" if key in from_env else ""
+
+
+def _readable(key: str, path: Path, what: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_service_files(cfg: AgentConfig) -> None:
+    """What `run` needs beyond a valid config, checked before anything starts (exit 2 with the key and the
+    path, not a traceback or an agent running without its broker): the MQTT password file, every TLS
+    file of an enabled transport, and a writable data root."""
+    if cfg.mqtt.enabled and cfg.mqtt.password_file is not None:
+        _readable("mqtt.password_file", cfg.mqtt.password_file, "the MQTT password file")
+        if not cfg.mqtt.password_file.read_text(errors="replace").strip():
+            raise ConfigError(f"mqtt.password_file: {cfg.mqtt.password_file} is empty")
+    for section, tls in (("mqtt", cfg.mqtt.tls if cfg.mqtt.enabled else None),
+                         ("http", cfg.http.tls if cfg.http.enabled else None)):
+        for key in ("ca", "cert", "key"):
+            value = getattr(tls, key, None) if tls is not None else None
+            if value is not None:
+                _readable(f"{section}.tls.{key}", value, "the TLS file")
+    root = cfg.data_root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"data_root: {root} is not writable by this user ({exc.strerror or exc}); samples, "
+                          "models and results live there") from None
 
 
 def load_config(path: Path | None = None, env: dict[str, str] | None = None,
@@ -367,17 +409,23 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None,
             v = parent.get(k) if parent is not None else None
             if isinstance(v, str) and not Path(v).expanduser().is_absolute():
                 parent[k] = os.path.normpath(base / v)
+    from_env: dict[str, str] = {}
     for p, value in _env_overrides(dict(os.environ) if env is None else env):
         _set_path(tree, p, value)
+        from_env[".".join(p)] = ENV_PREFIX + "__".join(x.upper() for x in p)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_path(tree, dotted.split("."), value)
     try:
         cfg = AgentConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from None
+        raise ConfigError(_format_errors(exc, str(path), from_env)) from None
     if cfg.http.enabled:
         cfg.http.read_token()  # a token file that cannot be used stops the start here, not at the first request
+    if cfg.backbone.weights is not None and not cfg.backbone.weights.is_file():
+        raise ConfigError(f"backbone.weights{_origin(from_env, 'backbone.weights')}: {cfg.backbone.weights} does not "
+                          "exist or is not a file (the official DINOv2 .pth / Hugging Face model.safetensors, or an "
+                          "EfficientNet-Lite weights file)")
     if cfg.backbone.name not in BACKBONES:  # pragma: no cover - Literal already guards this
         raise ConfigError(f"backbone.name must be one of {BACKBONES}")
     return cfg

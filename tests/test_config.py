@@ -96,3 +96,38 @@ def test_per_roi_feature_settings_share_one_network(tmp_path: Path) -> None:
     assert other is rt.extractor and tile.model is other.model
     assert tile.identity.name == "efficientnet_lite0@10-14" and tile.identity.resolution == 160
     assert rt.model("st", "tile").state()["backbone"]["name"] == "efficientnet_lite0@10-14"
+
+
+@pytest.mark.parametrize("case", ["password_file", "tls_ca", "http_tls_key", "data_root", "weights", "env_value"])
+def test_startup_errors_exit_2_naming_the_key_and_the_path(tmp_path: Path, case: str) -> None:
+    """`anomaly-agent run` with something it cannot start with: exit 2 and one line that names the key (or
+    the environment variable) and the path; never a traceback, never an agent running without it."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here")
+    env = {**os.environ, "ANOMALY_AGENT_DATA_ROOT": str(tmp_path / "data"),
+           "ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0"}
+    missing = str(tmp_path / "missing" / "file")
+    env.update({
+        "password_file": {"ANOMALY_AGENT_MQTT__ENABLED": "true", "ANOMALY_AGENT_MQTT__PASSWORD_FILE": missing},
+        "tls_ca": {"ANOMALY_AGENT_MQTT__ENABLED": "true", "ANOMALY_AGENT_MQTT__TLS": f"{{ca: {missing}}}"},
+        "http_tls_key": {"ANOMALY_AGENT_HTTP__ENABLED": "true",
+                         "ANOMALY_AGENT_HTTP__TLS": f"{{cert: {cert}, key: {missing}}}"},
+        "data_root": {"ANOMALY_AGENT_DATA_ROOT": str(blocker / "data")},
+        "weights": {"ANOMALY_AGENT_BACKBONE__NAME": "auto", "ANOMALY_AGENT_BACKBONE__WEIGHTS": missing},
+        "env_value": {"ANOMALY_AGENT_HTTP__PORT": "eighty"},
+    }[case])
+    key, path = {"password_file": ("mqtt.password_file", missing), "tls_ca": ("mqtt.tls.ca", missing),
+                 "http_tls_key": ("http.tls.key", missing), "data_root": ("data_root", str(blocker / "data")),
+                 "weights": ("ANOMALY_AGENT_BACKBONE__WEIGHTS", missing),
+                 "env_value": ("ANOMALY_AGENT_HTTP__PORT", "http.port")}[case]
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "run"], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert key in r.stderr and path in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "ready" not in r.stderr
