@@ -92,7 +92,7 @@ class Actions:
 
     def _decode(self, job: Job, data: bytes) -> tuple[ImageInput, float]:
         t0 = time.perf_counter()
-        img = self.rt.decode(data, job.params.mm_per_px)
+        img = self.rt.decode(data, job.params.mm_per_px, (job.role_id, job.roi_id))
         return img, (time.perf_counter() - t0) * 1000
 
     def predict(self, model: RoiModel, batch: list[Job]) -> None:

@@ -60,7 +60,8 @@ def _load_sample(rt: Runtime, path: Path, args: argparse.Namespace) -> tuple[byt
     """(bytes, decoded image, metadata) for a sample file, or None after printing its error line."""
     try:
         data = _read(path)
-        return data, rt.decode(data, args.mm_per_px), {"source": args.source or "cli", "file_name": path.name}
+        return data, rt.decode(data, args.mm_per_px, (args.role, args.roi)), {"source": args.source or "cli",
+                                                                              "file_name": path.name}
     except InputError as exc:
         _emit(_error_line(path, exc))
         return None
@@ -104,7 +105,7 @@ def cmd_predict(rt: Runtime, args: argparse.Namespace) -> int:
         try:
             t0 = time.perf_counter()
             data = _read(path)
-            img = rt.decode(data, args.mm_per_px)
+            img = rt.decode(data, args.mm_per_px, (role, roi))
             decode_ms = (time.perf_counter() - t0) * 1000
             pred = model.predict([img], heatmap=heatmap)[0]
         except InputError as exc:

@@ -77,6 +77,8 @@ class _RoiExtras(Strict):
     """Per-ROI settings of the agent, not of the model."""
 
     heatmap: bool | None = None
+    # the scale of this ROI's images when a request carries no mm_per_px (defect areas in mm²)
+    mm_per_px: float | None = Field(None, gt=0, le=1000)
     # the ROI's own features (same network, its weights loaded once): e.g. texture ROIs [10, 14] at 256
     layers: list[int] | None = None
     resolution: int | None = Field(None, ge=56, le=1344)
@@ -280,9 +282,17 @@ class AgentConfig(Strict):
         merged = self.defaults.model_dump(exclude_none=True)
         merged.update(self.rois.get(f"{role_id}/{roi_id}", RoiSettings()).model_dump(exclude_none=True))
         heatmap = bool(merged.pop("heatmap", False))
+        merged.pop("mm_per_px", None)
         merged.pop("layers", None)
         merged.pop("resolution", None)
         return ModelSettings(**merged), heatmap
+
+    def roi_mm_per_px(self, role_id: str, roi_id: str) -> float | None:
+        """The ROI's default mm_per_px (its `rois` entry, then `defaults`): for requests that carry none."""
+        roi = self.rois.get(f"{role_id}/{roi_id}")
+        if roi is not None and roi.mm_per_px is not None:
+            return roi.mm_per_px
+        return self.defaults.mm_per_px
 
     def roi_features(self, role_id: str, roi_id: str) -> tuple[tuple[int, ...] | None, int | None]:
         """(layers, resolution) of one ROI's features: its `rois` entry, then `defaults`, then `backbone`."""

@@ -53,9 +53,9 @@ def _action(path: str) -> str:
 def refuse(ctx: HttpContext, scope: dict, code: str, message: str, count: bool = True) -> JSONResponse:
     """A request answered with an error before or instead of a result: logged, counted, answered."""
     client = scope.get("client") or ("?", 0)
-    log.warning("http: %s %s from %s: %s %s: %s", scope.get("method"), safe_text(scope.get("path")), client[0],
-                STATUS_BY_CODE.get(code, 400), code, message)
-    if count:
+    if count:  # not counted here: the worker answered it, and logged it at WARNING with the ROI and source
+        log.warning("http: %s %s from %s: %s %s: %s", scope.get("method"), safe_text(scope.get("path")), client[0],
+                    STATUS_BY_CODE.get(code, 400), code, message)
         ctx.metrics.rejected("http", _action(scope.get("path", "")), code)
     return error_response(code, message)
 

@@ -5,14 +5,18 @@ becomes a Job through the intake, exactly as a folder file or an MQTT message do
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import logging
 import time
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import UploadFile as StarletteUpload
 
 from core.ids import validate_id
 from core.model import manifest_state, stored_rois
@@ -136,16 +140,83 @@ def samples_router(jobs: HttpJobs) -> APIRouter:
 def inference_router(jobs: HttpJobs) -> APIRouter:
     r = APIRouter(tags=["inference"])
 
-    @r.post("/predict", response_model=PredictResult, responses=ERRORS)
-    async def predict(role_id: Role, roi_id: Roi, file: Annotated[UploadFile, File(description="the ROI image")],
-                      mm_per_px: MmPerPx = None,
-                      heatmap: Annotated[bool | None, Form(description="include heatmap_png_b64")] = None,
-                      request_id: RequestId = None) -> JSONResponse:
-        """Score one ROI image: is_anomaly, score, threshold, timings, defects (and a heatmap on request)."""
-        return await jobs.run(jobs.job("predict", role_id, roi_id, await jobs.read_files([file]), request_id,
-                                       mm_per_px=mm_per_px, heatmap=heatmap, source="http"))
+    @r.post("/predict", response_model=PredictResult, responses=ERRORS, openapi_extra=PREDICT_BODY)
+    async def predict(request: Request) -> JSONResponse:
+        """Score one ROI image: is_anomaly, score, threshold, timings, defects (and a heatmap on request).
+        Multipart form (`file` + fields) or JSON (`image_b64` + the same fields), like an MQTT request."""
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            fields, images = await json_request(request)
+        else:
+            form = await request.form()
+            upload = form.get("file")
+            if not isinstance(upload, StarletteUpload):
+                raise ApiError("invalid_field", "file: a multipart `file` (or a JSON body with image_b64) is required")
+            images = await jobs.read_files([upload])  # type: ignore[list-item]
+            fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        checked = predict_fields(fields)
+        return await jobs.run(jobs.job("predict", checked["role_id"], checked["roi_id"], images,
+                                       checked["request_id"], mm_per_px=checked["mm_per_px"],
+                                       heatmap=checked["heatmap"], source="http"))
 
     return r
+
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["role_id", "roi_id", "file"], "properties": {
+        "role_id": {"type": "string"}, "roi_id": {"type": "string"}, "file": {"type": "string", "format": "binary"},
+        "mm_per_px": {"type": "number"}, "heatmap": {"type": "boolean"}, "request_id": {"type": "string"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["role_id", "roi_id", "image_b64"], "properties": {
+        "role_id": {"type": "string"}, "roi_id": {"type": "string"}, "image_b64": {"type": "string"},
+        "mm_per_px": {"type": "number"}, "heatmap": {"type": "boolean"}, "request_id": {"type": "string"}}}}}}}
+
+
+async def json_request(request: Request) -> tuple[dict, list[bytes]]:
+    """A JSON /predict body: the fields, and the image from `image_b64` (invalid_json, invalid_base64)."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as exc:
+        raise ApiError("invalid_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("image_b64"), str):
+        raise ApiError("invalid_field", "a JSON body needs role_id, roi_id and image_b64 (a base64 string)")
+    try:
+        image = base64.b64decode(body["image_b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError("invalid_base64", "image_b64 is not valid base64") from None
+    fields = {k: body[k] for k in ("role_id", "roi_id", "mm_per_px", "heatmap", "request_id") if k in body}
+    for k in ("role_id", "roi_id", "request_id"):
+        if k in fields and not isinstance(fields[k], str):
+            raise ApiError("invalid_field", f"{k} must be a string")
+    return fields, [image]
+
+
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def predict_fields(fields: dict) -> dict:
+    """The /predict fields of a form or a JSON body, checked as the form schema did (invalid_field)."""
+    missing = [k for k in ("role_id", "roi_id") if not fields.get(k)]
+    if missing:
+        raise ApiError("invalid_field", "; ".join(f"{k}: Field required" for k in missing))
+    rid = fields.get("request_id") or None
+    if rid is not None and len(rid) > 200:
+        raise ApiError("invalid_field", "request_id: String should have at most 200 characters")
+    mm = fields.get("mm_per_px")
+    if isinstance(mm, str):
+        try:
+            mm = float(mm) if mm.strip() else None
+        except ValueError:
+            raise ApiError("invalid_field", f"mm_per_px: not a number: {mm[:40]!r}") from None
+    elif mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float))):
+        raise ApiError("invalid_field", "mm_per_px: must be a number")
+    heatmap = fields.get("heatmap")
+    if isinstance(heatmap, str):
+        if heatmap.strip().lower() not in FLAGS and heatmap != "":
+            raise ApiError("invalid_field", f"heatmap: must be true or false, got {heatmap[:20]!r}")
+        heatmap = FLAGS.get(heatmap.strip().lower())
+    elif heatmap is not None and not isinstance(heatmap, bool):
+        raise ApiError("invalid_field", "heatmap: must be true or false")
+    return {"role_id": fields["role_id"], "roi_id": fields["roi_id"], "request_id": rid, "mm_per_px": mm,
+            "heatmap": heatmap}
 
 
 def roi_states(ctx: HttpContext, scores: dict | None = None) -> list[dict]:

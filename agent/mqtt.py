@@ -37,7 +37,7 @@ from .durable import Replies, Spool
 from .health import health_body
 from .intake import Intake
 from .jobs import Job, Outcome
-from .mqtt_outbox import OutboxPublisher
+from .mqtt_outbox import OutboxPublisher, json_properties
 from .mqtt_requests import parse_request, peek_request_id, replay_messages, why_duplicate
 from .runtime import Runtime
 from .worker import Worker
@@ -323,7 +323,8 @@ class MqttIngest:
         return {"topic": f"{self.base}/{result['role_id']}/{result['roi_id']}/result", "payload": payload, "qos": 1}
 
     def publish_state(self, role: str, roi: str, state: dict) -> None:
-        self.client.publish(f"{self.base}/{role}/{roi}/state", json.dumps(state), qos=1, retain=True)
+        self.client.publish(f"{self.base}/{role}/{roi}/state", json.dumps(state), qos=1, retain=True,
+                            properties=json_properties(self.v5))
 
     def _health(self) -> None:
         body = {**health_body(self.rt, self.worker, self.started, self.mc.client_id),

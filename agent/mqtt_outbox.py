@@ -55,9 +55,8 @@ class OutboxPublisher:
         wait for its PUBACK."""
         info = inflight.get(name)
         if info is None:
-            props = None
-            if msg.get("correlation_b64") and self.v5:
-                props = Properties(PacketTypes.PUBLISH)
+            props = json_properties(self.v5)  # every outbox message is JSON (results, health)
+            if msg.get("correlation_b64") and props is not None:
                 props.CorrelationData = base64.b64decode(msg["correlation_b64"])
             info = self.client.publish(msg["topic"], msg["payload"], qos=msg.get("qos", 1), retain=False,
                                        properties=props)
@@ -72,9 +71,9 @@ class OutboxPublisher:
 
     def publish_now(self, first: dict, response_topic: object, correlation: bytes | None) -> None:
         """An answer that cannot go through the outbox (the disk is full): published directly, QoS 1."""
-        self.client.publish(first["topic"], first["payload"], qos=1)
+        self.client.publish(first["topic"], first["payload"], qos=1, properties=json_properties(self.v5))
         if response_topic:
-            props = Properties(PacketTypes.PUBLISH)
+            props = json_properties(True)
             if correlation:
                 props.CorrelationData = correlation
             self.client.publish(str(response_topic), first["payload"], qos=1, properties=props)
@@ -84,3 +83,14 @@ class OutboxPublisher:
         self._wake.set()
         while self.spool.outgoing() and self._connected.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def json_properties(v5: bool) -> Properties | None:
+    """MQTT v5 properties of a JSON message: content type application/json, payload format UTF-8 (so a
+    subscriber such as Node-RED parses it without a guess); None on MQTT 3.1.1, which has no properties."""
+    if not v5:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = "application/json"
+    props.PayloadFormatIndicator = 1
+    return props

@@ -8,6 +8,7 @@ import binascii
 import json
 
 from core.errors import InputError
+from core.image_io import magic_format
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
                 "ng_recall", "relabel", "sample_ids", "version")
@@ -42,6 +43,9 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
             raise InputError("image_b64 is not valid base64", "invalid_base64") from None
         meta = {k: body[k] for k in REQUEST_KEYS if k in body}
     else:
+        if payload and magic_format(payload) is None:
+            raise InputError("the payload is neither a JSON object (starting with '{') nor PNG, JPEG, BMP or "
+                             "TIFF bytes", "invalid_payload")
         decoded = [payload] if payload else []
         # strings: intake.params_from converts (flags, numbers) and encodes (source) for every ingress
         meta = {k: user[k] for k in REQUEST_KEYS if k in user and k != "reset"}

@@ -103,7 +103,10 @@ class Runtime:
     def heatmap_default(self, role_id: str, roi_id: str) -> bool:
         return self.cfg.roi_settings(role_id, roi_id)[1]
 
-    def decode(self, data: bytes, mm_per_px: object = None) -> ImageInput:
+    def decode(self, data: bytes, mm_per_px: object = None, roi: tuple[str, str] | None = None) -> ImageInput:
+        """Decode within the configured limits; without an mm_per_px, the ROI's configured default (if any)."""
+        if mm_per_px is None and roi is not None:
+            mm_per_px = self.cfg.roi_mm_per_px(*roi)
         lim = self.cfg.limits
         return decode_image(data, mm_per_px=mm_per_px, max_bytes=lim.max_bytes,
                             max_decode_pixels=lim.max_decode_pixels, max_pixels=lim.max_pixels,

@@ -206,6 +206,10 @@ class Worker:
         with self._open_lock:
             self._open.pop(job, None)
         self.counts[f"{job.action}_{outcome.result['status']}"] += 1
+        if outcome.result["status"] != "ok":  # every refusal reaches journalctl at WARNING, whatever the ingress
+            err = outcome.result["error"]
+            log.warning("%s: refused %s %s/%s (request %s, source %s): %s: %s", job.ingress, job.action, job.role_id,
+                        job.roi_id, job.request_id, job.params.source, err["code"], err["message"])
         for observe in self.observers:
             try:
                 observe(job, outcome)

@@ -70,7 +70,8 @@ MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", 
          (b"BM", "BMP"))
 
 
-def _magic_format(data: bytes) -> str | None:
+def magic_format(data: bytes) -> str | None:
+    """The accepted format whose signature `data` starts with, or None."""
     return next((fmt for sig, fmt in MAGIC if data.startswith(sig)), None)
 
 
@@ -197,7 +198,7 @@ def _open_checked(data: bytes, max_bytes: int, max_decode_pixels: int, min_side:
     except Image.DecompressionBombError as exc:  # Pillow's own limit, beyond ours: refused from the header
         raise InputError(f"image declares too many pixels: {exc}", code="too_many_pixels") from None
     except UnidentifiedImageError:
-        magic = _magic_format(data)
+        magic = magic_format(data)
         if magic:  # the signature of an accepted format, but no readable header after it
             raise InputError(f"{magic} signature but the header cannot be read (corrupt or truncated)",
                              code="corrupt_image") from None

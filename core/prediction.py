@@ -19,7 +19,7 @@ class Prediction:
     batch_size: int
     device: str
     model_version: int
-    backbone: str
+    backbone: dict  # the same identity object as the state and /health: name, resolution, weights_sha256, ...
     mm_per_px: float | None
     scale: float
     image_size: tuple[int, int]  # (w, h) as scored

@@ -61,6 +61,6 @@ def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: floa
         is_anomaly=bool(score > threshold), score=score, threshold=threshold,
         threshold_method=model.manifest["threshold"]["method"], timings_ms=timings,
         batch_size=int(emb.timings["batch_size"]), device=str(model.extractor.device), model_version=model.version,
-        backbone=model.identity["name"], mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.size,
+        backbone=model.identity, mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.size,
         defect_count=count, regions=regions, heatmap_png=png, anomaly_map=full if return_map else None,
         preview=thumbnail(img.rgb, full, mask_full, preview_px) if preview_px else None)

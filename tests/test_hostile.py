@@ -130,7 +130,7 @@ def test_hostile_corpus_through_folder_mqtt_and_http(tmp_path: Path, data_root: 
         for c in CORPUS:  # MQTT: JSON with base64
             obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": f"m-{c.name}", "mm_per_px": c.mm_per_px,
                                                                 "image_b64": base64.b64encode(c.data).decode()}))
-        mqtt_only = [("not_json", b"{nope", {"invalid_json"}), ("json_array", b"[1]", {"unknown_format"}),
+        mqtt_only = [("not_json", b"{nope", {"invalid_json"}), ("json_array", b"[1]", {"invalid_payload"}),
                      ("bad_base64", json.dumps({"request_id": "m-bad_base64", "image_b64": "!!!"}).encode(),
                       {"invalid_base64"}),
                      ("b64_not_string", json.dumps({"request_id": "m-b64_not_string", "image_b64": 5}).encode(),
