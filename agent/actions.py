@@ -60,7 +60,8 @@ class Actions:
                 try:
                     p = j.params
                     policy = requested_policy(p.policy, p.threshold, p.reset)
-                    state = model.calibrate(policy, p.threshold, p.ok_percentile, p.ng_margin, p.ng_recall)
+                    state = model.calibrate(policy, p.threshold, p.ok_percentile, p.ng_margin, p.ng_recall,
+                                            source=f"{j.ingress}: {p.source} (request {j.request_id})")
                 except AnomalyError as exc:
                     self.fail(j, exc.code, exc.message)
                     continue

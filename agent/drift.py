@@ -5,6 +5,7 @@ MQTT state topic, /metrics and the operator page. A change of state is logged at
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 from core.drift import DriftMonitor, DriftSettings
@@ -32,6 +33,7 @@ class DriftTracker:
         self._monitors: dict[tuple[str, str], DriftMonitor] = {}
         self._last: dict[tuple[str, str], dict] = {}
         self._unsaved: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()  # the worker adds, the operator page reads the history
 
     def observe(self, model: RoiModel, score: float, is_anomaly: bool) -> dict | None:
         """Add one prediction; the new drift state when its `state` changed, else None."""
@@ -40,7 +42,8 @@ class DriftTracker:
         if mon is None:
             saved = read_json(drift_path(self.data_root, *key))
             mon = self._monitors[key] = DriftMonitor(self.settings, saved)
-        mon.add(score, is_anomaly)
+        with self._lock:
+            mon.add(score, is_anomaly)
         state = mon.evaluate(model.threshold, model.manifest.get("ok_scores", []))
         before = self._last.get(key, {}).get("state", mon.last_state)
         self._last[key] = state
@@ -62,6 +65,14 @@ class DriftTracker:
             self._unsaved[key] = 0
         except OSError as exc:  # a full disk must not fail the prediction that was already answered
             log.warning("%s/%s: drift state not saved: %s", *key, exc)
+
+    def history(self, role_id: str, roi_id: str) -> list[tuple[float, bool]]:
+        """The ROI's last predictions (score, is_anomaly), oldest first, up to the drift window."""
+        mon = self._monitors.get((role_id, roi_id))
+        if mon is None:
+            return []
+        with self._lock:
+            return list(mon.recent)
 
     def current(self, role_id: str, roi_id: str) -> dict | None:
         key = (role_id, roi_id)

@@ -239,7 +239,7 @@ class FolderIngest(FileSystemEventHandler):
         stub = self.intake.stub("folder", role, roi, action, default_id, "folder", self.results.deliver, claimed)
         sidecar = claimed.with_suffix(".json")
         try:
-            raw: dict = {"source": "folder"}
+            raw: dict = {"source": "folder", "file_name": claimed.name}
             rid = None
             if sidecar.exists():
                 try:

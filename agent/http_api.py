@@ -32,6 +32,7 @@ from .http_lifecycle import lifecycle_router
 from .http_routes import HttpJobs, inference_router, samples_router, state_router, ui_router
 from .intake import Intake
 from .metrics import Metrics
+from .operator_actions import operator_router
 from .recent import RecentResults
 from .runtime import Runtime
 from .worker import Worker
@@ -92,7 +93,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
 
     jobs = HttpJobs(ctx)
     for router in (samples_router(jobs), inference_router(jobs), state_router(ctx), ui_router(ctx),
-                   lifecycle_router(ctx, jobs)):
+                   lifecycle_router(ctx, jobs), operator_router(ctx, jobs)):
         app.include_router(router)
     if ctx.token:  # Swagger UI's "Authorize" button: the token is sent with "Try it out"
         schema = app.openapi()

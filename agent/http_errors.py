@@ -23,12 +23,12 @@ STATUS_BY_CODE = {
     "queue_full": 503, "shutting_down": 503, "timeout": 504, "disk_full": 507, "storage_error": 500,
     "unknown_sample": 404, "unknown_version": 404, "conflicting_label": 409, "roi_exists": 409,
     "version_unavailable": 409, "checksum_mismatch": 422, "invalid_archive": 422, "invalid_sample_ids": 422,
-    "invalid_version": 422,
+    "invalid_version": 422, "unknown_request": 404, "invalid_json": 400, "invalid_base64": 400,
 }
 
 
 ENDPOINTS = ("fit_ok", "send_ng", "predict", "calibrate", "models", "health", "metrics", "docs", "docs-static",
-             "openapi.json", "ui", "samples", "rollback", "reset", "export", "import")
+             "openapi.json", "ui", "samples", "rollback", "reset", "export", "import", "label")
 
 
 class ApiError(Exception):

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import UploadFile as StarletteUpload
 
+from core import thresholds
 from core.ids import validate_id
 from core.model import manifest_state, stored_rois
 from core.roi_versions import RoiVersions
@@ -153,10 +154,11 @@ def inference_router(jobs: HttpJobs) -> APIRouter:
                 raise ApiError("invalid_field", "file: a multipart `file` (or a JSON body with image_b64) is required")
             images = await jobs.read_files([upload])  # type: ignore[list-item]
             fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+            fields["file_name"] = upload.filename
         checked = predict_fields(fields)
         return await jobs.run(jobs.job("predict", checked["role_id"], checked["roi_id"], images,
                                        checked["request_id"], mm_per_px=checked["mm_per_px"],
-                                       heatmap=checked["heatmap"], source="http"))
+                                       heatmap=checked["heatmap"], source="http", file_name=fields.get("file_name")))
 
     return r
 
@@ -182,7 +184,8 @@ async def json_request(request: Request) -> tuple[dict, list[bytes]]:
         image = base64.b64decode(body["image_b64"], validate=True)
     except (binascii.Error, ValueError):
         raise ApiError("invalid_base64", "image_b64 is not valid base64") from None
-    fields = {k: body[k] for k in ("role_id", "roi_id", "mm_per_px", "heatmap", "request_id") if k in body}
+    fields = {k: body[k] for k in ("role_id", "roi_id", "mm_per_px", "heatmap", "request_id", "file_name")
+              if k in body}
     for k in ("role_id", "roi_id", "request_id"):
         if k in fields and not isinstance(fields[k], str):
             raise ApiError("invalid_field", f"{k} must be a string")
@@ -272,15 +275,27 @@ def state_router(ctx: HttpContext) -> APIRouter:
 def ui_router(ctx: HttpContext) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
-    def render() -> str:
+    def render(roi_filter: str | None, preview: float | None, flash: str | None) -> str:
         scores: dict = {}
         states = roi_states(ctx, scores)
-        return render_page(states, scores, ctx.recent.items(), health(ctx), ctx.cfg.http.page_refresh_s)
+        histories = {(s["role_id"], s["roi_id"]): ctx.rt.drift.history(s["role_id"], s["roi_id"]) for s in states}
+        previews = {}
+        if roi_filter and preview is not None:
+            for s in states:
+                key = (s["role_id"], s["roi_id"])
+                if f"{key[0]}/{key[1]}" == roi_filter:
+                    ok, ng = scores.get(key, ([], []))
+                    previews[key] = thresholds.preview(preview, s["threshold"], ok, ng,
+                                                       [v for v, _ in histories.get(key, [])])
+        return render_page(states, scores, ctx.recent.items(), health(ctx), ctx.cfg.http.page_refresh_s,
+                           histories, previews, roi_filter, flash)
 
     @r.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
+    async def page(roi: str | None = None, preview: float | None = None, flash: str | None = None) -> HTMLResponse:
+        """?roi=R/X shows one ROI; &preview=V what threshold V would flip; flash: the last action's outcome."""
         t0 = time.perf_counter()
-        html = await asyncio.to_thread(render)
+        html = await asyncio.to_thread(render, roi, preview if preview is None or preview > 0 else None,
+                                       flash[:300] if flash else None)
         log.debug("operator page rendered in %.1f ms", (time.perf_counter() - t0) * 1000)
         return HTMLResponse(html)
 

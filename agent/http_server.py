@@ -31,7 +31,7 @@ class HttpIngest:
             raise RuntimeError("the HTTP transport needs the worker")
         self.worker = worker
         h = cfg.http
-        recent = RecentResults(h.recent_results)
+        recent = RecentResults(h.recent_results, cfg.data_root / "recent")
         metrics = Metrics(rt, worker, cfg.data_root)
         worker.observers += [metrics.observe, recent.observe]
         intake.refusal_observers.append(metrics.rejected)  # folder and MQTT refusals are counted too

@@ -23,7 +23,8 @@ from .worker import Worker
 log = logging.getLogger(__name__)
 NUMBERS = {"threshold": "invalid_threshold", "ok_percentile": "invalid_policy", "ng_margin": "invalid_policy",
            "ng_recall": "invalid_policy"}
-PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", "relabel", "sample_ids", "version", *NUMBERS)
+PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", "relabel", "sample_ids", "version", "file_name",
+              *NUMBERS)
 
 
 class Transport(Protocol):
@@ -59,6 +60,8 @@ def params_from(raw: Mapping[str, object]) -> Params:
         p.heatmap = as_bool(raw["heatmap"])
     p.reset = as_bool(raw.get("reset", False))
     p.relabel = as_bool(raw.get("relabel", False))
+    if raw.get("file_name") is not None:
+        p.file_name = safe_text(raw["file_name"], 200)
     p.sample_ids = raw.get("sample_ids")
     p.version = raw.get("version")
     if raw.get("policy") is not None:

@@ -11,7 +11,7 @@ from core.errors import InputError
 from core.image_io import magic_format
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
-                "ng_recall", "relabel", "sample_ids", "version")
+                "ng_recall", "relabel", "sample_ids", "version", "file_name")
 IMAGELESS = ("calibrate", "delete_samples", "rollback", "reset")
 
 

@@ -267,7 +267,7 @@ class RoiModel:
         return self.calibrate("manual" if value is not None else "config", value)
 
     def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,
-                  ng_margin: float | None = None, ng_recall: float | None = None) -> dict:
+                  ng_margin: float | None = None, ng_recall: float | None = None, source: str | None = None) -> dict:
         """Recompute the threshold from the stored OK/NG samples.
 
         policy None: again with the current policy (e.g. after new NG samples); "auto" (NG-calibrated
@@ -276,7 +276,7 @@ class RoiModel:
         """
         thresholds.check_calibration(policy, value, ok_percentile, ng_margin, ng_recall)
         self.change = "calibrate"
-        apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall)
+        apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall, source)
         if self._knn is None and policy != "manual":
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")

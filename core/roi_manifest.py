@@ -8,7 +8,7 @@ from typing import Any
 
 from .memory_bank import CoresetSize
 from .roi_versions import RoiVersions
-from .storage import RoiStore, list_rois
+from .storage import RoiStore, list_rois, utc_now
 from .thresholds import ThresholdPolicy
 
 
@@ -99,11 +99,12 @@ def threshold_policy(m: dict, s: ModelSettings) -> ThresholdPolicy:
 
 
 def apply_calibration(m: dict, policy: str | None, value: float | None, ok_percentile: float | None,
-                      ng_margin: float | None, ng_recall: float | None) -> None:
+                      ng_margin: float | None, ng_recall: float | None, source: str | None = None) -> None:
     """Record a calibrate request (checked by thresholds.check_calibration) in the manifest: a manual
     override, a policy kept for later fits, or back to the config; None: the threshold is only recomputed."""
-    if policy == "manual" and value is not None:
-        m["threshold"] = {"value": float(value), "method": "manual_override", "details": {}}
+    if policy == "manual" and value is not None:  # with its provenance: who set it, when, over what
+        details = {"set_by": source, "previous": m["threshold"]["value"], "set_utc": utc_now()} if source else {}
+        m["threshold"] = {"value": float(value), "method": "manual_override", "details": details}
     elif policy is not None:
         m["threshold"] = {"value": None, "method": "none", "details": {}}
         m.pop("policy_override", None)

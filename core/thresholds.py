@@ -91,6 +91,21 @@ def ng_warnings(th: dict, ng_scores: list[float], ok_only: float | None) -> list
     return out
 
 
+def preview(value: float, current: float | None, ok_scores: list[float], ng_scores: list[float],
+            recent: list[float]) -> dict:
+    """What a threshold of `value` would change before it is applied: stored OK samples (their leave-one-out
+    scores) flagged, NG samples passing, recent predictions whose verdict flips (score > threshold: NG)."""
+    cur = math.inf if current is None else current
+    ok, ng = np.asarray(ok_scores, np.float64), np.asarray(ng_scores, np.float64)
+    rec = np.asarray(recent, np.float64)
+    return {"threshold": value, "current": current, "n_ok": int(ok.size), "n_ng": int(ng.size),
+            "n_recent": int(rec.size),
+            "ok_flagged": int((ok > value).sum()), "ok_flagged_now": int((ok > cur).sum()),
+            "ng_passing": int((ng <= value).sum()), "ng_passing_now": int((ng <= cur).sum()),
+            "recent_to_ng": int(((rec > value) & (rec <= cur)).sum()),
+            "recent_to_ok": int(((rec <= value) & (rec > cur)).sum())}
+
+
 POLICIES = ("auto", "ok_only", "manual")
 
 
