@@ -299,11 +299,4 @@ def ui_router(ctx: HttpContext) -> APIRouter:
         log.debug("operator page rendered in %.1f ms", (time.perf_counter() - t0) * 1000)
         return HTMLResponse(html)
 
-    @r.get("/ui/heatmap/{seq}.png")
-    async def heatmap(seq: int) -> Response:
-        png = await asyncio.to_thread(ctx.recent.heatmap_png, seq)
-        if png is None:
-            raise ApiError("not_found", f"no heatmap for result {seq} (older results are not kept)")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
-
     return r

@@ -80,11 +80,13 @@ def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         return back_to_page(f"threshold of {role_id}/{roi_id} set to {threshold:.4g} (manual, from the page)",
                             f"{role_id}/{roi_id}")
 
-    @r.get("/ui/image/{seq}.png", include_in_schema=False)
-    async def image(seq: int) -> Response:
-        png = await asyncio.to_thread(ctx.recent.image_png, seq)
+    @r.get("/ui/{kind}/{seq}.png", include_in_schema=False)
+    async def picture(kind: str, seq: int) -> Response:
+        """A recent result's image or heatmap, drawn from its thumbnail."""
+        draw = {"image": ctx.recent.image_png, "heatmap": ctx.recent.heatmap_png}.get(kind)
+        png = await asyncio.to_thread(draw, seq) if draw is not None else None
         if png is None:
-            raise ApiError("not_found", f"no image for result {seq} (older results are not kept)")
+            raise ApiError("not_found", f"no {kind} for result {seq} (older results are not kept)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return r

@@ -99,7 +99,9 @@ def _read_members(data: bytes, max_bytes: int) -> dict[str, bytes]:
                                      "(only regular files, no paths outside the ROI)", code="invalid_archive")
                 total += member.size
                 if total > max_bytes:
-                    raise InputError(f"the archive unpacks to more than {max_bytes} bytes", code="invalid_archive")
+                    raise InputError(f"the archive unpacks to more than {max_bytes >> 20} MiB, more than an import "
+                                     "holds in memory: copy the ROI's folder under models/ instead",
+                                     code="invalid_archive")
                 fh = tar.extractfile(member)
                 out[name] = fh.read() if fh is not None else b""
         except (tarfile.TarError, OSError, EOFError) as exc:
@@ -107,7 +109,11 @@ def _read_members(data: bytes, max_bytes: int) -> dict[str, bytes]:
     return out
 
 
-def check_archive(data: bytes, identity: dict, branches: list[dict], max_bytes: int = 4 << 30) -> tuple[dict, dict]:
+MAX_UNPACKED = 1 << 30  # an archive is verified in memory: a larger ROI is copied as files (docs/deploy.md, Backup)
+
+
+def check_archive(data: bytes, identity: dict, branches: list[dict], max_bytes: int = MAX_UNPACKED
+                  ) -> tuple[dict, dict]:
     """(export.json, name -> bytes) of a verified archive, or InputError / BackboneMismatchError."""
     members = _read_members(data, max_bytes)
     try:
