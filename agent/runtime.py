@@ -108,9 +108,11 @@ class Runtime:
         if mm_per_px is None and roi is not None:
             mm_per_px = self.cfg.roi_mm_per_px(*roi)
         lim = self.cfg.limits
+        ex = self.extractor_for(*roi) if roi is not None else self.extractor
         return decode_image(data, mm_per_px=mm_per_px, max_bytes=lim.max_bytes,
                             max_decode_pixels=lim.max_decode_pixels, max_pixels=lim.max_pixels,
-                            min_side=self.extractor.stride, max_decoded_bytes=lim.max_decoded_bytes)
+                            min_side=self.extractor.stride, max_decoded_bytes=lim.max_decoded_bytes,
+                            draft_for=ex.input_size)
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:

@@ -16,6 +16,7 @@ import io
 import math
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -44,10 +45,17 @@ class ImageInput:
     original_size: tuple[int, int]  # (width, height) as received
     format: str
     bit_depth: int
+    geometry: float = 1.0  # reported pixels per decoded pixel (> 1: a JPEG decoded at 1/2, 1/4 or 1/8 scale)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.rgb.shape[1], self.rgb.shape[0]
+
+    @property
+    def reported_size(self) -> tuple[int, int]:
+        """(w, h) that results speak in: the image as received (after any max_pixels downscale)."""
+        w, h = self.size
+        return (round(w * self.geometry), round(h * self.geometry)) if self.geometry != 1.0 else (w, h)
 
 
 def validate_mm_per_px(value: object) -> float | None:
@@ -162,12 +170,25 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    draft_for: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> ImageInput:
-    """Decode image bytes by content into an `ImageInput`, or raise `InputError` with a specific code."""
+    """Decode image bytes by content into an `ImageInput`, or raise `InputError` with a specific code.
+
+    draft_for(w, h) -> the backbone input (w, h) the image will be resized to: a JPEG at least twice as
+    large is decoded in the DCT domain at 1/2, 1/4 or 1/8 scale, never below that input (libjpeg's
+    scaled decode: a 3 MP ROI for a ~320² input costs a fraction of a full decode). Results still speak in
+    the image's own pixels (`geometry`), and mm_per_px is unchanged.
+    """
     mm = validate_mm_per_px(mm_per_px)
     pil = _open_checked(data, max_bytes, max_decode_pixels, min_side, max_decoded_bytes)
     width, height = pil.size
     fmt = pil.format or "unknown"
+    drafted = False
+    if fmt == "JPEG" and draft_for is not None:
+        iw, ih = draft_for(width, height)
+        if width >= 2 * iw and height >= 2 * ih and pil.getexif().get(ORIENTATION_TAG, 1) in (1, 3):
+            pil.draft(pil.mode, (iw, ih))  # picks the largest reduction that stays >= (iw, ih)
+            drafted = pil.size[0] < width
     try:
         rgb, depth = _decode_pixels(data, fmt, pil)
     except InputError:
@@ -176,14 +197,18 @@ def decode_image(
         code = "truncated_file" if "truncated" in str(exc).lower() else "corrupt_image"
         raise InputError(f"{fmt} data could not be decoded: {exc}", code=code) from None
     scale = 1.0
+    decoded_w = rgb.shape[1]
     if width * height > max_pixels:
         scale = math.sqrt(max_pixels / (width * height))
         new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
-        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        if not drafted or decoded_w > new_w:  # not already smaller from a scaled JPEG decode
+            rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_AREA)
         scale = new_w / width
         if mm is not None:
             mm = mm / scale
-    return ImageInput(rgb=rgb, mm_per_px=mm, scale=scale, original_size=(width, height), format=fmt, bit_depth=depth)
+    geometry = width * scale / rgb.shape[1] if drafted else 1.0
+    return ImageInput(rgb=rgb, mm_per_px=mm, scale=scale, original_size=(width, height), format=fmt, bit_depth=depth,
+                      geometry=geometry)
 
 
 def _open_checked(data: bytes, max_bytes: int, max_decode_pixels: int, min_side: int,

@@ -72,6 +72,7 @@ class RoiModel:
         t0 = time.perf_counter()
         self.index = RoiIndex(self.store, self.extractor, self.settings, self.progress)
         self.samples = SampleStore(self.store, self.index.bytes_needed, self.progress)
+        self.samples.draft_for = self.extractor.input_size
         self._dirty = False
         self._scorer = SampleScorer(self.branch_map, self.map_score, self.progress)
         pending = finish_pending(self)
@@ -162,7 +163,7 @@ class RoiModel:
 
     def _nuisance_maps(self) -> list[list[np.ndarray]]:
         """Branch maps of copies of the one OK sample with a station's usual nuisance (thresholds.py)."""
-        img = decode_record(self.store.list_samples("ok")[-1])
+        img = decode_record(self.store.list_samples("ok")[-1], self.extractor.input_size)
         last = self.branches[0].emb["ok"].entries[-1]
         views = nuisance_views(img, self.extractor.stride * img.size[0] / last["input_size"][0])
         return [[self.branch_map(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)

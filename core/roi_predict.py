@@ -52,7 +52,10 @@ def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: floa
     score = fuse_scores([model.map_score(m) for m in maps], model.scales)
     full = cv2.resize(fuse_maps(maps, model.scales), img.size, interpolation=cv2.INTER_LINEAR)
     mask_full = model.mask_at(img.size)
-    count, regions = defect_regions(full, threshold, mask_full, img.mm_per_px, model.settings.min_defect_area_px)
+    g = img.geometry  # a JPEG decoded at a reduced scale: regions are reported in the image's own pixels
+    count, regions = defect_regions(full, threshold, mask_full, None if img.mm_per_px is None else img.mm_per_px * g,
+                                    round(model.settings.min_defect_area_px / (g * g)))
+    regions = [r.scaled(g) for r in regions] if g != 1.0 else regions
     png = render_heatmap(img.rgb, full, threshold, mask_full) if heatmap else None
     t2 = time.perf_counter()
     timings = {"preprocess": emb.timings["preprocess"], "backbone": emb.timings["backbone"],
@@ -61,6 +64,6 @@ def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: floa
         is_anomaly=bool(score > threshold), score=score, threshold=threshold,
         threshold_method=model.manifest["threshold"]["method"], timings_ms=timings,
         batch_size=int(emb.timings["batch_size"]), device=str(model.extractor.device), model_version=model.version,
-        backbone=model.identity, mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.size,
+        backbone=model.identity, mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.reported_size,
         defect_count=count, regions=regions, heatmap_png=png, anomaly_map=full if return_map else None,
         preview=thumbnail(img.rgb, full, mask_full, preview_px) if preview_px else None)

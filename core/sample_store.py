@@ -38,6 +38,7 @@ class SampleStore:
         self._bytes_needed = bytes_needed  # the index rows and bank rewrite a fit adds, besides the images
         self.progress = progress
         self._known: dict[str, dict[str, str]] = {}  # kind -> sha256 -> sample_id
+        self.draft_for: Callable[[int, int], tuple[int, int]] | None = None  # the backbone input: decode as intake
 
     def check_space(self, samples: list[Sample]) -> None:
         """Refuse before writing anything when the data root cannot hold the images, their index rows,
@@ -81,14 +82,14 @@ class SampleStore:
         good, images = [], []
         for rec in records:
             try:
-                images.append(decode_record(rec))
+                images.append(decode_record(rec, self.draft_for))
                 good.append(rec)
             except (AnomalyError, OSError) as exc:
                 self.store.quarantine(kind, rec.sample_id, f"image cannot be decoded: {exc}")
         return good, images
 
 
-def decode_record(rec: SampleRecord) -> ImageInput:
-    """A stored sample's image (accepted once: no intake limits apply again)."""
+def decode_record(rec: SampleRecord, draft_for: Callable[[int, int], tuple[int, int]] | None = None) -> ImageInput:
+    """A stored sample's image (accepted once: no intake limits apply again), decoded as at intake."""
     return decode_image(rec.image_path.read_bytes(), mm_per_px=rec.meta.get("mm_per_px"), max_bytes=1 << 62,
-                        max_decode_pixels=1 << 62, max_decoded_bytes=1 << 62)
+                        max_decode_pixels=1 << 62, max_decoded_bytes=1 << 62, draft_for=draft_for)

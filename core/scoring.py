@@ -57,6 +57,12 @@ class Defect:
     area_mm2: float | None
     max_score: float
 
+    def scaled(self, g: float) -> Defect:
+        """The same region in pixels g times larger (a map computed on a reduced decode)."""
+        x, y, w, h = self.bbox
+        return Defect((round(x * g), round(y * g), max(1, round(w * g)), max(1, round(h * g))),
+                      round(self.area_px * g * g), self.area_mm2, self.max_score)
+
     def to_dict(self) -> dict:
         return {"bbox": list(self.bbox), "area_px": self.area_px, "area_mm2": self.area_mm2,
                 "max_score": round(self.max_score, 6)}

@@ -152,3 +152,34 @@ def test_roi_of_2_to_4_mp_passes_untouched() -> None:
     img = decode_image(encode(arr, "PNG"), mm_per_px=0.05)
     assert img.size == (2000, 1500) and img.scale == 1.0 and img.mm_per_px == 0.05
     np.testing.assert_allclose(img.rgb, arr / 255.0, atol=1e-6)
+
+
+def _jpeg(w: int, h: int, orientation: int | None = None) -> bytes:
+    rng = np.random.default_rng(3)
+    arr = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)
+    buf = io.BytesIO()
+    img = Image.fromarray(arr)
+    if orientation is None:
+        img.save(buf, format="JPEG", quality=90)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(buf, format="JPEG", quality=90, exif=exif)
+    return buf.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_but_reported_in_its_own_pixels() -> None:
+    def input_size(w: int, h: int) -> tuple[int, int]:
+        return 368, 272  # a ~320² backbone input
+
+    img = decode_image(_jpeg(2048, 1536), mm_per_px=0.05, draft_for=input_size)
+    assert img.size == (512, 384) and img.geometry == 4.0  # the DCT-domain 1/4 decode, never below the input
+    assert img.reported_size == (2048, 1536) and img.original_size == (2048, 1536)
+    assert img.mm_per_px == 0.05 and img.scale == 1.0  # the caller's geometry is unchanged
+    full = decode_image(_jpeg(2048, 1536))
+    small = cv2.resize(full.rgb, (512, 384), interpolation=cv2.INTER_AREA)
+    assert np.abs(small - img.rgb).mean() < 0.02  # the same picture as a full decode, then an area resize
+    # not reduced: a JPEG under twice the input, a PNG, a JPEG a viewer shows rotated by 90 degrees
+    assert decode_image(_jpeg(600, 500), draft_for=input_size).geometry == 1.0
+    rotated = decode_image(_jpeg(2048, 1536, orientation=6), draft_for=input_size)
+    assert rotated.size == (1536, 2048) and rotated.geometry == 1.0

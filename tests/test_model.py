@@ -352,3 +352,29 @@ def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samp
     probe = decode_image(tire_files["hole"][0].read_bytes())
     assert new.threshold == pytest.approx(fresh.threshold, abs=1e-6)
     assert new.predict([probe])[0].score == pytest.approx(fresh.predict([probe])[0].score, abs=1e-6)
+
+
+def test_a_large_jpeg_roi_is_scored_on_a_reduced_decode_and_answered_in_its_own_pixels(fitted, tire_files,
+                                                                                     extractor) -> None:
+    """A real tire defect as a JPEG twice the size (768 x 1024): decoded at 1/2 in the DCT domain, its
+    prediction matches the original's, with image size, regions and areas in the JPEG's own pixels."""
+    _, model = fitted
+    hole = next(p for p in tire_files["hole"][:8] if model.predict([sample(p)[1]])[0].is_anomaly)
+    original = model.predict([sample(hole)[1]])[0]
+    big = cv2.resize(cv2.imread(str(hole)), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    img = decode_image(data, mm_per_px=0.05, draft_for=extractor.input_size)
+    assert img.geometry == 2.0 and img.size == original.image_size
+    pred = model.predict([img], heatmap=True)[0]
+    assert pred.is_anomaly and pred.score == pytest.approx(original.score, rel=0.05)
+    assert pred.image_size == (big.shape[1], big.shape[0]) and pred.mm_per_px == 0.05
+    assert pred.regions and all(x + w <= big.shape[1] and y + h <= big.shape[0] for x, y, w, h in
+                                (r.bbox for r in pred.regions))
+    scale = pred.regions[0].area_px / max(1, original.regions[0].area_px)
+    assert 2 < scale < 10, scale  # about 4x the pixels of the half-size original (the region moves with the score)
+    (x, y, w, h), (ox, oy, ow, oh) = pred.regions[0].bbox, original.regions[0].bbox
+    assert abs((x + w / 2) - 2 * (ox + ow / 2)) < 0.1 * big.shape[1]  # the same place, in the JPEG's pixels
+    assert abs((y + h / 2) - 2 * (oy + oh / 2)) < 0.1 * big.shape[0]
+    assert pred.regions[0].area_mm2 == pytest.approx(pred.regions[0].area_px * 0.05**2, rel=0.01)
+    heat = cv2.imdecode(np.frombuffer(pred.heatmap_png, np.uint8), cv2.IMREAD_COLOR)
+    assert heat.shape[:2] == img.rgb.shape[:2]  # drawn at the decoded size (<= 1024 on the long side)
