@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import httpx
 import numpy as np
 
@@ -86,7 +87,7 @@ def core_server(root: Path, paths: list[str]) -> None:
         for i in range(int(start), int(start) + int(n)):
             time.sleep(float(gap))
             t0 = time.perf_counter()
-            model.predict([decode_image(images[i % len(images)])])
+            model.predict([decode_image(images[i % len(images)], draft_for=ex.input_size)])  # as the agent
             times.append((time.perf_counter() - t0) * 1000)
         print(json.dumps(times), flush=True)
 
@@ -195,6 +196,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--burst", type=int, default=48)
+    ap.add_argument("--jpeg", default=None, metavar="WxH",
+                    help="send the test images as JPEGs of this size (e.g. 2048x1536, the original load)")
     ap.add_argument("--core-server", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.core_server:
@@ -202,10 +205,19 @@ def main() -> None:
     tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
     train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:20]
     image_paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:10]
-    images = [p.read_bytes() for p in image_paths]
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
+        if args.jpeg:  # the original backend's load: 2-3 MP JPEG ROIs (real images, upscaled)
+            size = tuple(int(v) for v in args.jpeg.lower().split("x"))
+            out["images"] = f"{args.jpeg} JPEG"
+            jpegs = []
+            for p in image_paths:
+                big = cv2.resize(cv2.imread(str(p)), size, interpolation=cv2.INTER_CUBIC)
+                jpegs.append(tmp / f"{p.stem}.jpg")
+                jpegs[-1].write_bytes(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes())
+            image_paths = jpegs
+        images = [p.read_bytes() for p in image_paths]
         template = tmp / "template"
         subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(template), "--log-level", "WARNING",
                         "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
