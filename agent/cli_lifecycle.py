@@ -13,7 +13,7 @@ from core import lifecycle
 from core.errors import InputError
 from core.ids import validate_id
 from core.roi_archive import export_roi, import_roi
-from core.storage import KINDS, RoiStore, atomic_write_bytes
+from core.storage import RoiStore, atomic_write_bytes
 
 from .runtime import Runtime
 
@@ -31,8 +31,7 @@ def cmd_samples_list(data_root: Path, args: argparse.Namespace) -> int:
     """One JSON line per sample; --fetch ID --out FILE writes that sample's image (also from the trash)."""
     store = RoiStore(data_root, *_ids(args))
     if args.fetch:
-        found = (store.sample_file(kind, args.fetch, trash) for kind in KINDS for trash in (False, True))
-        got = next((x for x in found if x is not None), None)
+        got = store.find_sample(args.fetch)
         if got is None:
             raise InputError(f"no sample {args.fetch} in {store.role_id}/{store.roi_id} (nor in its trash)",
                              code="unknown_sample")

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from core import lifecycle
 from core.ids import validate_id
 from core.roi_archive import export_roi, import_roi
-from core.storage import KINDS, RoiStore
+from core.storage import RoiStore
 
 from .http_errors import ApiError
 from .http_models import ERRORS, RequestId, Roi, RoiState, Role
@@ -43,8 +43,7 @@ def lifecycle_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         """The stored image of one sample, as received (also from the ROI's trash)."""
         s = store(role_id, roi_id)
         validate_id(sample_id, "sample_id")
-        got = next((x for kind in KINDS for trash in (False, True)
-                    if (x := s.sample_file(kind, sample_id, trash)) is not None), None)
+        got = s.find_sample(sample_id)
         if got is None:
             raise ApiError("unknown_sample", f"no sample {sample_id} in {role_id}/{roi_id}")
         data = await asyncio.to_thread(got[1].read_bytes)

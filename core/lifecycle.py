@@ -116,8 +116,7 @@ def rollback(model: RoiModel, version: object) -> dict:
     if manifest.get("backbone") != model.identity:
         raise BackboneMismatchError(f"version {to} was built with backbone {manifest.get('backbone', {}).get('name')}"
                                     f", the agent runs {model.identity['name']}")
-    missing = [sid for kind in KINDS for sid in samples.get(kind, [])
-               if model.store.sample_file(kind, sid) is None and model.store.sample_file(kind, sid, True) is None]
+    missing = [sid for kind in KINDS for sid in samples.get(kind, []) if model.store.find_sample(sid, (kind,)) is None]
     if missing:
         raise InputError(f"version {to} needs {len(missing)} samples that are no longer stored or in the trash "
                          f"(e.g. {missing[0]})", code="version_unavailable")
@@ -197,7 +196,7 @@ def label_conflicts(model: RoiModel, kind: str, samples: list[Sample], relabel: 
     """An image stored under the other label: refused (conflicting_label), or with `relabel` moved to the
     trash from the other set first (then stored under this one)."""
     other = "ng" if kind == "ok" else "ok"
-    known = model.store.known_hashes(other)
+    known = model.samples.known(other)  # cached: not every sample JSON read again on each fit
     hits = list(dict.fromkeys(known[h] for h in (hashlib.sha256(d).hexdigest() for d, _, _ in samples) if h in known))
     if not hits:
         return

@@ -53,9 +53,7 @@ class SampleStore:
     def add(self, kind: str, samples: list[Sample]) -> Stored:
         """Store what is new (by SHA-256 of the bytes); an image already stored is reported, not stored."""
         self.check_space(samples)
-        if kind not in self._known:
-            self._known[kind] = self.store.known_hashes(kind)
-        known = self._known[kind]
+        known = self.known(kind)
         out = Stored()
         for data, img, meta in samples:
             self.progress()  # each sample is written and fsynced: a long upload must not look hung
@@ -70,6 +68,13 @@ class SampleStore:
             out.records.append(rec)
             out.images.append(img)
         return out
+
+    def known(self, kind: str) -> dict[str, str]:
+        """sha256 -> sample_id of the stored samples of one kind, read once (this store is their only writer;
+        a delete or rollback reopens the model, and with it this cache)."""
+        if kind not in self._known:
+            self._known[kind] = self.store.known_hashes(kind)
+        return self._known[kind]
 
     def readable(self, kind: str) -> list[SampleRecord]:
         """Stored samples, with the unreadable ones (corrupt JSON or image, image gone) quarantined."""

@@ -364,6 +364,15 @@ class RoiStore:
         image = directory / str(meta.get("image_file", ""))
         return (meta, image) if image.is_file() and image.parent == directory else None
 
+    def find_sample(self, sample_id: str, kinds: tuple[str, ...] = KINDS) -> tuple[dict, Path] | None:
+        """(metadata, image path) of a sample of any of `kinds`, stored or in the trash."""
+        for kind in kinds:
+            for in_trash in (False, True):
+                got = self.sample_file(kind, sample_id, in_trash)
+                if got is not None:
+                    return got
+        return None
+
     def known_hashes(self, kind: str) -> dict[str, str]:
         return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}
 
