@@ -41,7 +41,12 @@ class DriftTracker:
         mon = self._monitors.get(key)
         if mon is None:
             saved = read_json(drift_path(self.data_root, *key))
-            mon = self._monitors[key] = DriftMonitor(self.settings, saved)
+            try:
+                mon = DriftMonitor(self.settings, saved)
+            except (TypeError, ValueError, AttributeError) as exc:  # a hand-edited file must not fail predictions
+                log.warning("%s/%s: drift.json unusable (%s): the window starts again", *key, exc)
+                mon = DriftMonitor(self.settings)
+            self._monitors[key] = mon
         with self._lock:
             mon.add(score, is_anomaly)
         state = mon.evaluate(model.threshold, model.manifest.get("ok_scores", []))

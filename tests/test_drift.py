@@ -57,3 +57,14 @@ def test_too_few_predictions_judge_nothing_and_the_window_survives_a_save() -> N
     assert mon.evaluate(1.0, [0.5])["state"] == "alarm"
     again = DriftMonitor(DriftSettings(window=10, min_predictions=5), mon.to_dict("alarm"))
     assert again.evaluate(1.0, [0.5]) == mon.evaluate(1.0, [0.5])
+
+
+def test_an_unusable_saved_window_starts_again(tmp_path: Path, model: RoiModel) -> None:
+    from agent.drift import DriftTracker, drift_path
+
+    path = drift_path(model.store.root.parents[2], model.store.role_id, model.store.roi_id)
+    for text in ('{"recent": [["x", true]], "older": 5}', '{"recent": 7}', "[]", "{broken"):
+        path.write_text(text)
+        tracker = DriftTracker(model.store.root.parents[2], DriftSettings(window=10, min_predictions=5))
+        assert tracker.observe(model, 0.1, False) is None  # evaluated, not raised
+        assert tracker.history(model.store.role_id, model.store.roi_id) == [(0.1, False)]
