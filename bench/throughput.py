@@ -59,11 +59,15 @@ class Core:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
+        self.stages: list[dict] = []  # timings_ms of each prediction (decode, preprocess, backbone, ...)
+
     def block(self, start: int, n: int, gap_s: float) -> list[float]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{start} {n} {gap_s}\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        times, stages = json.loads(self.proc.stdout.readline())
+        self.stages += stages[1:]  # the block's first request is a warm-up, as in `alternating`
+        return times
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -83,26 +87,39 @@ def core_server(root: Path, paths: list[str]) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         start, n, gap = line.split()
-        times = []
+        times, stages = [], []
         for i in range(int(start), int(start) + int(n)):
             time.sleep(float(gap))
             t0 = time.perf_counter()
-            model.predict([decode_image(images[i % len(images)], draft_for=ex.input_size)])  # as the agent
+            img = decode_image(images[i % len(images)], draft_for=ex.input_size)  # as the agent
+            t1 = time.perf_counter()
+            pred = model.predict([img])[0]
             times.append((time.perf_counter() - t0) * 1000)
-        print(json.dumps(times), flush=True)
+            stages.append({"decode": (t1 - t0) * 1000, **pred.timings_ms})
+        print(json.dumps([times, stages]), flush=True)
 
 
-def mqtt_one(obs: Observer) -> Callable[[bytes, int], None]:
+def stage_p50(rows: list[dict], key: str) -> float:
+    return round(float(np.median([r[key] for r in rows])), 2)
+
+
+def mqtt_one(obs: Observer, agent_ms: list[dict]) -> Callable[[bytes, int], None]:
+    """One predict over MQTT (publish, then wait for the result); agent_ms as in http_one. The payloads are
+    built once per image, as a station holds its encoded image."""
+    bodies: dict[int, str] = {}
+
     def run(image: bytes, i: int) -> None:
         rid = f"ser{i}"
-        obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": rid,
-                                                             "image_b64": base64.b64encode(image).decode()}))
-        obs.wait_result(rid, 60)
+        if id(image) not in bodies:
+            bodies[id(image)] = json.dumps({"request_id": "RID", "image_b64": base64.b64encode(image).decode()})
+        obs.publish("anomaly/st1/tire/predict", bodies[id(image)].replace('"RID"', f'"{rid}"', 1))
+        d = obs.wait_result(rid, 60)["data"]
+        agent_ms.append({**d["timings_ms"], "inference": d["inference_ms"], "queue": d["queue_ms"]})
     return run
 
 
-def http_one(client: httpx.Client, agent_ms: list[tuple[float, float]]) -> Callable[[bytes, int], None]:
-    """One predict over HTTP; agent_ms collects the agent's own (inference_ms, queue_ms).
+def http_one(client: httpx.Client, agent_ms: list[dict]) -> Callable[[bytes, int], None]:
+    """One predict over HTTP; agent_ms collects the agent's own timings_ms, with inference_ms and queue_ms.
 
     The multipart body of each image is built once, as a station holds its encoded image, so the
     figure is the agent's HTTP cost, not the client library's encoding."""
@@ -117,7 +134,7 @@ def http_one(client: httpx.Client, agent_ms: list[tuple[float, float]]) -> Calla
         r = client.post("/predict", content=body, headers=headers)
         r.raise_for_status()
         d = r.json()
-        agent_ms.append((d["inference_ms"], d["queue_ms"]))
+        agent_ms.append({**d["timings_ms"], "inference": d["inference_ms"], "queue": d["queue_ms"]})
     return run
 
 
@@ -233,17 +250,26 @@ def main() -> None:
                 port = free_port()
                 agent = Agent(root, broker.port, env={**ENV, "ANOMALY_AGENT_WORKER__MAX_BATCH": str(max_batch)},
                               client_id=f"bench{max_batch}", http_port=port).start()
-                obs = Observer(broker.port)
+                # a station subscribes to its results, not to the requests it sends (each an image)
+                obs = Observer(broker.port, topics=("anomaly/+/+/result",))
                 with httpx.Client(base_url=agent.http, timeout=120) as client:
                     if max_batch == "auto":
-                        agent_ms: list[tuple[float, float]] = []
+                        agent_ms: list[dict] = []
+                        mqtt_ms: list[dict] = []
                         lat = alternating({"core": core.block, "http": timed(http_one(client, agent_ms), images),
-                                           "mqtt": timed(mqtt_one(obs), images),
+                                           "mqtt": timed(mqtt_one(obs, mqtt_ms), images),
                                            "folder": timed(folder_one(root), images)}, args.runs)
                         out.update({f"{k}_serial" if k != "core" else k: v for k, v in lat.items()})
                         # the agent's own view of the HTTP requests: compute, and time in queue / delivery
-                        out["http_agent_inference_p50_ms"] = round(float(np.median([a for a, _ in agent_ms])), 1)
-                        out["http_agent_queue_p50_ms"] = round(float(np.median([q for _, q in agent_ms])), 1)
+                        # (warm-ups included: the HTTP block does not tell them apart; 4 of 44)
+                        out["http_agent_inference_p50_ms"] = stage_p50(agent_ms, "inference")
+                        out["http_agent_queue_p50_ms"] = stage_p50(agent_ms, "queue")
+                        out["mqtt_agent_inference_p50_ms"] = stage_p50(mqtt_ms, "inference")
+                        out["mqtt_agent_queue_p50_ms"] = stage_p50(mqtt_ms, "queue")
+                        out["stages_p50_ms"] = {  # where the agent's compute differs from the core's, if it does
+                            who: {k: stage_p50(rows, k) for k in ("decode", "preprocess", "backbone", "knn",
+                                                                  "postprocess")}
+                            for who, rows in (("core", core.stages), ("agent_http", agent_ms))}
                     out[f"mqtt_burst_max_batch_{max_batch}"] = mqtt_burst(obs, images, args.burst, f"b{max_batch}_")
                     out[f"http_burst_max_batch_{max_batch}"] = http_burst(client, images, args.burst)
                 obs.close()
