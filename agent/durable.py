@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from core.ids import safe_text
@@ -85,6 +86,8 @@ class Spool:
         for d in (self.journal, self.outbox):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._logging: set[str] = set()  # keys whose outbox file may be written but answered.log lacks them
+        self._logged_cond = threading.Condition(self._lock)
         self._remember = remember
         self._answered: OrderedDict[str, None] = OrderedDict()
         if self.answered_log.exists():
@@ -159,26 +162,53 @@ class Spool:
             (self.journal / f"{seq:016d}{suffix}").unlink(missing_ok=True)
 
     # ----------------------------------------------------------- outbox
-    def answer(self, key: str | None, seq: int | None, messages: list[dict]) -> None:
-        """Put result messages in the outbox, mark the request answered, drop it from the journal."""
+    def answer(self, key: str | None, seq: int | None, messages: list[dict],
+               written: Callable[[], None] | None = None) -> None:
+        """Put result messages in the outbox, mark the request answered, drop it from the journal.
+
+        written(): called as soon as the outbox file is on disk (wakes the publisher), before answered.log
+        has the key; the publisher then keeps the file until it has (`wait_logged`): a crash in between
+        finds the key in the outbox, so the request is not taken from the journal again."""
         key = None if key is None else safe_text(key, KEY_MAX)
-        if messages:
-            self.enqueue(messages, key)
         if key is not None:
             with self._lock:
-                with open(self.answered_log, "a") as fh:
-                    fh.write(f"{key}\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                self._answered[key] = None
-                while len(self._answered) > self._remember:
-                    self._answered.popitem(last=False)
-                self._logged += 1
-                if self._logged > 2 * self._remember:  # months of uptime: keep the log at its window
-                    self._compact()
-                self._inflight.pop(key, None)
+                self._logging.add(key)
+        try:
+            if messages:
+                self.enqueue(messages, key)
+            if written is not None:
+                written()
+            if key is not None:
+                self._log_answered(key)
+        finally:
+            if key is not None:
+                with self._logged_cond:
+                    self._logging.discard(key)
+                    self._logged_cond.notify_all()
         if seq is not None:
             self._drop_journal(seq)
+
+    def _log_answered(self, key: str) -> None:
+        with self._lock:
+            with open(self.answered_log, "a") as fh:
+                fh.write(f"{key}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._answered[key] = None
+            while len(self._answered) > self._remember:
+                self._answered.popitem(last=False)
+            self._logged += 1
+            if self._logged > 2 * self._remember:  # months of uptime: keep the log at its window
+                self._compact()
+            self._inflight.pop(key, None)
+
+    def wait_logged(self, key: str | None, timeout: float = 30.0) -> None:
+        """Until answered.log has `key` (or its answer failed): an outbox file may go only after that."""
+        if key is None:
+            return
+        key = safe_text(key, KEY_MAX)
+        with self._logged_cond:
+            self._logged_cond.wait_for(lambda: key not in self._logging, timeout)
 
     def answer_once(self, key: str, messages: list[dict]) -> bool:
         """answer() unless `key` was already answered (e.g. a result mirrored again after a restart)."""

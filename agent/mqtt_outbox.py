@@ -39,13 +39,14 @@ class OutboxPublisher:
                 if not self._connected.is_set():
                     break
                 try:
-                    _, messages = read_outbox(path)
+                    key, messages = read_outbox(path)
                 except (OSError, ValueError):
                     log.error("mqtt: unreadable outbox file %s dropped", path.name)
                     path.unlink(missing_ok=True)
                     continue
                 if not all(self._publish(f"{path.name}#{i}", msg, inflight) for i, msg in enumerate(messages)):
                     break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
+                self.spool.wait_logged(key)  # published before answered.log had the key: not removed before
                 path.unlink(missing_ok=True)
                 for i in range(len(messages)):
                     inflight.pop(f"{path.name}#{i}", None)

@@ -15,11 +15,13 @@ REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy"
 IMAGELESS = ("calibrate", "delete_samples", "rollback", "reset")
 
 
-def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int) -> tuple[list[bytes], dict]:
+def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int,
+                  body: object = None) -> tuple[list[bytes], dict]:
     """An MQTT request payload -> (image bytes, metadata); InputError with a code for anything unusable.
 
     JSON (`image_b64`, `images_b64` for fit_ok, metadata keys) or raw image bytes with the metadata in
     v5 user properties. calibrate may come without images: `threshold`, `reset`, `policy` or nothing.
+    body: the JSON payload already parsed (peek_request_id's), so that a large one is parsed once.
     """
     if len(payload) > max_payload_bytes:
         raise InputError(f"payload of {len(payload)} bytes is over mqtt.max_payload_bytes ({max_payload_bytes})",
@@ -27,7 +29,7 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
     meta: dict = {}
     if payload[:1] == b"{":
         try:
-            body = json.loads(payload)
+            body = json.loads(payload) if body is None else body
         except (ValueError, RecursionError) as exc:
             raise InputError(f"payload is not valid JSON: {exc}", "invalid_json") from None
         if not isinstance(body, dict):
@@ -54,15 +56,16 @@ def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: in
     return decoded, meta
 
 
-def peek_request_id(payload: bytes, user: dict) -> object:
-    """The request id of a message before it is parsed (JSON key, or the v5 user property)."""
+def peek_request_id(payload: bytes, user: dict) -> tuple[object, dict | None]:
+    """The request id of a message before it is recorded (JSON key, or the v5 user property), and the
+    parsed JSON object if the payload is one (for parse_request)."""
     if payload[:1] == b"{":
         try:
-            rid = json.loads(payload).get("request_id")
-            return rid if rid is not None else None
-        except (ValueError, AttributeError, RecursionError):  # the parser answers it: invalid_json
-            return None
-    return user.get("request_id") or None
+            body = json.loads(payload)
+        except (ValueError, RecursionError):  # the parser answers it: invalid_json
+            return None, None
+        return (body.get("request_id"), body) if isinstance(body, dict) else (None, None)
+    return user.get("request_id") or None, None
 
 
 def replay_messages(first: dict, response_topic: object, correlation: bytes | None) -> list[dict]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 from agent.durable import Spool, read_outbox
@@ -58,3 +60,32 @@ def test_a_key_is_answered_once_and_the_log_stays_at_its_window(tmp_path: Path) 
     lines = (tmp_path / "answered.log").read_text().splitlines()
     assert len(lines) <= 2 * 5 + 1 and lines[-1] == "k39"  # compacted while running, newest kept
     assert Spool(tmp_path, remember=5).known("k39") and not Spool(tmp_path, remember=5).known("k30")
+
+
+def test_the_publisher_keeps_an_outbox_file_until_answered_log_has_its_key(tmp_path: Path) -> None:
+    """answer() wakes the publisher as soon as the outbox file is on disk (before answered.log is fsynced):
+    the publisher may send it, but must not delete it before the key is logged, or a crash in between
+    would find the request in the journal and answer it a second time."""
+    spool = Spool(tmp_path)
+    seq = spool.record("r3", {"topic": "anomaly/st1/tire/predict", "request_id": "r3"}, b"{}")
+    events: list[str] = []
+
+    def publisher() -> None:  # what OutboxPublisher does once woken: send, then wait_logged, then unlink
+        (path,) = spool.outgoing()
+        key, _ = read_outbox(path)
+        events.append("sent")
+        spool.wait_logged(key)
+        events.append("may delete: " + ("logged" if "r3" in (tmp_path / "answered.log").read_text().split()
+                                         else "NOT logged"))
+
+    thread = threading.Thread(target=publisher)
+
+    def written() -> None:
+        thread.start()
+        time.sleep(0.3)  # answered.log is written after this: the publisher must still be waiting
+        events.append("answer logs the key")
+
+    spool.answer("r3", seq, MSGS[:1], written=written)
+    thread.join(5)
+    assert events == ["sent", "answer logs the key", "may delete: logged"], events
+    assert Spool(tmp_path).pending() == [] and Spool(tmp_path).known("r3")
