@@ -138,7 +138,9 @@ def http_one(client: httpx.Client, agent_ms: list[dict]) -> Callable[[bytes, int
     return run
 
 
-def folder_one(root: Path) -> Callable[[bytes, int], None]:
+def folder_one(root: Path, agent_ms: list[dict]) -> Callable[[bytes, int], None]:
+    """One predict through the folder (rename into the inbox, then poll for the result file); agent_ms as in
+    http_one, read from the result file (after the clock stopped: the block times the round trip)."""
     inbox = root / "inbox" / "st1" / "tire" / "predict"
     inbox.mkdir(parents=True, exist_ok=True)
     results = root / "results" / "st1" / "tire"
@@ -150,6 +152,16 @@ def folder_one(root: Path) -> Callable[[bytes, int], None]:
         deadline = time.monotonic() + 60
         while not (results / f"s{i}.json").exists() and time.monotonic() < deadline:
             time.sleep(0.002)
+        pending.append(results / f"s{i}.json")
+
+    pending: list[Path] = []
+
+    def collect() -> None:
+        for path in pending:
+            d = json.loads(path.read_text())["data"]
+            agent_ms.append({**d["timings_ms"], "inference": d["inference_ms"], "queue": d["queue_ms"]})
+        pending.clear()
+    run.collect = collect  # type: ignore[attr-defined]
     return run
 
 
@@ -256,9 +268,11 @@ def main() -> None:
                     if max_batch == "auto":
                         agent_ms: list[dict] = []
                         mqtt_ms: list[dict] = []
+                        folder_ms: list[dict] = []
+                        folder = folder_one(root, folder_ms)
                         lat = alternating({"core": core.block, "http": timed(http_one(client, agent_ms), images),
                                            "mqtt": timed(mqtt_one(obs, mqtt_ms), images),
-                                           "folder": timed(folder_one(root), images)}, args.runs)
+                                           "folder": timed(folder, images)}, args.runs)
                         out.update({f"{k}_serial" if k != "core" else k: v for k, v in lat.items()})
                         # the agent's own view of the HTTP requests: compute, and time in queue / delivery
                         # (warm-ups included: the HTTP block does not tell them apart; 4 of 44)
@@ -266,6 +280,8 @@ def main() -> None:
                         out["http_agent_queue_p50_ms"] = stage_p50(agent_ms, "queue")
                         out["mqtt_agent_inference_p50_ms"] = stage_p50(mqtt_ms, "inference")
                         out["mqtt_agent_queue_p50_ms"] = stage_p50(mqtt_ms, "queue")
+                        folder.collect()  # type: ignore[attr-defined]
+                        out["folder_agent_inference_p50_ms"] = stage_p50(folder_ms, "inference")
                         out["stages_p50_ms"] = {  # where the agent's compute differs from the core's, if it does
                             who: {k: stage_p50(rows, k) for k in ("decode", "preprocess", "backbone", "knn",
                                                                   "postprocess")}
@@ -282,6 +298,11 @@ def main() -> None:
     c = out["core"]["p50_ms"]
     for ingress in ("http", "mqtt", "folder"):
         out[f"overhead_{ingress}_p50"] = round(out[f"{ingress}_serial"]["p50_ms"] / c - 1, 3)
+        # the daemon's own cost, free of the noise in its compute: round trip - the agent's inference_ms
+        # (p50s of the same requests), as a share of the core's p50
+        own = out[f"{ingress}_serial"]["p50_ms"] - out[f"{ingress}_agent_inference_p50_ms"]
+        out[f"transport_{ingress}_p50_ms"] = round(own, 1)
+        out[f"transport_{ingress}_share"] = round(own / c, 3)
     out["core_rps_serial"] = round(1000 / c, 2)
     out["batching_speedup"] = round(out["mqtt_burst_max_batch_8"]["rps"] / out["mqtt_burst_max_batch_auto"]["rps"], 3)
     print(json.dumps(out, indent=1))

@@ -32,6 +32,7 @@ from .roi_manifest import (
     apply_calibration,
     manifest_state,
     policy_of,
+    result_settings,
     stored_rois,
     threshold_policy,
 )
@@ -139,7 +140,8 @@ class RoiModel:
         previous = m.get("branches") or [{"identity": m.get("backbone"), "bank_rows_total": m.get("bank_rows_total")}]
         self.index.sync(self.samples, previous, m.get("bank_key") == self.settings.bank_key())
         changed = (m["counts"]["ok"] != self._count("ok") or m["backbone"] != self.identity
-                   or m["counts"]["ng"] != self._count("ng") or m.get("settings") != asdict(self.settings)
+                   or m["counts"]["ng"] != self._count("ng")
+                   or result_settings(m.get("settings")) != result_settings(asdict(self.settings))
                    or [x["identity"] for x in m.get("branches", previous)] != [b.identity for b in self.branches]
                    or len(self.scales) != len(self.branches))
         if (changed or force_threshold) and (self.branches[0].emb["ok"].rows or self.store.exists()):

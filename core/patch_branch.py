@@ -25,6 +25,7 @@ import torch
 from .bank_distances import BankDistances
 from .errors import ModelNotReadyError
 from .knn import NearestNeighbour
+from .knn_certified import MIN_BANK, ClusteredBank, faiss
 from .memory_bank import CoresetSize, MemoryBank
 from .storage import EmbeddingStore, atomic_write_bytes
 
@@ -46,6 +47,7 @@ class PatchBranch:
         self.bank_path = index_dir / f"{prefix}bank.npz"
         self.bank = MemoryBank(feature_dim, size, proj_dim)
         self.knn: NearestNeighbour | None = None
+        self._clusters: ClusteredBank | None = None  # for the certified search, built when first needed
         self.bank_sample = np.zeros(0, np.int64)  # index of the OK sample each bank entry came from
         self.distances = BankDistances()
 
@@ -128,6 +130,7 @@ class PatchBranch:
             return None
 
     def refresh_knn(self) -> None:
+        self._clusters = None
         if len(self.bank) == 0:
             self.knn = None
             self.bank_sample = np.zeros(0, np.int64)
@@ -141,6 +144,15 @@ class PatchBranch:
         if self.knn is None:
             raise ModelNotReadyError(f"branch {self.identity['name']} has an empty memory bank")
         return self.knn.distances(torch.from_numpy(feats).to(self.device)).numpy()
+
+    def clusters(self) -> ClusteredBank | None:
+        """The bank's clusters for the certified search (core/knn_certified.py), built at the first prediction
+        after a bank change; None where the exact search is as cheap (a small bank, CUDA)."""
+        if self.knn is None or len(self.bank) < MIN_BANK or self.device.type != "cpu" or faiss is None:
+            return None
+        if self._clusters is None:
+            self._clusters = ClusteredBank(self.bank.feats)
+        return self._clusters
 
     def begin_round(self) -> None:
         if self.knn is not None:

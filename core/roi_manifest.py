@@ -41,6 +41,8 @@ class ModelSettings:
     fit_batch_size: int = _opt(8, "images per backbone forward in a fit", ge=1, le=256)
     min_defect_area_px: int = _opt(0, "regions smaller than this are not reported", ge=0)
     knn_backend: str = _opt("auto", "nearest-neighbour search", choices=("auto", "faiss", "torch"))
+    knn_search: str = _opt("certified", "predictions without a heatmap search exactly only the patches that decide "
+                           "the score and regions (same results)", choices=("certified", "exact"))
 
     def coreset_size(self) -> CoresetSize:
         return CoresetSize(self.coreset_ratio, self.coreset_min, self.coreset_max)
@@ -48,6 +50,14 @@ class ModelSettings:
     def bank_key(self) -> dict:
         return {"coreset_ratio": self.coreset_ratio, "coreset_min": self.coreset_min,
                 "coreset_max": self.coreset_max, "proj_dim": self.proj_dim}
+
+
+SEARCH_ONLY = ("knn_backend", "knn_search")  # how the search runs, not what it finds: no new model version
+
+
+def result_settings(settings: dict | None) -> dict | None:
+    """The settings that decide a model's results (a change of any other is not a change of the model)."""
+    return None if settings is None else {k: v for k, v in settings.items() if k not in SEARCH_ONLY}
 
 
 def policy_of(m: dict) -> dict:

@@ -13,6 +13,7 @@ import cv2
 from .fusion import fuse_maps, fuse_scores
 from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput
+from .knn_certified import certified_maps
 from .lifecycle import apply_suspect_policy
 from .prediction import Prediction
 from .roi_index import Embedded
@@ -46,9 +47,20 @@ def fit_in_steps(model: RoiModel, chunks: Iterable[list[Sample]], between: Calla
 def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: float, heatmap: bool, return_map: bool,
                 preview_px: int) -> Prediction:
     t0 = time.perf_counter()
-    dists = [branch.search(emb.feats[b]) for b, branch in enumerate(model.branches)]
+    maps = None
+    if not (heatmap or return_map or model.settings.knn_search == "exact" or model.settings.score_stat != "max"):
+        clusters = [branch.clusters() for branch in model.branches]
+        if all(c is not None for c in clusters):  # the score and regions from a fraction of the search
+            searches = [lambda idx, b=b: model.branches[b].search(emb.feats[b][idx]) for b in range(len(clusters))]
+            pairs, _ = certified_maps(searches, clusters, emb.feats, emb.grids, emb.input_size,
+                                      model.settings.blur_sigma, model.mask_at(emb.input_size), model.scales,
+                                      threshold)
+            maps = [m for _, m in pairs]
+    if maps is None:
+        dists = [branch.search(emb.feats[b]) for b, branch in enumerate(model.branches)]
     t1 = time.perf_counter()
-    maps = [model.branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
+    if maps is None:
+        maps = [model.branch_map(d, emb.grids[b], emb.input_size) for b, d in enumerate(dists)]
     score = fuse_scores([model.map_score(m) for m in maps], model.scales)
     full = cv2.resize(fuse_maps(maps, model.scales), img.size, interpolation=cv2.INTER_LINEAR)
     mask_full = model.mask_at(img.size)

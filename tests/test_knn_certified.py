@@ -1,0 +1,146 @@
+"""The certified search (core/knn_certified.py): a prediction's score, verdict and regions equal the exact
+search's, on real images, while only part of the patches is searched exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.image_io import decode_image
+from core.knn import NearestNeighbour
+from core.knn_certified import ClusteredBank, certified_maps, support_radius
+from core.model import ModelSettings, RoiModel
+from core.scoring import input_res_map
+
+
+@pytest.mark.parametrize(("grid", "size", "sigma"), [((40, 42), (320, 336), 4.0), ((20, 21), (320, 336), 4.0),
+                                                     ((24, 32), (192, 256), 2.5), ((13, 17), (200, 270), 4.0),
+                                                     ((30, 30), (240, 240), 0.0)])
+def test_a_map_pixel_depends_on_no_cell_outside_its_support(grid: tuple[int, int], size: tuple[int, int],
+                                                            sigma: float) -> None:
+    """Change every grid cell outside a pixel's support (support_radius cells around its own): the map value at
+    that pixel does not move, to the last bit. The certified search relies on exactly this."""
+    rng = np.random.default_rng(0)
+    gh, gw = grid
+    w, h = size
+    ry, rx = support_radius(h, gh, sigma), support_radius(w, gw, sigma)
+    base = rng.random(gh * gw).astype(np.float32)
+    ref = input_res_map(base, grid, size, sigma)
+    for y, x in [(0, 0), (h - 1, w - 1), (h // 2, w // 3), (7, w - 5), (h - 9, 3)] + [
+            tuple(rng.integers(0, (h, w))) for _ in range(20)]:
+        cy, cx = y * gh // h, x * gw // w
+        inside = np.zeros((gh, gw), bool)
+        inside[max(0, cy - ry) : cy + ry + 1, max(0, cx - rx) : cx + rx + 1] = True
+        changed = base.copy()
+        changed[~inside.ravel()] += rng.random(int((~inside).sum())).astype(np.float32) * 5
+        assert input_res_map(changed, grid, size, sigma)[y, x] == ref[y, x], (y, x)
+        if sigma > 0 and cy - ry - 1 >= 0:  # and the support is not wider than needed by much: a cell just
+            near = base.copy()                 # outside it on the way to the pixel does not count either
+            near[(cy - ry - 1) * gw + cx] += 5
+            assert input_res_map(near, grid, size, sigma)[y, x] == ref[y, x]
+
+
+def test_upper_bounds_are_real_distances_never_below_the_exact_ones() -> None:
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(3000, 48)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = rng.normal(size=(500, 48)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = NearestNeighbour(torch.from_numpy(bank)).distances(torch.from_numpy(q)).numpy()
+    upper = ClusteredBank(torch.from_numpy(bank)).upper_bounds(torch.from_numpy(q))
+    assert np.all(upper >= exact - 1e-5)
+    assert np.mean(np.abs(upper - exact) < 1e-5) > 0.2  # often the nearest cluster holds the neighbour
+    all_d = np.sqrt(np.clip(2 - 2 * q @ bank.T, 0, None))
+    assert np.all(np.abs(all_d[:, None, :] - upper[:, None, None]).min(axis=2) < 1e-3)  # a bank entry's distance
+
+
+@pytest.fixture(scope="module")
+def tire_model(tmp_path_factory, extractor, tire: Path) -> RoiModel:
+    model = RoiModel(tmp_path_factory.mktemp("cert"), "st1", "tire", extractor,
+                     ModelSettings(coreset_min=2048, coreset_max=4096))
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:12]
+    model.fit_ok([(p.read_bytes(), decode_image(p.read_bytes(), mm_per_px=0.1), {}) for p in train])
+    assert all(b.clusters() is not None for b in model.branches)  # banks large enough for the certified search
+    return model
+
+
+def _predict(model: RoiModel, images: list, search: str) -> list:
+    model.settings.knn_search = search
+    try:
+        return model.predict(images)
+    finally:
+        model.settings.knn_search = "certified"
+
+
+def _same(certified: list, exact: list) -> None:
+    for c, e in zip(certified, exact, strict=True):
+        assert c.score == pytest.approx(e.score, rel=1e-6, abs=1e-7)
+        assert c.is_anomaly == e.is_anomaly
+        assert c.defect_count == e.defect_count
+        assert [(r.bbox, r.area_px, r.area_mm2) for r in c.regions] == [(r.bbox, r.area_px, r.area_mm2)
+                                                                       for r in e.regions]
+        assert [r.max_score for r in c.regions] == pytest.approx([r.max_score for r in e.regions], rel=1e-6)
+
+
+def test_scores_verdicts_and_regions_equal_the_exact_search_on_real_images(tire_model: RoiModel, tire: Path) -> None:
+    paths = (sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:6]
+             + sorted((tire / "test" / "hole" / "rgb").glob("*.png"))[:4]
+             + sorted((tire / "test" / "cut" / "rgb").glob("*.png"))[:4])
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
+    certified, exact = _predict(tire_model, images, "certified"), _predict(tire_model, images, "exact")
+    _same(certified, exact)
+    assert any(p.is_anomaly for p in exact) and not all(p.is_anomaly for p in exact)
+    assert sum(p.defect_count for p in exact) > 0
+
+
+def test_with_a_low_threshold_large_regions_are_still_exact(tire_model: RoiModel, tire: Path) -> None:
+    """A threshold under most of the map: nearly every patch must be searched, and the regions still match."""
+    paths = sorted((tire / "test" / "cut" / "rgb").glob("*.png"))[4:7]
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
+    saved = dict(tire_model.manifest["threshold"])
+    low = float(np.median([p.score for p in _predict(tire_model, images, "exact")])) * 0.8
+    tire_model.manifest["threshold"]["value"] = low
+    try:
+        certified, exact = _predict(tire_model, images, "certified"), _predict(tire_model, images, "exact")
+    finally:
+        tire_model.manifest["threshold"] = saved
+    assert certified[0].threshold == pytest.approx(low)
+    _same(certified, exact)
+    assert all(p.is_anomaly for p in exact)
+
+
+def test_only_part_of_the_patches_is_searched_exactly(tire_model: RoiModel, tire: Path) -> None:
+    """The point of it: on a good part, the exact search runs on a small share of the patches."""
+    img = decode_image(sorted((tire / "test" / "good" / "rgb").glob("*.png"))[0].read_bytes())
+    emb = tire_model.index.embed([img])[0]
+    calls: list[int] = []
+
+    def search(b: int):
+        def run(idx: np.ndarray) -> np.ndarray:
+            calls.append(idx.size)
+            return tire_model.branches[b].search(emb.feats[b][idx])
+        return run
+
+    clusters = [b.clusters() for b in tire_model.branches]
+    pairs, info = certified_maps([search(b) for b in range(len(clusters))], clusters, emb.feats, emb.grids,
+                                 emb.input_size, tire_model.settings.blur_sigma, tire_model.mask_at(emb.input_size),
+                                 tire_model.scales, tire_model.threshold)
+    total = sum(f.shape[0] for f in emb.feats)
+    assert info["exact_patches"] == sum(calls) < 0.25 * total, (info, total)
+    exact_maps = [input_res_map(b.search(emb.feats[i]), emb.grids[i], emb.input_size, tire_model.settings.blur_sigma)
+                  for i, b in enumerate(tire_model.branches)]
+    for (_, m), e in zip(pairs, exact_maps, strict=True):
+        assert m.max() == pytest.approx(e.max(), rel=1e-6)  # the peak is exact
+        assert np.all(m >= e - 1e-5)  # elsewhere bounds from above
+
+
+def test_a_heatmap_or_another_score_statistic_uses_the_exact_search(tire_model: RoiModel, tire: Path) -> None:
+    img = decode_image(sorted((tire / "test" / "hole" / "rgb").glob("*.png"))[0].read_bytes())
+    with_map = tire_model.predict([img], heatmap=True, return_map=True)[0]
+    exact = _predict(tire_model, [img], "exact")[0]
+    assert with_map.score == exact.score  # the same code path: equal to the bit
+    assert np.array_equal(with_map.anomaly_map, tire_model.predict([img], return_map=True)[0].anomaly_map)
+
