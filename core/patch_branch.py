@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,7 +152,10 @@ class PatchBranch:
         if self.knn is None or len(self.bank) < MIN_BANK or self.device.type != "cpu" or faiss is None:
             return None
         if self._clusters is None:
+            t0 = time.perf_counter()
             self._clusters = ClusteredBank(self.bank.feats)
+            log.info("branch %s: bank of %d patches in %d clusters for the certified search (%.0f ms)",
+                     self.identity["name"], len(self.bank), self._clusters.k, (time.perf_counter() - t0) * 1000)
         return self._clusters
 
     def begin_round(self) -> None:
