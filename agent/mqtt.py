@@ -274,7 +274,8 @@ class MqttIngest:
             return None
 
     def _feeder(self) -> None:
-        """Hand recorded requests to the worker; ack each one only when the worker took it."""
+        """Hand requests to the worker; ack each one only when the worker took it and its journal entry is
+        written (a predict's entry may still be in writing when it is handed over)."""
         while True:
             item = self._feed.get()
             if item is None:

@@ -64,16 +64,14 @@ class ClusteredBank:
         nearest = (queries @ self.centroids.T).argmax(1).numpy()
         order = np.argsort(nearest, kind="stable")
         starts = np.searchsorted(nearest[order], np.arange(self.k + 1))
-        best = torch.full((queries.shape[0],), -4.0)
         q_sorted = queries[torch.from_numpy(order)]
-        sims = torch.empty(queries.shape[0])
+        sims = torch.full((queries.shape[0],), -4.0)  # -4: a query whose cluster is empty gets no bound below 2
         for c in range(self.k):
             lo, hi = starts[c], starts[c + 1]
             m_lo, m_hi = self.bounds[c], self.bounds[c + 1]
             if hi > lo and m_hi > m_lo:
                 sims[lo:hi] = (q_sorted[lo:hi] @ self.members[m_lo:m_hi].T).max(1).values
-            elif hi > lo:
-                sims[lo:hi] = -4.0
+        best = torch.empty_like(sims)
         best[torch.from_numpy(order)] = sims
         return unit_distance(best).numpy()
 
@@ -90,8 +88,7 @@ class _Branch:
     dist: np.ndarray  # [P] exact where `exact`, an upper bound elsewhere
     exact: np.ndarray  # [P] bool
     grid: tuple[int, int]
-    radius: tuple[int, int]  # (rows, cols)
-    kernel: np.ndarray
+    kernel: np.ndarray  # ones over the support radius (rows, cols) on each side of a cell
 
 
 def certified_maps(searches: list, bounds: list[ClusteredBank], feats: list[np.ndarray],
@@ -106,7 +103,7 @@ def certified_maps(searches: list, bounds: list[ClusteredBank], feats: list[np.n
     for b, bank in enumerate(bounds):
         gh, gw = grids[b]
         rad = (support_radius(h, gh, sigma), support_radius(w, gw, sigma))
-        states.append(_Branch(bank.upper_bounds(torch.from_numpy(feats[b])), np.zeros(gh * gw, bool), (gh, gw), rad,
+        states.append(_Branch(bank.upper_bounds(torch.from_numpy(feats[b])), np.zeros(gh * gw, bool), (gh, gw),
                               np.ones((2 * rad[0] + 1, 2 * rad[1] + 1), np.uint8)))
     rounds = 0
     while True:
