@@ -152,10 +152,13 @@ def cmd_mask(rt: Runtime, args: argparse.Namespace) -> int:
 
 def cmd_models(data_root: Path) -> int:
     from core.model import stored_rois
+    from core.roi_manifest import unusable_rois
 
     for _, state in stored_rois(data_root):
         drift = read_drift(data_root, state["role_id"], state["roi_id"])
         _emit({**state, "drift": drift} if drift else state)
+    for state in unusable_rois(data_root):  # listed with the reason, never a failure of the whole command
+        _emit(state)
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from core import lifecycle
 from core.errors import InputError
 from core.ids import validate_id
-from core.roi_archive import export_roi, import_roi
+from core.roi_archive import export_roi
 from core.storage import RoiStore, atomic_write_bytes
 
 from .runtime import Runtime
@@ -72,10 +72,7 @@ def cmd_export(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_import(rt: Runtime, args: argparse.Namespace) -> int:
-    data = Path(args.file).read_bytes()
-    ex = rt.extractor_for(args.role, args.roi) if args.role and args.roi else rt.extractor
-    got = import_roi(rt.cfg.data_root, data, ex.identity.to_dict(), [i.to_dict() for i in ex.branch_identities],
-                     args.role, args.roi)
+    got = rt.import_roi(Path(args.file), args.role, args.roi)  # streamed from the file, never held whole
     model = rt.model(got["role_id"], got["roi_id"], create=False)  # embeds the samples now, not at the first part
     _emit({**got, **model.state()})
     return 0

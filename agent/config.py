@@ -191,6 +191,8 @@ class LimitsConfig(Strict):
     max_rois: int = Field(1000, ge=1)
     max_loaded_rois: int = Field(64, ge=1)
     idle_unload_s: float = Field(3600.0, ge=0)
+    import_max_mb: float = Field(1024.0, gt=0)  # an archive's unpacked size (core/roi_import.py)
+    import_max_files: int = Field(20_000, ge=10)  # and its files (two per sample)
 
 
 class LifecycleConfig(Strict):

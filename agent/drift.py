@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.drift import DriftMonitor, DriftSettings
 from core.model import RoiModel
+from core.state_files import StateFileError, check_drift
 from core.storage import RoiStore, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,23 @@ def drift_path(data_root: Path, role_id: str, roi_id: str) -> Path:
     return RoiStore(data_root, role_id, roi_id).root / "drift.json"
 
 
+def saved_drift(data_root: Path, role_id: str, roi_id: str) -> dict | None:
+    """drift.json when it passes its schema (core/state_files.py); None when absent or unusable (a hand-edited
+    file with a string where a number belongs is logged and ignored: the window starts again)."""
+    path = drift_path(data_root, role_id, roi_id)
+    saved = read_json(path)
+    if saved is None:
+        return None
+    try:
+        return check_drift(saved)
+    except StateFileError as exc:
+        log.warning("%s/%s: %s: ignored, the drift window starts again", role_id, roi_id, exc.message)
+        return None
+
+
 def read_drift(data_root: Path, role_id: str, roi_id: str) -> dict | None:
     """The last evaluated drift state of a ROI, from disk (None before its first predictions)."""
-    saved = read_json(drift_path(data_root, role_id, roi_id))
+    saved = saved_drift(data_root, role_id, roi_id)
     return saved.get("last") if saved else None
 
 
@@ -40,7 +55,7 @@ class DriftTracker:
         key = (model.store.role_id, model.store.roi_id)
         mon = self._monitors.get(key)
         if mon is None:
-            saved = read_json(drift_path(self.data_root, *key))
+            saved = saved_drift(self.data_root, *key)
             try:
                 mon = DriftMonitor(self.settings, saved)
             except (TypeError, ValueError, AttributeError) as exc:  # a hand-edited file must not fail predictions

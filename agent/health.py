@@ -18,6 +18,8 @@ def health_body(rt: Runtime, worker: Worker, started: float, agent_id: str) -> d
     dead = worker.dead_intakes()
     oldest = worker.oldest_unanswered_s()
     problems = [f"intake thread {name} has stopped" for name in dead]
+    problems += [f"ROI {s['role_id']}/{s['roi_id']} cannot be used: {s['unloadable']['reason']}"
+                 for s in rt.unloadable_states()]
     if oldest is not None and oldest > worker.cfg.stuck_after_s:
         problems.append(f"an input has waited {oldest:.0f} s for its answer (worker.stuck_after_s "
                         f"{worker.cfg.stuck_after_s:g})")

@@ -24,6 +24,7 @@ STATUS_BY_CODE = {
     "unknown_sample": 404, "unknown_version": 404, "conflicting_label": 409, "roi_exists": 409,
     "version_unavailable": 409, "checksum_mismatch": 422, "invalid_archive": 422, "invalid_sample_ids": 422,
     "invalid_version": 422, "unknown_request": 404, "invalid_json": 400, "invalid_base64": 400,
+    "roi_unloadable": 503, "too_many_rois": 409, "busy": 409, "cross_site": 403, "csrf": 403,
 }
 
 

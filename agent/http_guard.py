@@ -29,6 +29,11 @@ def token_ok(header: bytes | None, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
+# no page of the agent may be framed by another site (clickjacking of the operator page's buttons)
+FRAME_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                 (b"x-content-type-options", b"nosniff")]
+
+
 class Guard:
     """ASGI middleware: the bearer token (all but /health) and the request size limit, before parsing."""
 
@@ -75,7 +80,9 @@ class Guard:
             nonlocal started
             if over:
                 return  # the app's own answer to a body cut short (a parse error) is replaced below
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *FRAME_HEADERS]}
             await send(message)
 
         try:

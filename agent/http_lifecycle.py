@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from core import lifecycle
 from core.ids import validate_id
-from core.roi_archive import export_roi, import_roi
+from core.roi_archive import export_roi
 from core.storage import RoiStore
 
 from .http_errors import ApiError
@@ -87,9 +87,7 @@ def lifecycle_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         data = await file.read(limit + 1)
         if len(data) > limit:
             raise ApiError("file_too_large", f"over http.max_request_bytes ({limit})")
-        ex = ctx.rt.extractor_for(role_id, roi_id) if role_id and roi_id else ctx.rt.extractor
-        got = await asyncio.to_thread(import_roi, ctx.cfg.data_root, data, ex.identity.to_dict(),
-                                      [i.to_dict() for i in ex.branch_identities], role_id, roi_id)
+        got = await asyncio.to_thread(ctx.rt.import_roi, data, role_id, roi_id)
         return JSONResponse(got)
 
     return r

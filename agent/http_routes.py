@@ -25,6 +25,7 @@ from core.roi_versions import RoiVersions
 from core.storage import RoiStore
 
 from .health import health_body
+from .http_csrf import page_token, set_token
 from .http_errors import ApiError, _rid_header
 from .http_models import (
     ERRORS,
@@ -233,6 +234,10 @@ def roi_states(ctx: HttpContext, scores: dict | None = None) -> list[dict]:
     return out
 
 
+def unloadable_states(ctx: HttpContext) -> list[dict]:
+    return ctx.rt.unloadable_states()
+
+
 def health(ctx: HttpContext) -> dict:
     body = health_body(ctx.rt, ctx.worker, ctx.started, ctx.agent_id)
     return {**body, **(ctx.extra_health() if ctx.extra_health else {})}
@@ -244,7 +249,12 @@ def state_router(ctx: HttpContext) -> APIRouter:
     @r.get("/models", response_model=list[RoiState])
     async def models() -> JSONResponse:
         """State of every ROI: samples, bank size, threshold and how it was set."""
-        return JSONResponse(await asyncio.to_thread(roi_states, ctx))
+        def both() -> list[dict]:
+            loaded = roi_states(ctx)
+            have = {(s["role_id"], s["roi_id"]) for s in loaded}
+            return loaded + [s for s in unloadable_states(ctx) if (s["role_id"], s["roi_id"]) not in have]
+
+        return JSONResponse(await asyncio.to_thread(both))
 
     @r.get("/models/{role_id}/{roi_id}", response_model=RoiState, responses=ERRORS)
     async def model(role_id: str, roi_id: str) -> JSONResponse:
@@ -253,6 +263,9 @@ def state_router(ctx: HttpContext) -> APIRouter:
         validate_id(roi_id, "roi_id")
         store = RoiStore(ctx.cfg.data_root, role_id, roi_id)
         m = store.read_manifest()
+        bad = [s for s in unloadable_states(ctx) if (s["role_id"], s["roi_id"]) == (role_id, roi_id)]
+        if bad and (not m or (role_id, roi_id) in ctx.rt.unloadable):
+            return JSONResponse(bad[0])
         if not m:
             raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
         drift = ctx.rt.drift.current(role_id, roi_id)
@@ -275,7 +288,7 @@ def state_router(ctx: HttpContext) -> APIRouter:
 def ui_router(ctx: HttpContext) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
-    def render(roi_filter: str | None, preview: float | None, flash: str | None) -> str:
+    def render(roi_filter: str | None, preview: float | None, flash: str | None, csrf: str) -> str:
         scores: dict = {}
         states = roi_states(ctx, scores)
         histories = {(s["role_id"], s["roi_id"]): ctx.rt.drift.history(s["role_id"], s["roi_id"]) for s in states}
@@ -288,15 +301,19 @@ def ui_router(ctx: HttpContext) -> APIRouter:
                     previews[key] = thresholds.preview(preview, s["threshold"], ok, ng,
                                                        [v for v, _ in histories.get(key, [])])
         return render_page(states, scores, ctx.recent.items(), health(ctx), ctx.cfg.http.page_refresh_s,
-                           histories, previews, roi_filter, flash)
+                           histories, previews, roi_filter, flash, csrf, unloadable_states(ctx))
 
     @r.get("/", response_class=HTMLResponse)
-    async def page(roi: str | None = None, preview: float | None = None, flash: str | None = None) -> HTMLResponse:
+    async def page(request: Request, roi: str | None = None, preview: float | None = None,
+                   flash: str | None = None) -> HTMLResponse:
         """?roi=R/X shows one ROI; &preview=V what threshold V would flip; flash: the last action's outcome."""
         t0 = time.perf_counter()
+        token = page_token(request)
         html = await asyncio.to_thread(render, roi, preview if preview is None or preview > 0 else None,
-                                       flash[:300] if flash else None)
+                                       flash[:300] if flash else None, token)
         log.debug("operator page rendered in %.1f ms", (time.perf_counter() - t0) * 1000)
-        return HTMLResponse(html)
+        response = HTMLResponse(html)
+        set_token(response, token, secure=bool(ctx.cfg.http.tls))
+        return response
 
     return r

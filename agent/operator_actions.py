@@ -12,6 +12,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
+from core.ids import safe_text
+from core.roi_manifest import threshold_range
+from core.storage import RoiStore
+
+from .http_csrf import check_page_post
 from .http_errors import ApiError
 from .http_models import ERRORS, RequestId, Roi, Role
 
@@ -32,20 +37,34 @@ def back_to_page(message: str, roi: str | None = None) -> RedirectResponse:
     return RedirectResponse(where, status_code=303)
 
 
+def check_threshold_range(data_root: object, role_id: str, roi_id: str, value: float) -> None:
+    """A threshold from the page must lie in the range the ROI's own scores allow (threshold_range)."""
+    m = RoiStore(data_root, role_id, roi_id).read_manifest()  # type: ignore[arg-type]
+    if m is None:
+        raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
+    low, high, why = threshold_range(m)
+    if not low <= value <= high:
+        raise ApiError("invalid_threshold", f"threshold {value:.6g} is outside {low:.4g}..{high:.4g}: {why}")
+
+
 def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
     r = APIRouter(tags=["operator"])
 
     @r.post("/label", responses=ERRORS)
     async def label(request: Request, request_id: Annotated[str, Form(description="the result's request_id")],
-                    label: Annotated[str, Form(description="ok or ng")]) -> Response:
+                    label: Annotated[str, Form(description="ok or ng")],
+                    csrf: Annotated[str | None, Form(description="the page's CSRF token (browsers only)")] = None
+                    ) -> Response:
         """Label a recent prediction (listed on the operator page) as OK or NG: its image is fed as fit_ok
         or send_ng (moved from the other label if it was stored there). 404 unknown_request once the
-        result has left the kept list (`http.recent_results`)."""
+        result has left the kept list (`http.recent_results`). From a browser only as the page's own form
+        (403 cross_site / csrf otherwise); API clients authenticate with the bearer token."""
+        check_page_post(request, csrf)
         if label not in ("ok", "ng"):
             raise ApiError("invalid_field", f"label must be ok or ng, got {label[:20]!r}")
         item = ctx.recent.find(request_id)
         if item is None:
-            raise ApiError("unknown_request", f"no recent prediction {request_id[:80]!r} is kept (the last "
+            raise ApiError("unknown_request", f"no recent prediction {safe_text(request_id, 80)!r} is kept (the last "
                            f"{ctx.cfg.http.recent_results} results are: http.recent_results)")
         res = item.result
         image = await asyncio.to_thread(item.image.read_bytes)  # type: ignore[union-attr]
@@ -67,8 +86,17 @@ def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
 
     @r.post("/ui/threshold", include_in_schema=False)
     async def threshold(request: Request, role_id: Role, roi_id: Roi,
-                        threshold: Annotated[float, Form(gt=0)], request_id: RequestId = None) -> Response:
-        """Apply a previewed threshold: a manual calibration whose details say it came from the page."""
+                        threshold: Annotated[float, Form(gt=0)], request_id: RequestId = None,
+                        csrf: Annotated[str | None, Form()] = None) -> Response:
+        """Apply a previewed threshold: a manual calibration whose details say it came from the page. Only
+        from the page itself, and only within the range the ROI's own scores allow (threshold_range)."""
+        try:
+            check_page_post(request, csrf)
+            await asyncio.to_thread(check_threshold_range, ctx.cfg.data_root, role_id, roi_id, threshold)
+        except ApiError as exc:
+            if exc.code in ("cross_site", "csrf") or not wants_page(request):
+                raise
+            return back_to_page(f"threshold not applied: {exc.code}: {exc.message}", f"{role_id}/{roi_id}")
         job = jobs.job("calibrate", role_id, roi_id, [], request_id, policy="manual", threshold=threshold,
                        source=PAGE_SOURCE)
         try:

@@ -146,7 +146,11 @@ def _verdict(history: list[tuple[float, bool]]) -> str:
             f"<span class='muted'> of {len(history)}</span>")
 
 
-def _threshold_cell(s: dict, ng: list[float], preview: dict | None) -> str:
+def _csrf_field(csrf: str) -> str:
+    return f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+
+
+def _threshold_cell(s: dict, ng: list[float], preview: dict | None, csrf: str = "") -> str:
     """The threshold, how it was set, NG samples it lets pass, and the preview / apply forms."""
     role, roi, th = s["role_id"], s["roi_id"], s["threshold"]
     details = s.get("threshold_details") or {}
@@ -168,7 +172,7 @@ def _threshold_cell(s: dict, ng: list[float], preview: dict | None) -> str:
                    f'{p["n_ok"]} (now {p["ok_flagged_now"]}), NG samples passing {p["ng_passing"]} of {p["n_ng"]} '
                    f'(now {p["ng_passing_now"]}); of the last {p["n_recent"]} predictions {p["recent_to_ng"]} would '
                    f'turn NG, {p["recent_to_ok"]} OK'
-                   '<form method="post" action="/ui/threshold">'
+                   f'<form method="post" action="/ui/threshold">{_csrf_field(csrf)}'
                    f'<input type="hidden" name="role_id" value="{escape(role)}">'
                    f'<input type="hidden" name="roi_id" value="{escape(roi)}"><input type="hidden" name="threshold" '
                    f'value="{p["threshold"]!r}"><button class="apply">apply {p["threshold"]:.4g} (manual)</button>'
@@ -176,7 +180,17 @@ def _threshold_cell(s: dict, ng: list[float], preview: dict | None) -> str:
     return "<td>" + "".join(out) + "</td>"
 
 
-def _roi_rows(states: list[dict], manifests_scores: dict, histories: dict, previews: dict) -> str:
+def _unloadable_rows(bad: list[dict]) -> str:
+    """ROIs whose files cannot be used: named with the reason and what happens next (never a page error)."""
+    if not bad:
+        return ""
+    items = "".join(f'<li class="unloadable"><b>{escape(b["role_id"])}/{escape(b["roi_id"])}</b>: '
+                    f'<span class="err">{escape(b["unloadable"]["reason"])}</span> <span class="muted">'
+                    f'{escape(b["unloadable"]["then"])}</span></li>' for b in bad)
+    return f"<h2>ROIs that cannot be used</h2><ul>{items}</ul>"
+
+
+def _roi_rows(states: list[dict], manifests_scores: dict, histories: dict, previews: dict, csrf: str = "") -> str:
     if not states:
         return "<p class='muted'>No ROI fitted yet: send OK samples (fit_ok) by folder, MQTT or HTTP.</p>"
     rows = []
@@ -190,7 +204,7 @@ def _roi_rows(states: list[dict], manifests_scores: dict, histories: dict, previ
             f'{escape(s["roi_id"])}</b></a><br><span class="muted">v{s["model_version"]} · OK {s["samples"]["ok"]} · '
             f'NG {s["samples"]["ng"]} · bank {s["bank_size"]}</span></td>'
             f"<td>{_verdict(hist)}</td><td class='trend'>{trend_plot(hist, s['threshold'])}</td>"
-            f"{_threshold_cell(s, ng, previews.get(key))}"
+            f"{_threshold_cell(s, ng, previews.get(key), csrf)}"
             f"<td>{score_plot(ok, ng, s['threshold'], [v for v, _ in hist[-20:]])}</td>{_lifecycle(s)}</tr>")
     return ("<table><tr><th>ROI</th><th>verdict</th><th>trend (last 100)</th><th>threshold</th><th>OK / NG scores "
             "<span class='legend muted'><span style='color:#2e9d62'>■ OK</span><span style='color:#d6453d'>■ NG"
@@ -203,7 +217,7 @@ def _scale(threshold: float) -> str:
             f'{_fmt(threshold)}</span><span>{_fmt(2 * threshold)}+</span></div></div>')
 
 
-def _result_cards(recent: list[RecentResult]) -> str:
+def _result_cards(recent: list[RecentResult], csrf: str = "") -> str:
     if not recent:
         return "<p class='muted'>No results yet.</p>"
     cards = []
@@ -237,9 +251,9 @@ def _result_cards(recent: list[RecentResult]) -> str:
         elif item.image is not None:
             rid = escape(str(r["request_id"]))
             labels = ('<div class="labels">label as: '
-                      + "".join(f'<form method="post" action="/label"><input type="hidden" name="request_id" '
-                                f'value="{rid}"><button class="{k} label-{k}" name="label" value="{k}">{k.upper()}'
-                                "</button></form>" for k in ("ok", "ng")) + "</div>")
+                      + "".join(f'<form method="post" action="/label">{_csrf_field(csrf)}<input type="hidden" '
+                                f'name="request_id" value="{rid}"><button class="{k} label-{k}" name="label" '
+                                f'value="{k}">{k.upper()}</button></form>' for k in ("ok", "ng")) + "</div>")
         cards.append(
             f'<div class="card result{" anomaly" if d["is_anomaly"] else ""}" id="result-{item.seq}" '
             f'data-request="{escape(str(r["request_id"]))}">{pair}{head}<br>'
@@ -251,9 +265,10 @@ def _result_cards(recent: list[RecentResult]) -> str:
 
 def render_page(states: list[dict], scores: dict, recent: list[RecentResult], health: dict, refresh_s: float,
                 histories: dict | None = None, previews: dict | None = None, roi_filter: str | None = None,
-                flash: str | None = None) -> str:
+                flash: str | None = None, csrf: str = "", unloadable: list[dict] | None = None) -> str:
     """scores: {(role_id, roi_id): (ok_scores, ng_scores)} from the manifests; histories: the ROI's last
-    predictions (score, is_anomaly); previews: {(role_id, roi_id): thresholds.preview(...)}."""
+    predictions (score, is_anomaly); previews: {(role_id, roi_id): thresholds.preview(...)}; csrf: this
+    browser's token, in every form (agent/http_csrf.py); unloadable: ROIs whose files cannot be used."""
     refresh = (f'<meta http-equiv="refresh" content="{refresh_s:g}">' if refresh_s > 0 and not previews and not flash
                else "")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(health.get("counts", {}).items())) or "no requests yet"
@@ -272,8 +287,9 @@ def render_page(states: list[dict], scores: dict, recent: list[RecentResult], he
         f"up {up} · queue {health.get('queue_depth', 0)} · {escape(counts)}</p></header><main>"
         + (f'<p class="flash">{escape(flash)}</p>' if flash else "")
         + f'<p class="filter">ROI: <a href="/"{" class=ok" if not roi_filter else ""}>all</a>{links}</p>'
-        f"<h2>ROIs</h2>{_roi_rows(states, scores, histories or {}, previews or {})}"
-        f"<h2>Last {len(recent)} results</h2>{_result_cards(recent)}"
+        f"<h2>ROIs</h2>{_roi_rows(states, scores, histories or {}, previews or {}, csrf)}"
+        f"{_unloadable_rows(unloadable or [])}"
+        f"<h2>Last {len(recent)} results</h2>{_result_cards(recent, csrf)}"
         f"<p class='muted'>{f'Refreshes every {refresh_s:g} s' if refresh else 'Reload for new results'} · "
         "<a href='/docs'>API</a> · <a href='/metrics'>metrics</a>"
         "</p></main></body></html>")

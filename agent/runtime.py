@@ -9,10 +9,13 @@ from pathlib import Path
 
 from core.backbones import FeatureExtractor, get_extractor
 from core.drift import DriftSettings
-from core.errors import InputError, ModelNotReadyError
+from core.errors import AnomalyError, InputError, ModelNotReadyError, StorageError, WeightsNotFoundError
+from core.ids import safe_text
 from core.image_io import ImageInput, decode_image
 from core.lifecycle import LifecycleSettings
 from core.model import RoiModel
+from core.roi_import import ImportLimits, import_roi
+from core.roi_manifest import unloadable_state, unusable_rois
 from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
@@ -44,6 +47,13 @@ class Runtime:
         self.progress: Callable[[], None] | None = None  # the worker's heartbeat, passed to every model
         self.lifecycle = LifecycleSettings(**cfg.lifecycle.model_dump())
         self.drift = DriftTracker(cfg.data_root, DriftSettings(**cfg.drift.model_dump()))
+        # ROIs whose files could not be loaded -> {reason, then}; read by other threads (health, /models)
+        self.unloadable: dict[tuple[str, str], dict] = {}
+        self._unusable: list[dict] = []
+        self._unusable_at = -1e9
+        for state in unusable_rois(cfg.data_root):  # said at start, once: the ROI itself loads on its next request
+            log.error("ROI %s/%s: %s; %s", state["role_id"], state["roi_id"], state["unloadable"]["reason"],
+                      state["unloadable"]["then"])
 
     def model(self, role_id: str, roi_id: str, create: bool = True) -> RoiModel:
         """The ROI's model; create=False: ModelNotReadyError for a ROI never fitted (nothing made on disk)."""
@@ -58,12 +68,44 @@ class Runtime:
                 log.info("unloading ROI %s/%s (limits.max_loaded_rois %d reached)", *old,
                          self.cfg.limits.max_loaded_rois)
                 self.forget(*old)
-            settings, _ = self.cfg.roi_settings(role_id, roi_id)
-            self._models[key] = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id),
-                                         settings, progress=self.progress, lifecycle=self.lifecycle)
+            self._models[key] = self._open(role_id, roi_id)
         self._models[key] = self._models.pop(key)  # most recently used last
         self._used[key] = time.monotonic()
         return self._models[key]
+
+    def _open(self, role_id: str, roi_id: str) -> RoiModel:
+        """Load a ROI from disk. Whatever its files hold, a failure stays this ROI's: it is recorded in
+        `unloadable` (shown in /health, /models, the page and the state topic), logged at ERROR once per
+        reason, and its requests are answered `roi_unloadable`; every other ROI goes on. A disk that cannot
+        be written (OSError) is the worker's to answer (disk_full / storage_error)."""
+        key = (role_id, roi_id)
+        settings, _ = self.cfg.roi_settings(role_id, roi_id)
+        try:
+            model = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id), settings,
+                             progress=self.progress, lifecycle=self.lifecycle)
+        except (OSError, StorageError, WeightsNotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any file content: the ROI is reported, never the agent stopped
+            reason = safe_text(f"{type(exc).__name__}: {getattr(exc, 'message', None) or exc}", 400)
+            if self.unloadable.get(key, {}).get("reason") != reason:
+                log.exception("ROI %s/%s cannot be loaded (%s): its requests are answered roi_unloadable; the other "
+                              "ROIs are served", role_id, roi_id, reason)
+            self.unloadable[key] = unloadable_state(role_id, roi_id, reason)["unloadable"]
+            raise AnomalyError(f"ROI {role_id}/{roi_id} cannot be loaded from its files: {reason}",
+                               code="roi_unloadable") from None
+        if self.unloadable.pop(key, None) is not None:
+            log.warning("ROI %s/%s loads again", role_id, roi_id)
+        return model
+
+    def unloadable_states(self) -> list[dict]:
+        """Every ROI that cannot be used now: its load failed, or its manifest fails its schema on disk."""
+        now = time.monotonic()
+        if now - self._unusable_at > 5.0:  # health asks often: the manifests are read at most every 5 s
+            self._unusable, self._unusable_at = unusable_rois(self.cfg.data_root), now
+        found = {(s["role_id"], s["roi_id"]): s for s in self._unusable}
+        for (role, roi), info in list(self.unloadable.items()):
+            found[(role, roi)] = {"role_id": role, "roi_id": roi, "unloadable": info}
+        return [found[k] for k in sorted(found)]
 
     def _check_room(self, role_id: str, roi_id: str) -> None:
         """A new ROI is refused once `limits.max_rois` ROIs exist on disk (each costs memory and disk)."""
@@ -102,6 +144,16 @@ class Runtime:
 
     def heatmap_default(self, role_id: str, roi_id: str) -> bool:
         return self.cfg.roi_settings(role_id, roi_id)[1]
+
+    def import_roi(self, source: bytes | Path, role_id: str | None, roi_id: str | None) -> dict:
+        """A ROI archive verified within the configured limits (core/roi_import.py); safe beside the worker:
+        the new ROI appears in one rename and is loaded at its first request."""
+        lim = self.cfg.limits
+        ex = self.extractor_for(role_id, roi_id) if role_id and roi_id else self.extractor
+        limits = ImportLimits(int(lim.import_max_mb * 2**20), lim.import_max_files, lim.max_bytes, lim.max_rois)
+        branches = [i.to_dict() for i in ex.branch_identities]
+        return import_roi(self.cfg.data_root, source, ex.identity.to_dict(), branches, role_id, roi_id, limits,
+                          check_image=self.decode)
 
     def decode(self, data: bytes, mm_per_px: object = None, roi: tuple[str, str] | None = None) -> ImageInput:
         """Decode within the configured limits; without an mm_per_px, the ROI's configured default (if any)."""

@@ -103,7 +103,9 @@ class PatchBranch:
         ok = self.emb["ok"]
         saved = self._load_bank()
         if (saved is not None and trusted and saved[1].shape == (saved[0].size, ok.meta["dim"])
-                and (saved[0].size == 0 or saved[0].max() < ok.rows)):
+                and saved[0].ndim == 1 and np.issubdtype(saved[0].dtype, np.integer)
+                and (saved[0].size == 0 or (saved[0].max() < ok.rows and saved[0].min() >= 0))
+                and bool(np.isfinite(saved[1]).all())):  # a hand-made or imported bank is checked, not trusted
             self.bank.set(*saved)
             return False
         self.bank.set(np.zeros(0, np.int64), np.zeros((0, self.feature_dim), np.float32))

@@ -62,7 +62,7 @@ def result_settings(settings: dict | None) -> dict | None:
 
 def policy_of(m: dict) -> dict:
     """The threshold policy in force for a manifest: configured, or set by a calibrate request."""
-    s = m.get("settings", {})
+    s = m.get("settings") or {}
     base = {"policy": s.get("threshold_policy"), "ok_percentile": s.get("ok_percentile"),
             "ng_margin": s.get("ng_margin"), "ng_recall": s.get("ng_recall")}
     if m["threshold"]["method"] == "manual_override":
@@ -84,12 +84,13 @@ def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
             "suspect_samples": m.get("suspect_samples", []), "versions": versions or [],
             "change": m.get("change"), **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {}),
+            **({"recovered": m["recovered"]} if m.get("recovered") else {}),
             "updated_utc": m["updated_utc"]}
 
 
 def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
-    """(manifest, public state) of every ROI with a model on disk. Read-only, safe beside the worker:
-    manifests are written atomically."""
+    """(manifest, public state) of every ROI with a usable model on disk (a manifest that fails its schema is
+    in `unusable_rois`). Read-only, safe beside the worker: manifests are written atomically."""
     out = []
     for role, roi in list_rois(data_root):
         store = RoiStore(data_root, role, roi)
@@ -97,6 +98,26 @@ def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
         if manifest:
             out.append((manifest, manifest_state(manifest, store.mask_path.exists(), RoiVersions(store).versions())))
     return out
+
+
+def unusable_rois(data_root: Path) -> list[dict]:
+    """Every ROI whose manifest.json exists but cannot be used, with the reason and what happens next: the
+    shape a ROI has in /models, the CLI `models`, the MQTT state topic and the page while it is unloadable."""
+    out = []
+    for role, roi in list_rois(data_root):
+        store = RoiStore(data_root, role, roi)
+        if store.read_manifest() is None and store.manifest_error:
+            out.append(unloadable_state(role, roi, store.manifest_error, store.exists() and any(
+                True for _ in store.samples_dir("ok").glob("*.json"))))
+    return out
+
+
+def unloadable_state(role_id: str, roi_id: str, reason: str, rebuildable: bool | None = None) -> dict:
+    then = ("its manifest is quarantined and the model rebuilt from its stored samples at its next request"
+            if rebuildable else "requests to it are answered roi_unloadable until the files are repaired or removed"
+            if rebuildable is None else "its manifest is quarantined at its next request; it has no stored OK "
+            "samples to rebuild from, so it starts again unfitted")
+    return {"role_id": role_id, "roi_id": roi_id, "unloadable": {"reason": reason, "then": then}}
 
 
 def threshold_policy(m: dict, s: ModelSettings) -> ThresholdPolicy:
@@ -121,3 +142,20 @@ def apply_calibration(m: dict, policy: str | None, value: float | None, ok_perce
         if policy != "config":
             over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin, "ng_recall": ng_recall}
             m["policy_override"] = {k: v for k, v in over.items() if v is not None}
+
+
+def threshold_range(m: dict) -> tuple[float, float, str]:
+    """(low, high, why) a threshold set from the operator page must lie in: from half the lowest to twice the
+    highest of the ROI's own calibration scores (OK leave-one-out and NG), so that a slip of the hand (or a
+    crafted post) cannot set a value that rejects every part or passes every one (1e308)."""
+    scores = [float(x) for x in [*m.get("ok_scores", []), *m.get("ng_scores", [])]]
+    current = (m.get("threshold") or {}).get("value")
+    if not scores:
+        return 0.0, float("inf"), "the ROI has no calibration scores yet"
+    low, high = 0.5 * min(scores), 2.0 * max(scores)
+    if current is not None:
+        low, high = min(low, float(current)), max(high, float(current))
+    why = (f"the ROI's {len(m.get('ok_scores', []))} OK and {len(m.get('ng_scores', []))} NG calibration scores lie "
+           f"in {min(scores):.4g}..{max(scores):.4g}; further out a threshold rejects every part or passes every "
+           "one (set it by the API's calibrate if that is really meant)")
+    return low, high, why

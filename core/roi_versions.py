@@ -21,6 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .state_files import StateFileError, check_manifest, check_pending, check_version_samples
 from .storage import RoiStore, atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,11 @@ class RoiVersions:
         manifest, samples = read_json(p / "manifest.json"), read_json(p / "samples.json")
         if manifest is None or samples is None:
             return None
-        return manifest, samples, p
+        try:
+            return check_manifest(manifest, f"versions/{p.name}/manifest.json"), check_version_samples(samples), p
+        except StateFileError as exc:  # a hand-edited snapshot is not a version that can be rolled back to
+            log.warning("%s/%s: %s: not offered for a rollback", self.store.role_id, self.store.roi_id, exc.message)
+            return None
 
     def summary(self) -> list[dict]:
         """One line per kept version, newest last: what the operator picks a rollback target from."""
@@ -104,7 +109,19 @@ def write_pending(store: RoiStore, op: dict) -> None:
 
 
 def read_pending(store: RoiStore) -> dict | None:
-    return read_json(store.root / "pending.json")
+    """The journaled operation, when pending.json passes its schema; a file that fails it (hand-edited,
+    crafted: wrong types, path-like ids) is quarantined and nothing is finished from it."""
+    path = store.root / "pending.json"
+    op = read_json(path)
+    if op is None:
+        if path.exists():
+            store.quarantine_file(path, "pending.json is not a readable JSON object: nothing finished from it")
+        return None
+    try:
+        return check_pending(op)
+    except StateFileError as exc:
+        store.quarantine_file(path, f"{exc.message}: nothing finished from it")
+        return None
 
 
 def clear_pending(store: RoiStore) -> None:

@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .ids import safe_join, validate_id
+from .ids import ID_PATTERN, safe_join, safe_text, validate_id
+from .state_files import StateFileError, check_index, check_manifest, check_sample
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class EmbeddingStore:
     def __init__(self, directory: Path, kind: str) -> None:
         self.data_path = directory / f"{kind}.f32"
         self.meta_path = directory / f"{kind}.json"
-        self.meta = read_json(self.meta_path) or {"identity": None, "dim": 0, "rows": 0, "entries": []}
+        self.meta = index_meta(self.meta_path) or {"identity": None, "dim": 0, "rows": 0, "entries": []}
         have = self.data_path.stat().st_size if self.data_path.exists() else 0
         if have < self.rows * int(self.meta.get("dim") or 0) * 4:  # rows missing from the data file
             log.warning("%s holds %d bytes, fewer than its %d rows need: rebuilt", self.data_path, have, self.rows)
@@ -288,10 +289,10 @@ class RoiStore:
         if not directory.exists():
             return out
         for meta_path in sorted(directory.glob("*.json")):
-            meta = read_json(meta_path)
-            if not meta:
+            meta = sample_meta(meta_path)
+            if meta is None:
                 continue
-            image_path = directory / meta.get("image_file", "")
+            image_path = directory / meta["image_file"]
             if image_path.is_file():
                 out.append(SampleRecord(meta_path.stem, kind, image_path, meta))
         return out
@@ -301,10 +302,24 @@ class RoiStore:
         directory = self.samples_dir(kind)
         bad = []
         for meta_path in sorted(directory.glob("*.json")) if directory.exists() else []:
-            meta = read_json(meta_path)
-            if not meta or not (directory / str(meta.get("image_file", ""))).is_file():
+            meta = sample_meta(meta_path)
+            if meta is None or not (directory / meta["image_file"]).is_file():
                 bad.append(meta_path)
         return bad
+
+    def quarantine_file(self, path: Path, reason: str) -> Path:
+        """Move one state file of this ROI (manifest.json, pending.json...) to quarantine/files/ with the reason:
+        never deleted, never read again by the agent."""
+        target = self.root / "quarantine" / "files"
+        target.mkdir(parents=True, exist_ok=True)
+        stamp = utc_now().replace(":", "").replace("-", "")
+        dst = target / f"{path.name}-{stamp}"
+        os.replace(path, dst)
+        atomic_write_json(target / f"{dst.name}.reason.json", {"file": path.name, "reason": reason,
+                                                               "timestamp_utc": utc_now()})
+        fsync_dir(self.root)
+        log.error("%s/%s: %s quarantined to %s: %s", self.role_id, self.roi_id, path.name, dst, reason)
+        return dst
 
     def quarantine(self, kind: str, sample_id: str, reason: str) -> Path:
         """Move a sample's files aside (never deleted) to quarantine/<kind>/ with the reason."""
@@ -322,7 +337,7 @@ class RoiStore:
         destroyed, restorable by `untrash`. The JSON goes first, so a half-moved sample is no longer listed.
         False when the sample is not stored (already moved)."""
         src = self.samples_dir(kind)
-        meta = read_json(src / f"{sample_id}.json")
+        meta = sample_meta(src / f"{sample_id}.json")
         if meta is None:
             return False
         target = self.root / "trash" / kind
@@ -330,8 +345,8 @@ class RoiStore:
         atomic_write_json(target / f"{sample_id}.reason.json", {"sample_id": sample_id, "kind": kind,
                                                                 "reason": reason, "timestamp_utc": utc_now()})
         os.replace(src / f"{sample_id}.json", target / f"{sample_id}.json")
-        image = str(meta.get("image_file", ""))
-        if image and (src / image).is_file():
+        image = meta["image_file"]
+        if (src / image).is_file():
             os.replace(src / image, target / image)
         fsync_dir(target)
         fsync_dir(src)
@@ -341,11 +356,11 @@ class RoiStore:
     def untrash(self, kind: str, sample_id: str) -> bool:
         """Bring a trashed sample back (image first, then its JSON, which makes it listed again)."""
         src = self.root / "trash" / kind
-        meta = read_json(src / f"{sample_id}.json")
+        meta = sample_meta(src / f"{sample_id}.json")
         if meta is None:
             return (self.samples_dir(kind) / f"{sample_id}.json").exists()
-        image = str(meta.get("image_file", ""))
-        if not image or not (src / image).is_file():
+        image = meta["image_file"]
+        if not (src / image).is_file():
             return False
         dst = self.samples_dir(kind)
         dst.mkdir(parents=True, exist_ok=True)
@@ -358,10 +373,10 @@ class RoiStore:
     def sample_file(self, kind: str, sample_id: str, in_trash: bool = False) -> tuple[dict, Path] | None:
         """(metadata, image path) of a stored (or trashed) sample, None when there is none."""
         directory = self.root / "trash" / kind if in_trash else self.samples_dir(kind)
-        meta = read_json(directory / f"{validate_id(sample_id, 'sample_id')}.json")
+        meta = sample_meta(directory / f"{validate_id(sample_id, 'sample_id')}.json")
         if meta is None:
             return None
-        image = directory / str(meta.get("image_file", ""))
+        image = directory / meta["image_file"]
         return (meta, image) if image.is_file() and image.parent == directory else None
 
     def find_sample(self, sample_id: str, kinds: tuple[str, ...] = KINDS) -> tuple[dict, Path] | None:
@@ -377,7 +392,19 @@ class RoiStore:
         return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}
 
     def read_manifest(self) -> dict | None:
-        return read_json(self.manifest_path)
+        """The manifest when it passes its schema (core/state_files.py); None when there is none or it cannot
+        be used, and then `manifest_error` says why (None: there is no manifest.json)."""
+        self.manifest_error: str | None = None
+        raw = read_json(self.manifest_path)
+        if raw is None:
+            if self.manifest_path.exists():
+                self.manifest_error = "manifest.json is not a readable JSON object"
+            return None
+        try:
+            return check_manifest(raw)
+        except StateFileError as exc:
+            self.manifest_error = exc.message
+            return None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
@@ -407,8 +434,45 @@ class RoiStore:
         atomic_write_bytes(self.mask_path, png)
 
 
+def sample_meta(path: Path) -> dict | None:
+    """A sample's JSON when it passes its schema (ids, a plain image file name, sha256), else None (logged)."""
+    meta = read_json(path)
+    if meta is None:
+        return None
+    try:
+        return check_sample(meta, f"sample JSON {path.name}")
+    except StateFileError as exc:
+        log.warning("%s: %s", safe_text(path, 300), exc.message)
+        return None
+
+
+def index_meta(path: Path) -> dict | None:
+    """An embedding index's JSON when it passes its schema, else None: the index is rebuilt from the samples."""
+    meta = read_json(path)
+    if meta is None:
+        return None
+    try:
+        return check_index(meta, path.name)
+    except StateFileError as exc:
+        log.warning("%s: %s: rebuilt from the samples", safe_text(path, 300), exc.message)
+        return None
+
+
+def _is_id(name: str) -> bool:
+    return bool(ID_PATTERN.match(name)) and not name.startswith(".")
+
+
 def list_rois(data_root: Path) -> list[tuple[str, str]]:
+    """(role_id, roi_id) of every folder with a manifest.json; folders whose names are not valid ids (made
+    by hand: never by the agent) are left out with a warning, never opened."""
     base = Path(data_root) / "models"
     if not base.exists():
         return []
-    return sorted((m.parent.parent.name, m.parent.name) for m in base.glob("*/*/manifest.json"))
+    out = []
+    for m in base.glob("*/*/manifest.json"):
+        role, roi = m.parent.parent.name, m.parent.name
+        if _is_id(role) and _is_id(roi):
+            out.append((role, roi))
+        else:
+            log.warning("models/%s/%s: not valid ids: ignored", safe_text(role, 80), safe_text(roi, 80))
+    return sorted(out)
