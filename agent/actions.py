@@ -5,6 +5,7 @@ Every job ends in exactly one call of `finish(job, outcome)`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -164,8 +165,9 @@ class Actions:
             mine = [new for o, new in zip(owners, rep["stored"], strict=True) if o is j]
             mine_ids = [sid for o, sid in zip(owners, rep.get("ids", []), strict=False) if o is j]
             refused = [sid for sid in rep.get("refused", []) if sid in mine_ids]
+            repeats = len(j.images) - len({hashlib.sha256(d).digest() for d in j.images})  # the same bytes twice
             self.finish(j, Outcome(ok_result(j, {"added": sum(mine) - len(refused), "duplicates": len(mine) - sum(mine),
-                                                 "duplicates_in_batch": len(rep["duplicates"]),
+                                                 "duplicates_in_batch": repeats,
                                                  **({"refused": refused} if refused else {}), **state})))
         self.state_changed(model)
 

@@ -99,6 +99,7 @@ class FolderConfig(Strict):
     rescan_s: float = Field(10.0, gt=0)
     stable_s: float = Field(1.0, ge=0)
     done_retention_days: float | None = Field(30.0, ge=0)
+    rejected_retention_days: float | None = Field(90.0, ge=0)  # refused inputs and their .error.json
 
 
 class TlsConfig(Strict):
@@ -200,6 +201,8 @@ class LifecycleConfig(Strict):
     suspect_policy: Literal["accept", "flag", "refuse"] = "flag"
     suspect_z: float = Field(3.5, gt=0)
     suspect_min_samples: int = Field(8, ge=3)
+    trash_keep: int = Field(500, ge=0)  # trashed samples per ROI and kind that no kept version needs
+    trash_max_age_days: float | None = Field(90.0, ge=0)
 
 
 class DriftConfig(Strict):

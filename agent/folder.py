@@ -115,21 +115,28 @@ class FolderIngest(FileSystemEventHandler):
                 self.cleanup_done()
 
     def cleanup_done(self, now: float | None = None) -> int:
-        """Delete processed images in done/ older than folder.done_retention_days (None: keep)."""
-        days = self.cfg.folder.done_retention_days
-        if days is None:
-            return 0
-        cutoff = (now or time.time()) - days * 86400
+        """Delete processed images in done/ older than folder.done_retention_days, and refused ones (with
+        their .error.json) in rejected/ older than folder.rejected_retention_days (None: keep)."""
+        f = self.cfg.folder
         removed = 0
-        for path in (self.data_root / "done").glob("*/*/*/*"):
-            try:
-                if path.is_file() and path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
+        for folder, days, pattern in (("done", f.done_retention_days, "*/*/*/*"),
+                                      ("rejected", f.rejected_retention_days, "*/*/*/*"),
+                                      ("rejected", f.rejected_retention_days, "_invalid/*")):
+            if days is None:
                 continue
-        if removed:
-            log.info("retention: removed %d processed files older than %s days from done/", removed, days)
+            cutoff = (now or time.time()) - days * 86400
+            gone = 0
+            for path in (self.data_root / folder).glob(pattern):
+                try:
+                    st = path.lstat()  # a link or FIFO moved aside is removed itself, never what it points to
+                    if not stat.S_ISDIR(st.st_mode) and st.st_mtime < cutoff:
+                        path.unlink()
+                        gone += 1
+                except FileNotFoundError:
+                    continue
+            if gone:
+                log.info("retention: removed %d files older than %s days from %s/", gone, days, folder)
+            removed += gone
         return removed
 
     def scan(self, initial: bool = False) -> None:

@@ -48,8 +48,10 @@ def validate_id(value: object, kind: str = "id") -> str:
     if not isinstance(value, str) or not ID_PATTERN.match(value) or value in (".", "..") or (
         value.startswith(".")
     ):
+        shown = safe_text(value if isinstance(value, str) else repr(value), 80)  # a 10k-character id is not echoed
+        cut = " (cut)" if len(str(value)) > 80 else ""
         raise InputError(
-            f"{kind} {value!r} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . - "
+            f"{kind} {shown!r}{cut} is not valid: use 1-64 characters of A-Z a-z 0-9 _ . - "
             "(not starting with '.')",
             code="invalid_id",
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,8 @@ class LifecycleSettings:
     suspect_policy: str = "flag"  # accept | flag | refuse an OK sample whose leave-one-out score is an outlier
     suspect_z: float = 3.5  # modified z-score (median, MAD; Iglewicz & Hoaglin cut-off) of its leave-one-out score
     suspect_min_samples: int = 8  # fewer scored OK samples: no judgement
+    trash_keep: int = 500  # per ROI and kind: at most this many trashed samples not needed by a kept version
+    trash_max_age_days: float | None = 90.0  # and none older than this (None: no age limit)
 
 
 def find_suspects(ok_scores: dict[str, float], threshold: float | None, s: LifecycleSettings) -> list[dict]:
@@ -242,3 +245,33 @@ def apply_suspect_policy(model: RoiModel, report: dict) -> dict:
 def check_settings(s: LifecycleSettings) -> None:
     if s.suspect_policy not in SUSPECT_POLICIES:
         raise ValueError(f"suspect_policy must be one of {SUSPECT_POLICIES}")
+
+
+def prune_trash(model: RoiModel, now: float | None = None) -> int:
+    """Bound a ROI's trash/ (every delete, relabel and rollback puts full image copies there): per kind, the
+    samples a kept version needs stay (a rollback takes them back); of the others the newest `trash_keep`
+    stay, none older than `trash_max_age_days`. Returns how many samples were removed for good."""
+    s, store = model.lifecycle, model.store
+    needed: set[str] = set()
+    for v in model.versions.versions():
+        got = model.versions.read(v)
+        if got is not None:
+            needed.update(sid for kind in KINDS for sid in got[1].get(kind, []))
+    cutoff = (now or time.time()) - s.trash_max_age_days * 86400 if s.trash_max_age_days is not None else None
+    removed = 0
+    for kind in KINDS:
+        directory = store.root / "trash" / kind
+        if not directory.is_dir():
+            continue
+        trashed = sorted(((p.stat().st_mtime, p.name[: -len(".reason.json")]) for p in directory.glob("*.reason.json")),
+                         reverse=True)  # newest first
+        spare = [(t, sid) for t, sid in trashed if sid not in needed]
+        for i, (t, sid) in enumerate(spare):
+            if i >= s.trash_keep or (cutoff is not None and t < cutoff):
+                for path in directory.glob(f"{sid}.*"):
+                    path.unlink(missing_ok=True)
+                removed += 1
+    if removed:
+        log.info("%s/%s: %d trashed samples removed for good (lifecycle.trash_keep %d, trash_max_age_days %s)",
+                 store.role_id, store.roi_id, removed, s.trash_keep, s.trash_max_age_days)
+    return removed

@@ -23,7 +23,14 @@ from .errors import BackboneMismatchError, InputError, ModelNotReadyError
 from .fusion import BranchScale
 from .image_io import ImageInput
 from .knn import NearestNeighbour
-from .lifecycle import LifecycleSettings, apply_suspect_policy, find_suspects, finish_pending, label_conflicts
+from .lifecycle import (
+    LifecycleSettings,
+    apply_suspect_policy,
+    find_suspects,
+    finish_pending,
+    label_conflicts,
+    prune_trash,
+)
 from .patch_branch import PatchBranch
 from .prediction import Prediction
 from .roi_index import Embedded, RoiIndex
@@ -88,6 +95,7 @@ class RoiModel:
             if pending["op"] == "rollback":
                 self.snapshot()
             clear_pending(self.store)
+            prune_trash(self)  # a delete, relabel or rollback filled the trash: keep it bounded
         if self.store.manifest_path.exists() and self.version not in self.versions.versions():
             self.snapshot()  # an imported ROI, or one written before versions were kept: its first change can be undone
         self.change = "rebuild"
