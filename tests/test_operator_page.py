@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 
-from tests.agent_proc import Agent
+from tests.agent_proc import Agent, wait_for
 from tests.broker import free_port
 from tests.cdp import Chromium
 from tests.test_http import chromium_command, error_of, form, uploads
@@ -94,6 +97,7 @@ def test_label_a_result_and_preview_a_threshold_in_chromium(tmp_path: Path, tire
             assert (r.status_code, error_of(r)) == (404, "unknown_request")
             assert c.post("/label", data={"request_id": "part-1", "label": "maybe"}).status_code == 422
         assert httpx.post(f"{agent.http}/label", data={"request_id": "part-1", "label": "ok"}).status_code == 401
+        _cross_site_posts_are_refused(agent, browser, port)
         recent = sorted((agent.data_root / "recent").iterdir())
         assert 0 < len(recent) <= 20  # the images kept for labelling are bounded by http.recent_results
     finally:
@@ -102,3 +106,61 @@ def test_label_a_result_and_preview_a_threshold_in_chromium(tmp_path: Path, tire
     img = cv2.imread(str(shots_dir(tmp_path) / "operator_page_after_label.png"))
     assert img is not None and np.asarray(img).std() > 10
     shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+
+
+EVIL = """<!doctype html><html><body><form id="f" method="post" action="{target}/ui/threshold">
+<input name="role_id" value="st1"><input name="roi_id" value="tire"><input name="threshold" value="1e308"></form>
+<script>document.getElementById('f').submit()</script></body></html>"""
+
+
+def _cross_site_posts_are_refused(agent: Agent, browser: Chromium, port: int) -> None:
+    """A page on another origin that makes the operator's browser post to the agent changes nothing; the
+    same posts made by hand with the operator's Basic credentials are refused 403; the page cannot be framed."""
+    basic = httpx.BasicAuth("operator", "page-token")
+    with httpx.Client(base_url=agent.http, timeout=60, auth=basic) as c:
+        before = c.get("/models/st1/tire").json()["threshold"]
+        page = c.get("/")
+        assert page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        token = page.cookies.get("aa_csrf")
+        assert token and f'name="csrf" value="{token}"' in page.text
+
+        evil_port = free_port()
+        evil_dir = agent.data_root.parent / "evil"
+        evil_dir.mkdir(exist_ok=True)
+        (evil_dir / "index.html").write_text(EVIL.format(target=f"http://operator:page-token@127.0.0.1:{port}"))
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(evil_port), "--bind", "127.0.0.1"],
+                                  cwd=evil_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: _up(evil_port), 20, "the other site")
+            browser.open(f"http://127.0.0.1:{evil_port}/index.html")
+            time.sleep(1.5)  # the form posts itself on load
+        finally:
+            server.terminate()
+            server.wait(10)
+        assert c.get("/models/st1/tire").json()["threshold"] == before  # the browser's cross-site post did nothing
+        refused = [line for line in agent.log.read_text().splitlines() if "POST /ui/threshold" in line
+                   and ("403 cross_site" in line or "401 unauthorized" in line)]
+        assert refused, "the browser's cross-site post reached the agent and was refused (logged at WARNING)"
+
+        form_ = {"role_id": "st1", "roi_id": "tire", "threshold": "0.5"}
+        cross = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+        r = c.post("/ui/threshold", data=form_, headers=cross)
+        assert (r.status_code, error_of(r)) == (403, "cross_site")
+        r = c.post("/label", data={"request_id": "part-2", "label": "ng"}, headers=cross)
+        assert (r.status_code, error_of(r)) == (403, "cross_site")
+        same = {"Origin": agent.http, "Sec-Fetch-Site": "same-origin"}
+        c.cookies.clear()
+        r = c.post("/ui/threshold", data=form_, headers=same)  # same origin, but no token: not the page's form
+        assert (r.status_code, error_of(r)) == (403, "csrf")
+        c.cookies.set("aa_csrf", token)
+        r = c.post("/ui/threshold", data={**form_, "threshold": "1e308", "csrf": token}, headers=same)
+        assert (r.status_code, error_of(r)) == (422, "invalid_threshold") and "calibration scores" in r.text
+        assert c.get("/models/st1/tire").json()["threshold"] == before
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/index.html", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
