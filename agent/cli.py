@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"anomaly-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except AnomalyError as exc:  # roi_unloadable, backbone_mismatch, disk_full, busy...: said, never a traceback
+        print(f"anomaly-agent: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_NOT_READY if exc.code == "roi_unloadable" else EXIT_INPUT
     except ValueError as exc:
         print(f"anomaly-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from core.errors import InputError
 from core.ids import request_id_from, safe_text, short_request_id
 from core.model import stored_rois
+from core.roi_manifest import unusable_rois
 
 from .config import AgentConfig, MqttConfig
 from .durable import Replies, Spool
@@ -158,6 +159,8 @@ class MqttIngest:
             client.subscribe([(self._topic_filter(), self.mc.qos), (f"{self.base}/health_check", self.mc.qos)])
         client.publish(f"{self.base}/status", "online", qos=1, retain=True)
         for _, state in stored_rois(self.cfg.data_root):  # read-only: the worker owns the models
+            self.publish_state(state["role_id"], state["roi_id"], state)
+        for state in unusable_rois(self.cfg.data_root):  # a ROI whose files cannot be used: said, with the reason
             self.publish_state(state["role_id"], state["roi_id"], state)
         self._connected.set()
         self._wake.set()

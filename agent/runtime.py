@@ -80,6 +80,7 @@ class Runtime:
         be written (OSError) is the worker's to answer (disk_full / storage_error)."""
         key = (role_id, roi_id)
         settings, _ = self.cfg.roi_settings(role_id, roi_id)
+        self._unusable_at = -1e9  # opening may quarantine a manifest: the disk is read again when next asked
         try:
             model = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id), settings,
                              progress=self.progress, lifecycle=self.lifecycle)

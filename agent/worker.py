@@ -182,6 +182,16 @@ class Worker:
                 if j not in self._finished:
                     self._finish(j, Outcome(error_result(j, "internal_error", f"{type(exc).__name__}: {exc}")))
 
+    def _tell_unloadable(self, role_id: str, roi_id: str) -> None:
+        """A ROI that cannot be loaded is said on the state topic too (its state: the reason, what next)."""
+        info = self.rt.unloadable.get((role_id, roi_id))
+        if info is None or self.settings.on_state is None:
+            return
+        try:
+            self.settings.on_state(role_id, roi_id, {"role_id": role_id, "roi_id": roi_id, "unloadable": info})
+        except Exception:
+            log.exception("worker: the state of unloadable ROI %s/%s could not be published", role_id, roi_id)
+
     def _serve_others(self, busy: tuple[str, str]) -> None:
         """Between steps of a long fit: answer the predictions of other ROIs that are waiting, so that one
         station's big fit_ok does not stall every other station. Per-ROI order is kept: a prediction
@@ -237,6 +247,8 @@ class Worker:
             except AnomalyError as exc:
                 for j in batch:
                     self.actions.fail(j, exc.code, exc.message)
+                if exc.code == "roi_unloadable":
+                    self._tell_unloadable(first.role_id, first.roi_id)
                 return
             self.actions.run(model, batch)
         except AnomalyError as exc:  # e.g. disk_full refused before anything was written

@@ -352,15 +352,25 @@ def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
     from agent.folder import FolderIngest
     from agent.intake import Intake
 
-    cfg = load_config(None, env={}, overrides={"data_root": str(tmp_path), "folder.done_retention_days": 1})
-    done = tmp_path / "done" / "st1" / "roi" / "predict"
-    done.mkdir(parents=True)
-    old, new = done / "old.png", done / "new.png"
-    old.write_bytes(b"x")
-    new.write_bytes(b"x")
-    os.utime(old, (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    cfg = load_config(None, env={}, overrides={"data_root": str(tmp_path), "folder.done_retention_days": 1,
+                                               "folder.rejected_retention_days": 2})
+    made = []
+    for folder, days in (("done/st1/roi/predict", 1.5), ("rejected/st1/roi/predict", 3), ("rejected/_invalid", 3),
+                         ("rejected/st1/roi/fit_ok", 1.5)):
+        d = tmp_path / folder
+        d.mkdir(parents=True)
+        old, new = d / "old.png", d / "new.png"
+        old.write_bytes(b"x")
+        new.write_bytes(b"x")
+        os.utime(old, (time.time() - days * 86400, time.time() - days * 86400))
+        made.append((old, new))
+    link = tmp_path / "rejected" / "_invalid" / "link.png"  # a link moved aside: removed itself, not its target
+    link.symlink_to(made[0][1])
+    os.utime(link, (time.time() - 5 * 86400, time.time() - 5 * 86400), follow_symlinks=False)
     ingest = FolderIngest(cfg, Intake(worker=None))
-    assert ingest.cleanup_done() == 1 and not old.exists() and new.exists()
+    assert ingest.cleanup_done() == 4  # done/ past 1 day, rejected/ (and _invalid/) past 2 days, and the link
+    assert [old.exists() for old, _ in made] == [False, False, False, True]  # rejected/ 1.5 days old: kept
+    assert all(new.exists() for _, new in made) and not link.is_symlink()
 
 
 def test_mqtt_3_1_1_clients_are_served(data_root: Path, tire: Path, broker: Broker) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,28 @@ def test_kill9_during_a_delete_or_a_rollback_leaves_the_old_or_the_new_version(r
         assert again.predict([decode_image(crack.read_bytes())])[0].score > 0
         outcomes.append(("new" if now == after else "old") + ("/mid" if mid else ""))
     print("kill outcomes:", outcomes)  # which of the two each kill left is random; both are valid
+
+
+def test_the_trash_stays_bounded_but_keeps_what_a_kept_version_needs(roi, tiles, extractor) -> None:
+    """Relabels and deletes put full image copies in trash/: beyond `trash_keep` (and `trash_max_age_days`)
+    the oldest go for good, except samples a kept version needs (a rollback to it still works)."""
+    model, _, root = roi
+    model = RoiModel(root, "st", "tile", extractor,
+                     lifecycle=LifecycleSettings(versions_kept=2, trash_keep=2, trash_max_age_days=30))
+    ids = [r.sample_id for r in model.store.list_samples("ok")]
+    for sid in ids[:5]:  # five deletes, one sample each: five versions, of which the last two are kept
+        lifecycle.delete_samples(model, [sid])
+    trash = model.store.root / "trash" / "ok"
+    trashed = sorted(p.name[: -len(".reason.json")] for p in trash.glob("*.reason.json"))
+    needed = {sid for v in model.versions.versions() for sid in model.versions.read(v)[1]["ok"]}
+    assert ids[4] in needed and ids[4] in trashed  # version 5 (kept) still has it: it stays
+    assert set(trashed) - needed == set(ids[2:4]), trashed  # of the others, the 2 newest stay
+    assert not [p for p in trash.iterdir() if p.name.split(".")[0] in ids[:2]]  # the older: image, JSON and all
+    oldest_kept = model.versions.versions()[0]
+    assert lifecycle.rollback(model, oldest_kept)["rolled_back_to"] == oldest_kept  # its samples were kept
+    # and by age: a trashed sample older than trash_max_age_days goes even when fewer than trash_keep are there
+    aged = trash / f"{ids[3]}.reason.json"
+    old_t = time.time() - 40 * 86400
+    os.utime(aged, (old_t, old_t))
+    assert lifecycle.prune_trash(model) == 1 and not list(trash.glob(f"{ids[3]}.*"))
+    assert list(trash.glob(f"{ids[2]}.*"))

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from core.state_files import StateFileError, check_drift, check_manifest, check_pending, check_sample
-from tests.agent_proc import Agent, wait_for
-from tests.broker import free_port
+from tests.agent_proc import Agent, Observer, wait_for
+from tests.broker import Broker, free_port
 from tests.conftest import AGENT_ENV_KEYS
 
 V1 = Path(__file__).parent / "fixtures" / "data_root_v1" / "data" / "models" / "st1" / "synthetic"
@@ -81,7 +81,7 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def test_corrupt_state_files_leave_the_agent_serving_and_report_the_roi(tmp_path: Path, data_root: Path,
-                                                                       tire: Path) -> None:
+                                                                       tire: Path, broker: Broker) -> None:
     # 1. a manifest without threshold, samples intact: reported, then rebuilt from the samples
     _edit_json(_copy_roi(data_root, "nothreshold") / "manifest.json", lambda m: m.pop("threshold"))
     # 2. version "abc" and no samples left: reported; it cannot be rebuilt
@@ -98,6 +98,13 @@ def test_corrupt_state_files_leave_the_agent_serving_and_report_the_roi(tmp_path
         "state": "warning", "predictions": "many", "enough_data": True}}))
     # 5. a NaN threshold (valid JSON for Python's parser)
     _edit_json(_copy_roi(data_root, "nan") / "manifest.json", lambda m: m["threshold"].update(value=math.nan))
+    # 6. an index valid by its schema but of another feature width: the load itself fails (roi_unloadable)
+    def halve(m: dict) -> None:
+        m.update(dim=m["dim"] // 2, rows=m["rows"] * 2)
+        for e in m["entries"]:
+            e.update(offset=e["offset"] * 2, count=e["count"] * 2)
+
+    _edit_json(_copy_roi(data_root, "broken") / "index" / "ok.json", halve)
     before_tire = sorted(p.name for p in (data_root / "models/st1/tire").rglob("*"))
 
     env = {**os.environ, **AGENT_ENV_KEYS}
@@ -111,7 +118,8 @@ def test_corrupt_state_files_leave_the_agent_serving_and_report_the_roi(tmp_path
     assert listed["tire"]["threshold"] > 0 and "unloadable" not in listed["drift"]
 
     port = free_port()
-    agent = Agent(data_root, http_port=port).start()
+    agent = Agent(data_root, broker.port, http_port=port).start()
+    watcher = Observer(broker.port)
     try:
         with httpx.Client(base_url=agent.http, timeout=120) as c:
             health = c.get("/health").json()
@@ -138,9 +146,25 @@ def test_corrupt_state_files_leave_the_agent_serving_and_report_the_roi(tmp_path
             assert (data_root / "models/st1/nothreshold" / state["recovered"]["quarantined"]).is_file()
             r = predict("nosamples")  # nothing to rebuild from: a fresh, unfitted ROI, said so
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_fitted"
-            wait_for(lambda: c.get("/health").json()["status"] == "online", 20, "health back to online")
+            r = predict("broken")  # files that pass their schemas but cannot make a model: refused, said why
+            assert r.status_code == 503 and r.json()["error"]["code"] == "roi_unloadable", r.text
+            assert "cannot be loaded" in r.json()["error"]["message"]
+            assert predict("broken").json()["error"]["code"] == "roi_unloadable"  # again: tried, not logged again
+            assert predict("tire").status_code == 200
+            assert "unloadable" in c.get("/models/st1/broken").json()
+            health = c.get("/health").json()
+            assert health["status"] == "degraded" and any("st1/broken" in p for p in health["problems"])
+            assert not any("nothreshold" in p for p in health["problems"])  # rebuilt: no longer reported
+            assert "st1/broken" in c.get("/").text
+            states = wait_for(lambda: [json.loads(p) for t, p, _, _ in list(watcher.messages)
+                                       if t.endswith("st1/broken/state")], 20, "the state topic of st1/broken")
+            assert "cannot be loaded" not in states[-1]["unloadable"]["reason"]  # the reason itself, not our words
+            assert "RuntimeError" in states[-1]["unloadable"]["reason"]
+            nosamples = [json.loads(p) for t, p, _, _ in list(watcher.messages) if t.endswith("st1/nosamples/state")]
+            assert nosamples and "unloadable" in nosamples[0]  # said on the state topic at start
         assert agent.sigterm() == 0
     finally:
+        watcher.close()
         agent.cleanup()
     pend_q = list((data_root / "models/st1/pending/quarantine/files").glob("pending.json-*"))
     assert len(pend_q) == 2 and not (data_root / "models/st1/pending/pending.json").exists()  # file + reason
@@ -148,4 +172,5 @@ def test_corrupt_state_files_leave_the_agent_serving_and_report_the_roi(tmp_path
     assert not [n for n in after_tire if n.endswith(".reason.json") or n == "quarantine"]  # nothing written there
     assert set(before_tire) <= set(after_tire)  # and nothing of it moved or trashed
     log = agent.log.read_text()
-    assert "ROI st1/nothreshold: manifest.json is not valid" in log and "Traceback" not in log
+    assert "ROI st1/nothreshold: manifest.json is not valid" in log
+    assert log.count("ERROR agent.runtime: ROI st1/broken cannot be loaded") == 1  # once, with its traceback
