@@ -26,3 +26,9 @@ def test_store_cannot_escape_data_root(tmp_path: Path) -> None:
         safe_join(tmp_path, "models", "../../etc")
     store = RoiStore(tmp_path, "r1", "roi.a")
     assert tmp_path.resolve() in store.root.parents
+
+
+def test_a_long_id_is_not_echoed_whole() -> None:
+    with pytest.raises(InputError) as err:
+        validate_id("x" * 10_000, "roi_id")
+    assert len(err.value.message) < 250 and "(cut)" in err.value.message
