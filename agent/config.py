@@ -19,6 +19,8 @@ from core.backbones import BACKBONES, max_block
 from core.ids import ID_PATTERN
 from core.model import ModelSettings
 
+from .opcua_config import OpcUaConfig
+
 ENV_PREFIX = "ANOMALY_AGENT_"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "agent.yaml"
 
@@ -237,6 +239,7 @@ class AgentConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     drift: DriftConfig = DriftConfig()
+    opcua: OpcUaConfig = OpcUaConfig()
 
     @field_validator("device")
     @classmethod
@@ -385,6 +388,7 @@ def check_service_files(cfg: AgentConfig) -> None:
             value = getattr(tls, key, None) if tls is not None else None
             if value is not None:
                 _readable(f"{section}.tls.{key}", value, "the TLS file")
+    check_opcua_files(cfg)
     root = cfg.data_root
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -394,6 +398,34 @@ def check_service_files(cfg: AgentConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"data_root: {root} is not writable by this user ({exc.strerror or exc}); samples, "
                           "models and results live there") from None
+
+
+def check_opcua_files(cfg: AgentConfig) -> None:
+    """The OPC UA server's files: the password file, a certificate and key that exist together (or neither:
+    made on first start), and the folder of trusted client certificates."""
+    o = cfg.opcua
+    if not o.enabled:
+        return
+    if o.password_file is not None:
+        _readable("opcua.password_file", o.password_file, "the OPC UA password file")
+        if not o.password_file.read_text(errors="replace").strip():
+            raise ConfigError(f"opcua.password_file: {o.password_file} is empty")
+    cert, key = opcua_cert_paths(cfg)
+    if cert.exists() != key.exists():
+        missing, there = ("opcua.private_key", key) if cert.exists() else ("opcua.certificate", cert)
+        raise ConfigError(f"{missing}: {there} does not exist while its pair does (give both, or neither to have "
+                          "the agent make them)")
+    for k, path in (("opcua.certificate", cert), ("opcua.private_key", key)):
+        if path.exists():
+            _readable(k, path, "the OPC UA file")
+    if o.trusted_clients is not None and not o.trusted_clients.is_dir():
+        raise ConfigError(f"opcua.trusted_clients: {o.trusted_clients} is not a folder of client certificates")
+
+
+def opcua_cert_paths(cfg: AgentConfig) -> tuple[Path, Path]:
+    o = cfg.opcua
+    return (o.certificate or cfg.data_root / "opcua" / "server_cert.der",
+            o.private_key or cfg.data_root / "opcua" / "server_key.pem")
 
 
 def load_config(path: Path | None = None, env: dict[str, str] | None = None,

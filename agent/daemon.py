@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .debug_heatmaps import DebugHeatmaps
 from .intake import Intake, Transport
 from .runtime import Runtime
@@ -82,7 +82,27 @@ def build_transports(cfg: AgentConfig, intake: Intake, rt: Runtime, started: flo
         spool = mqtt_ingest.spool if mqtt_ingest is not None else None
         outbox = (lambda: {"outbox": len(spool.outgoing())}) if spool is not None else None
         transports.append(HttpIngest(cfg, intake, rt, started, extra_health=outbox))
+    if cfg.opcua.enabled and intake.worker is not None:
+        transports.append(opcua_sink(cfg, intake.worker, rt, started))
     return transports
+
+
+def opcua_sink(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> Transport:
+    """The OPC UA server: a result sink fed by the worker (every result, every state change, any ingress)."""
+    from core.model import stored_rois
+    from core.roi_manifest import unusable_rois
+
+    from .health import health_body
+    from .opcua_server import OpcUaSink
+
+    def states() -> list[dict]:
+        return [s for _, s in stored_rois(cfg.data_root)] + unusable_rois(cfg.data_root)
+
+    sink = OpcUaSink(cfg, lambda: health_body(rt, worker, started, cfg.mqtt.client_id), states)
+    worker.observers.append(sink.observe)
+    worker.add_state_listener(sink.on_state)
+    worker.watch("opcua", sink.thread)
+    return sink
 
 
 def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list[Transport]) -> int:
@@ -90,12 +110,12 @@ def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list
     try:
         for t in transports:
             t.start()
-    except RuntimeError as exc:
+    except (RuntimeError, ConfigError) as exc:  # a port in use is the config's (exit 2, naming the key)
         log.error("%s", exc)
         for t in transports:
             t.stop()
         worker.stop(drain=False, timeout=5)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -106,8 +126,8 @@ def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list
     signal.signal(signal.SIGINT, on_signal)
     ex = worker.rt.extractor
     notifier.send(f"READY=1\nSTATUS=serving on {ex.name} ({ex.device})")
-    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s, http=%s", ex.name, ex.device,
-             cfg.folder.enabled, cfg.mqtt.enabled, cfg.http.enabled)
+    log.info("anomaly-agent ready: backbone %s on %s, folder=%s, mqtt=%s, http=%s, opcua=%s", ex.name, ex.device,
+             cfg.folder.enabled, cfg.mqtt.enabled, cfg.http.enabled, cfg.opcua.enabled)
     while not stop.wait(1.0):
         pass
     notifier.send("STOPPING=1")

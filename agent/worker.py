@@ -42,7 +42,10 @@ class Worker:
         self.cfg = cfg
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.queue_size)
         self.heartbeat = heartbeat or (lambda: None)
-        self.settings = ActionSettings(on_state=on_state)
+        self.settings = ActionSettings()
+        self._state_listeners: list[Callable[[str, str, dict], None]] = []
+        if on_state is not None:
+            self.add_state_listener(on_state)
         self.actions: Actions
         self.observers: list[Callable[[Job, Outcome], None]] = []
         self._finished: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs already answered (exactly once)
@@ -64,7 +67,20 @@ class Worker:
 
     @on_state.setter
     def on_state(self, fn: Callable[[str, str, dict], None] | None) -> None:
-        self.settings.on_state = fn
+        """Adds a state listener (MQTT's state topic, the OPC UA server): each one is told every change."""
+        if fn is not None:
+            self.add_state_listener(fn)
+
+    def add_state_listener(self, fn: Callable[[str, str, dict], None]) -> None:
+        self._state_listeners.append(fn)
+        self.settings.on_state = self._tell_state
+
+    def _tell_state(self, role_id: str, roi_id: str, state: dict) -> None:
+        for listen in self._state_listeners:
+            try:
+                listen(role_id, roi_id, state)
+            except Exception:
+                log.exception("worker: a state listener failed for %s/%s", role_id, roi_id)
 
     @property
     def preview_px(self) -> int:
