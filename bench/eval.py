@@ -33,6 +33,16 @@ from core.model import ModelSettings, RoiModel  # noqa: E402
 PIXEL_SIDE = 128  # maps and masks are compared at this long side (pixel AUROC)
 
 
+def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float) -> float | None:
+    """Share of defective images flagged when the threshold lets `frr` of the good ones be rejected (the
+    good scores' (1 - frr) quantile): what a line cares about, beside the ranking (AUROC)."""
+    good, bad = scores[labels == 0], scores[labels == 1]
+    if not len(good) or not len(bad):
+        return None
+    cut = float(np.quantile(good, 1 - frr, method="higher"))
+    return round(float((bad > cut).mean()), 4)
+
+
 def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
     train = split.train if shots == "full" else split.train[: int(shots)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +85,8 @@ def evaluate(split, shots: str, extractor, settings: ModelSettings) -> dict:
             out.update({
                 f"{key}n_test": len(idx),
                 f"{key}image_auroc": round(float(roc_auc_score(labels_a, sc)), 4),
+                f"{key}recall_at_1pct_frr": recall_at_frr(labels_a, sc, 0.01),
+                f"{key}recall_at_5pct_frr": recall_at_frr(labels_a, sc, 0.05),
                 f"{key}pixel_auroc": round(float(roc_auc_score(pt, ps)), 4) if pt.any() else None,
                 f"{key}accuracy": round(float((dec == labels_a.astype(bool)).mean()), 4),
                 f"{key}false_reject_rate": round(float(dec[labels_a == 0].mean()), 4),
@@ -108,6 +120,7 @@ def main() -> None:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--layers", default=None, help="one branch: EfficientNet-Lite blocks to tap, e.g. 10,14")
     ap.add_argument("--branches", default=None, help="several branches, e.g. 4,10+10,14 (the default)")
+    ap.add_argument("--scales", default=None, help="each branch's input scale, e.g. 1,1,0.5 (default: all 1)")
     args = ap.parse_args()
     settings = ModelSettings()
     for key in ("score_stat", "coreset_ratio", "coreset_min", "coreset_max", "blur_sigma"):
@@ -116,6 +129,8 @@ def main() -> None:
     kw = {"layers": tuple(int(x) for x in args.layers.split(","))} if args.layers else {}
     if args.branches:
         kw["branches"] = tuple(tuple(int(x) for x in b.split(",")) for b in args.branches.split("+"))
+    if args.scales:
+        kw["scales"] = tuple(float(x) for x in args.scales.split(","))
     extractor = get_extractor(args.backbone, resolution=args.resolution, keep_aspect=not args.square,
                               random_weights=args.random_weights, **kw)
     root = shared_root()

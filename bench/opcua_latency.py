@@ -85,8 +85,9 @@ async def measure(port: int, mqtt: MqttTimes, images: list[bytes], serial: int, 
         await sub.subscribe_events(client.nodes.server, etype)
         payloads = [json.dumps({"request_id": "", "image_b64": base64.b64encode(b).decode()}) for b in images]
 
-        async def wait(rid: str) -> None:
-            for _ in range(6000):
+        async def wait(rid: str, timeout: float = 300.0) -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
                 if rid in events.at and rid in mqtt.at:
                     return
                 await asyncio.sleep(0.001)
@@ -132,7 +133,8 @@ def main() -> None:
     root = tmp / "data"
     env = {**os.environ, **ENV}
     subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "WARNING", "fit",
-                    "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)], env=env, check=True, cwd=ROOT)
+                    "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)], env=env, check=True, cwd=ROOT,
+                   capture_output=True)
     broker = Broker(tmp / "broker")
     broker.start()
     port = free_port()

@@ -42,6 +42,14 @@ def default_branches(name: str) -> tuple[tuple[int, ...], ...]:
     return ((ends[2], ends[4]), (ends[4], ends[5]))
 
 
+def default_branch_scales(name: str) -> tuple[float, ...]:
+    """The input scale of each default branch (1: the backbone resolution)."""
+    return tuple(DEFAULT_SCALES.get(name, ())) or (1.0,) * len(default_branches(name))
+
+
+DEFAULT_SCALES: dict[str, tuple[float, ...]] = {}  # none below 1 by default (docs/benchmarks.md, scales)
+
+
 def default_layers(name: str) -> tuple[int, ...]:
     """Blocks tapped by default: the ends of stages 3 and 5 (Lite0: 4, 10; Lite1/Lite2: 6, 14)."""
     if name not in EFFNETS:
@@ -84,6 +92,7 @@ class FeatureExtractor:
         self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
         keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
         layers: tuple[int, ...] | None = None, extra_branches: tuple[tuple[int, ...], ...] = (),
+        extra_scales: tuple[float, ...] = (),
     ) -> None:
         self.name = name
         layers = tuple(layers) if layers else default_layers(name)
@@ -104,13 +113,19 @@ class FeatureExtractor:
         plain = self.is_vit or self.taps == default_layers(name)
         ident_name = name if plain else f"{name}@{'-'.join(map(str, self.taps))}"
         self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)
-        # further patch branches from the same forward pass (EfficientNet only): (taps, identity) each
+        # further patch branches (EfficientNet only): (taps, identity) each; a branch with an input scale
+        # below 1 sees the same image smaller (its own forward pass, (scale)^2 of the main one's pixels):
+        # a defect that spans much of the ROI then fills a patch's receptive field
         self.extra_branches: list[tuple[tuple[int, ...], BackboneIdentity]] = []
-        for taps in () if self.is_vit else extra_branches:
+        self.extra_scales: list[float] = []
+        scales = tuple(extra_scales) + (1.0,) * (len(extra_branches) - len(extra_scales))
+        for taps, scale in zip(() if self.is_vit else extra_branches, scales, strict=False):
             taps = tuple(sorted(taps))
             dim = sum(efficientnet_lite.block_channels(i, name) for i in taps)
-            ident = BackboneIdentity(f"{name}@{'-'.join(map(str, taps))}", weights_sha256, resolution, keep_aspect, dim)
+            res = resolution if scale == 1.0 else int(round(resolution * scale))  # the identity: where it looks
+            ident = BackboneIdentity(f"{name}@{'-'.join(map(str, taps))}", weights_sha256, res, keep_aspect, dim)
             self.extra_branches.append((taps, ident))
+            self.extra_scales.append(float(scale))
         self._lock = threading.Lock()
 
     @property
@@ -157,13 +172,27 @@ class FeatureExtractor:
         """Normalised batch -> (features, grid) of every branch (the first is `forward`'s), one pass."""
         if not self.extra_branches:
             return [self.forward(batch)]
-        sets = [self.taps] + [taps for taps, _ in self.extra_branches]
-        union = tuple(sorted({t for taps in sets for t in taps}))
+        sets = [(self.taps, 1.0)] + [(taps, s) for (taps, _), s in zip(self.extra_branches, self.extra_scales,
+                                                                       strict=True)]
+        out: list = [None] * len(sets)
         with self._lock, torch.autocast(
             device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            by_tap = dict(zip(union, self.model.forward_blocks(batch, union), strict=True))
-            return [_patch_features([by_tap[t] for t in taps]) for taps in sets]
+            for scale in dict.fromkeys(s for _, s in sets):  # one pass per input scale, the full one first
+                members = [i for i, (_, s) in enumerate(sets) if s == scale]
+                union = tuple(sorted({t for i in members for t in sets[i][0]}))
+                view = batch if scale == 1.0 else self._scaled(batch, scale, max(union))
+                by_tap = dict(zip(union, self.model.forward_blocks(view, union), strict=True))
+                for i in members:
+                    out[i] = _patch_features([by_tap[t] for t in sets[i][0]])
+        return out
+
+    def _scaled(self, batch: torch.Tensor, scale: float, deepest: int) -> torch.Tensor:
+        """The normalised batch at `scale` (antialiased), sides multiples of the deepest tap's stride."""
+        a = efficientnet_lite.block_stride(deepest, self.name)
+        h, w = batch.shape[2:]
+        size = (max(a, int(round(h * scale / a)) * a), max(a, int(round(w * scale / a)) * a))
+        return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     def extract(self, images: list[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
         return self.forward(self.preprocess(images))
@@ -220,6 +249,7 @@ def get_extractor(
     name: str = "auto", weights: str | None = None, resolution: int | None = None, device: str = "auto",
     keep_aspect: bool = True, allow_download: bool = False, random_weights: bool = False,
     layers: tuple[int, ...] | None = None, branches: tuple[tuple[int, ...], ...] | None = None,
+    scales: tuple[float, ...] | None = None,
 ) -> FeatureExtractor:
     """One cached, warmed-up extractor per configuration in this process."""
     name = resolve_backbone_name(name, weights)
@@ -227,10 +257,15 @@ def get_extractor(
     dev = resolve_device(device)
     # branches: None = the default (one branch when `layers` is given); else the first is the primary
     if branches is None:
-        branches = (tuple(layers),) if layers else default_branches(name)
+        branches, default_scales = ((tuple(layers),), (1.0,)) if layers else (default_branches(name),
+                                                                             default_branch_scales(name))
+        scales = scales or default_scales
     branches = tuple(tuple(sorted(b)) for b in branches if b) or ((),)
+    scales = tuple(float(x) for x in (scales or ())) + (1.0,) * max(0, len(branches) - len(scales or ()))
+    if scales[0] != 1.0 or not all(0.1 <= x <= 1.0 for x in scales):
+        raise ValueError(f"branch scales must lie in 0.1..1 and the first be 1, got {scales}")
     layers = branches[0] or default_layers(name)
-    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, branches)
+    key = (name, weights, resolution, str(dev), keep_aspect, random_weights, branches, scales[: len(branches)])
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -244,7 +279,7 @@ def get_extractor(
                      (time.perf_counter() - t0) * 1000)
         model, sha, lock = _NETWORKS[net_key]
         extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers),
-                                     extra_branches=branches[1:])
+                                     extra_branches=branches[1:], extra_scales=scales[1 : len(branches)])
         extractor._lock = lock  # extractors of one network take turns on it
         warm_ms = extractor.warm_up()
         log.info("backbone %s on %s at resolution %d, blocks %s (warm-up %.0f ms)", name, dev, resolution,
