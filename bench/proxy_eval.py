@@ -50,7 +50,7 @@ def _png(img: np.ndarray) -> bytes:
 def proxy_set(goods: list[Path], seed: int = 7) -> list[tuple[bytes, int, str]]:
     """(image bytes, label, kind): every held-out good image as is, and once per defect kind."""
     out = []
-    imgs = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in goods]
+    imgs = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in goods]  # grey tiles as 3 equal channels
     for i, img in enumerate(imgs):
         out.append((_png(img), 0, "good"))
         other = imgs[(i + 1) % len(imgs)]
