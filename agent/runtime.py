@@ -15,7 +15,7 @@ from core.image_io import ImageInput, decode_image
 from core.lifecycle import LifecycleSettings
 from core.model import RoiModel
 from core.roi_import import ImportLimits, import_roi
-from core.roi_manifest import unloadable_state, unusable_rois
+from core.roi_manifest import ManifestWatch, unloadable_state
 from core.storage import RoiStore, list_rois
 
 from .config import AgentConfig
@@ -49,9 +49,8 @@ class Runtime:
         self.drift = DriftTracker(cfg.data_root, DriftSettings(**cfg.drift.model_dump()))
         # ROIs whose files could not be loaded -> {reason, then}; read by other threads (health, /models)
         self.unloadable: dict[tuple[str, str], dict] = {}
-        self._unusable: list[dict] = []
-        self._unusable_at = -1e9
-        for state in unusable_rois(cfg.data_root):  # said at start, once: the ROI itself loads on its next request
+        self._watch = ManifestWatch(cfg.data_root)
+        for state in self._watch.unusable():  # said at start, once: the ROI itself loads on its next request
             log.error("ROI %s/%s: %s; %s", state["role_id"], state["roi_id"], state["unloadable"]["reason"],
                       state["unloadable"]["then"])
 
@@ -80,7 +79,6 @@ class Runtime:
         be written (OSError) is the worker's to answer (disk_full / storage_error)."""
         key = (role_id, roi_id)
         settings, _ = self.cfg.roi_settings(role_id, roi_id)
-        self._unusable_at = -1e9  # opening may quarantine a manifest: the disk is read again when next asked
         try:
             model = RoiModel(self.cfg.data_root, role_id, roi_id, self.extractor_for(role_id, roi_id), settings,
                              progress=self.progress, lifecycle=self.lifecycle)
@@ -100,10 +98,7 @@ class Runtime:
 
     def unloadable_states(self) -> list[dict]:
         """Every ROI that cannot be used now: its load failed, or its manifest fails its schema on disk."""
-        now = time.monotonic()
-        if now - self._unusable_at > 5.0:  # health asks often: the manifests are read at most every 5 s
-            self._unusable, self._unusable_at = unusable_rois(self.cfg.data_root), now
-        found = {(s["role_id"], s["roi_id"]): s for s in self._unusable}
+        found = {(s["role_id"], s["roi_id"]): s for s in self._watch.unusable()}
         for (role, roi), info in list(self.unloadable.items()):
             found[(role, roi)] = {"role_id": role, "roi_id": roi, "unloadable": info}
         return [found[k] for k in sorted(found)]

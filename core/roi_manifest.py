@@ -103,13 +103,42 @@ def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
 def unusable_rois(data_root: Path) -> list[dict]:
     """Every ROI whose manifest.json exists but cannot be used, with the reason and what happens next: the
     shape a ROI has in /models, the CLI `models`, the MQTT state topic and the page while it is unloadable."""
-    out = []
-    for role, roi in list_rois(data_root):
-        store = RoiStore(data_root, role, roi)
-        if store.read_manifest() is None and store.manifest_error:
-            out.append(unloadable_state(role, roi, store.manifest_error, store.exists() and any(
-                True for _ in store.samples_dir("ok").glob("*.json"))))
-    return out
+    return [state for role, roi in list_rois(data_root) if (state := _unusable(RoiStore(data_root, role, roi)))]
+
+
+def _unusable(store: RoiStore) -> dict | None:
+    if store.read_manifest() is not None or not store.manifest_error:
+        return None
+    ok = store.samples_dir("ok")
+    return unloadable_state(store.role_id, store.roi_id, store.manifest_error,
+                            ok.is_dir() and any(True for _ in ok.glob("*.json")))
+
+
+class ManifestWatch:
+    """`unusable_rois` for callers that ask often (/health every second from the OPC UA server, MQTT, HTTP):
+    a manifest is parsed again only when its size or mtime changed, so a station with a thousand ROIs
+    costs one directory listing and a stat per ROI, not a thousand schema checks."""
+
+    def __init__(self, data_root: Path) -> None:
+        self.data_root = Path(data_root)
+        self._seen: dict[tuple[str, str], tuple[tuple[int, int], dict | None]] = {}
+
+    def unusable(self) -> list[dict]:
+        seen, out = {}, []
+        for role, roi in list_rois(self.data_root):
+            store = RoiStore(self.data_root, role, roi)
+            try:
+                st = store.manifest_path.stat()
+            except OSError:
+                continue
+            sig = (st.st_mtime_ns, st.st_size)
+            prev = self._seen.get((role, roi))
+            state = prev[1] if prev is not None and prev[0] == sig else _unusable(store)
+            seen[(role, roi)] = (sig, state)
+            if state:
+                out.append(state)
+        self._seen = seen  # replaced whole: readers in other threads see the old or the new one
+        return out
 
 
 def unloadable_state(role_id: str, roi_id: str, reason: str, rebuildable: bool | None = None) -> dict:
