@@ -25,7 +25,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 from asyncua import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +32,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from datasets import shared_root  # noqa: E402
+from throughput import pct  # noqa: E402 - the one p50/p95 helper of the daemon benchmarks
 
 from tests.agent_proc import Agent, Observer  # noqa: E402
 from tests.broker import Broker, free_port  # noqa: E402
 
 ENV = {"ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0", "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192",
        "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
-
-
-def pct(values: list[float]) -> dict:
-    return {"p50_ms": round(float(np.percentile(values, 50)), 2), "p95_ms": round(float(np.percentile(values, 95)), 2),
-            "n": len(values)}
 
 
 class Events:
