@@ -39,6 +39,7 @@ from .roi_manifest import (
     apply_calibration,
     manifest_state,
     policy_of,
+    recovered_manifest,
     result_settings,
     stored_rois,
     threshold_policy,
@@ -84,7 +85,8 @@ class RoiModel:
         self._dirty = False
         self._scorer = SampleScorer(self.branch_map, self.map_score, self.progress)
         pending = finish_pending(self)
-        self.manifest = self.store.read_manifest() or self._recovered_manifest()
+        self.manifest = self.store.read_manifest() or recovered_manifest(self.store, self.versions,
+                                                                         self._new_manifest())
         self.mask, mask_error = self.store.load_mask()
         self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
         self.scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
@@ -105,21 +107,6 @@ class RoiModel:
                  (time.perf_counter() - t0) * 1000)
 
     # ------------------------------------------------------------------ state
-    def _recovered_manifest(self) -> dict:
-        """A new manifest; when a manifest.json was there but could not be used (not JSON, or failing its
-        schema: hand-edited, truncated, crafted), that file goes to quarantine/files/ first and the model is
-        rebuilt from the stored samples, numbered after the kept versions (so none is overwritten)."""
-        manifest = self._new_manifest()
-        if self.store.manifest_path.exists():
-            reason = self.store.manifest_error or "manifest.json could not be used"
-            moved = self.store.quarantine_file(self.store.manifest_path, reason)
-            manifest["version"] = max(self.versions.versions(), default=0)
-            manifest["recovered"] = {"reason": reason, "quarantined": str(moved.relative_to(self.store.root)),
-                                     "timestamp_utc": utc_now()}
-            log.error("ROI %s/%s: %s; rebuilt from its stored samples (threshold set again by its policy)",
-                      self.store.role_id, self.store.roi_id, reason)
-        return manifest
-
     def _new_manifest(self) -> dict:
         return {"format": 1, "role_id": self.store.role_id, "roi_id": self.store.roi_id, "version": 0,
                 "backbone": self.identity, "settings": asdict(self.settings),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from .memory_bank import CoresetSize
 from .roi_versions import RoiVersions
 from .storage import RoiStore, list_rois, utc_now
 from .thresholds import ThresholdPolicy
+
+log = logging.getLogger(__name__)
 
 
 def _opt(default: object, doc: str, **limits: object) -> Any:
@@ -98,6 +101,21 @@ def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
         if manifest:
             out.append((manifest, manifest_state(manifest, store.mask_path.exists(), RoiVersions(store).versions())))
     return out
+
+
+def recovered_manifest(store: RoiStore, versions: RoiVersions, fresh: dict) -> dict:
+    """`fresh` (a new manifest); when a manifest.json was there but could not be used (not JSON, or failing
+    its schema: hand-edited, truncated, crafted), that file goes to quarantine/files/ first and the model is
+    rebuilt from the stored samples, numbered after the kept versions (so none is overwritten)."""
+    if store.manifest_path.exists():
+        reason = store.manifest_error or "manifest.json could not be used"
+        moved = store.quarantine_file(store.manifest_path, reason)
+        fresh["version"] = max(versions.versions(), default=0)
+        fresh["recovered"] = {"reason": reason, "quarantined": str(moved.relative_to(store.root)),
+                              "timestamp_utc": utc_now()}
+        log.error("ROI %s/%s: %s; rebuilt from its stored samples (threshold set again by its policy)",
+                  store.role_id, store.roi_id, reason)
+    return fresh
 
 
 def unusable_rois(data_root: Path) -> list[dict]:
