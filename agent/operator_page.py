@@ -161,6 +161,9 @@ def _threshold_cell(s: dict, ng: list[float], preview: dict | None, csrf: str = 
     if ng:
         out.append(f'<br><span class="{"warn" if passing else "ok"} ng-pass">{passing} of {len(ng)} NG samples would '
                    f"pass the current threshold</span>")
+    for w in s.get("warnings", []):  # what the threshold does to the ROI's own labelled samples
+        if w.get("code") == "ok_rejects_high":
+            out.append(f'<br><span class="warn ok-rejects">{escape(str(w.get("message", "")))}</span>')
     key = f"{role}/{roi}"
     value = "" if preview is None else f"{preview['threshold']:g}"
     out.append(f'<form class="preview" method="get" action="/"><input type="hidden" name="roi" value="{escape(key)}">'

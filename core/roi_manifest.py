@@ -87,8 +87,34 @@ def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
             "suspect_samples": m.get("suspect_samples", []), "versions": versions or [],
             "change": m.get("change"), **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {}),
-            **({"recovered": m["recovered"]} if m.get("recovered") else {}),
+            **({"recovered": m["recovered"]} if m.get("recovered") else {}), "warnings": threshold_warnings(m),
             "updated_utc": m["updated_utc"]}
+
+
+NG_RECALL_WARN = 0.9  # fewer of the ROI's own NG samples over the threshold than this: said in the state
+OK_REJECT_WARN = 0.05  # more of its OK samples' leave-one-out scores over the threshold than this: said too
+
+
+def threshold_warnings(m: dict) -> list[dict]:
+    """What the threshold in force does to the ROI's own labelled samples, when a line would not accept it:
+    NG samples it lets pass (low recall), or OK samples it would reject. Without this only the threshold's
+    details (`separable: false`) said that a calibration with NG samples had raised the false rejects."""
+    th = (m.get("threshold") or {}).get("value")
+    if th is None:
+        return []
+    out = []
+    ng, ok = [float(x) for x in m.get("ng_scores", [])], [float(x) for x in m.get("ok_scores", [])]
+    passing = sum(1 for x in ng if x <= th)
+    if ng and 1 - passing / len(ng) < NG_RECALL_WARN:
+        out.append({"code": "ng_recall_low", "recall": round(1 - passing / len(ng), 4),
+                    "message": f"{passing} of the ROI's {len(ng)} NG samples score at or below the threshold "
+                               f"{th:.4g}: parts with those defects would pass"})
+    flagged = sum(1 for x in ok if x > th)
+    if flagged >= 2 and flagged / len(ok) > OK_REJECT_WARN:  # one sample over a 99th percentile is expected
+        out.append({"code": "ok_rejects_high", "share": round(flagged / len(ok), 4),
+                    "message": f"{flagged} of the ROI's {len(ok)} OK samples (leave-one-out) score above the "
+                               f"threshold {th:.4g}: good parts like them would be rejected"})
+    return out
 
 
 def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:

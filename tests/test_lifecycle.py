@@ -288,3 +288,21 @@ def test_the_trash_stays_bounded_but_keeps_what_a_kept_version_needs(roi, tiles,
     os.utime(aged, (old_t, old_t))
     assert lifecycle.prune_trash(model) == 1 and not list(trash.glob(f"{ids[3]}.*"))
     assert list(trash.glob(f"{ids[2]}.*"))
+
+
+def test_the_state_warns_when_the_threshold_lets_ng_samples_pass_or_rejects_ok_ones(roi, tile) -> None:
+    """Good tiles labelled NG cannot be separated from the OK samples: whatever the calibrated threshold,
+    the state says what it does to the ROI's own labelled samples (before, only `separable: false` did)."""
+    model, _, _ = roi
+    assert model.state()["warnings"] == []  # OK samples only, auto threshold: nothing to say
+    goods = sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[150:156]
+    state = model.send_ng([sample(p) for p in goods])
+    codes = {w["code"] for w in state["warnings"]}
+    assert codes & {"ng_recall_low", "ok_rejects_high"}, state["warnings"]
+    assert state["threshold_details"].get("separable") is False
+    for w in state["warnings"]:
+        assert "NG samples" in w["message"] or "OK samples" in w["message"]
+    if "ng_recall_low" in codes:
+        passing = sum(1 for x in model.manifest["ng_scores"] if x <= model.threshold)
+        assert next(w for w in state["warnings"] if w["code"] == "ng_recall_low")["recall"] == pytest.approx(
+            1 - passing / len(goods), abs=1e-4)
