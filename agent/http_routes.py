@@ -20,8 +20,8 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from core import thresholds
 from core.ids import validate_id
-from core.model import manifest_state, stored_rois
-from core.roi_versions import RoiVersions
+from core.model import stored_rois
+from core.roi_manifest import disk_state
 from core.storage import RoiStore
 
 from .health import health_body
@@ -269,7 +269,7 @@ def state_router(ctx: HttpContext) -> APIRouter:
         if not m:
             raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
         drift = ctx.rt.drift.current(role_id, roi_id)
-        state = manifest_state(m, store.mask_path.exists(), RoiVersions(store).versions())
+        state = disk_state(store, m)
         return JSONResponse({**state, **({"drift": drift} if drift else {})})
 
     @r.get("/health")

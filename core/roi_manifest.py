@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from .memory_bank import CoresetSize
 from .roi_versions import RoiVersions
 from .storage import RoiStore, list_rois, utc_now
@@ -75,6 +77,42 @@ def policy_of(m: dict) -> dict:
     return {**base, "source": "config"}
 
 
+_MASKS: dict[str, tuple[tuple[int, int], str | None]] = {}  # path -> ((mtime_ns, size), problem), bounded below
+
+
+def mask_problem(path: Path) -> str | None:
+    """Why mask.png cannot be used (None: it can, or there is none). Decoded once per change of the file, so
+    a state read from disk (CLI `models`, /models, the page) never claims a mask that was not checked; the
+    file itself is quarantined by the ROI's next load (RoiStore.load_mask)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    sig = (st.st_mtime_ns, st.st_size)
+    hit = _MASKS.get(str(path))
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    try:
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        mask = None
+    problem = ("mask.png cannot be decoded" if mask is None else "mask.png has no non-zero pixel"
+               if not (mask > 0).any() else None)
+    if len(_MASKS) > 4096:
+        _MASKS.clear()
+    _MASKS[str(path)] = (sig, problem)
+    return problem
+
+
+def disk_state(store: RoiStore, m: dict) -> dict:
+    """The public state of a ROI read from disk beside the worker: the mask checked, not only present."""
+    problem = mask_problem(store.mask_path)
+    if problem:
+        m = {**m, "mask_error": f"{problem}; it is quarantined at the ROI's next load and the ROI scored over the "
+                                "whole image"}
+    return manifest_state(m, store.mask_path.exists() and problem is None, RoiVersions(store).versions())
+
+
 def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -> dict:
     """The public state of a ROI (MQTT `state` topic, CLI `models`) from its manifest."""
     return {"role_id": m["role_id"], "roi_id": m["roi_id"], "model_version": m["version"],
@@ -125,7 +163,7 @@ def stored_rois(data_root: Path) -> list[tuple[dict, dict]]:
         store = RoiStore(data_root, role, roi)
         manifest = store.read_manifest()
         if manifest:
-            out.append((manifest, manifest_state(manifest, store.mask_path.exists(), RoiVersions(store).versions())))
+            out.append((manifest, disk_state(store, manifest)))
     return out
 
 
