@@ -144,3 +144,72 @@ def test_a_heatmap_or_another_score_statistic_uses_the_exact_search(tire_model: 
     assert with_map.score == exact.score  # the same code path: equal to the bit
     assert np.array_equal(with_map.anomaly_map, tire_model.predict([img], return_map=True)[0].anomaly_map)
 
+
+
+class _Spy:
+    """Counts the patches each branch's real search is given (the branches' own `search`, wrapped)."""
+
+    def __init__(self, model: RoiModel) -> None:
+        self.model, self.patches = model, 0
+        self._orig = [b.search for b in model.branches]
+
+    def __enter__(self) -> _Spy:
+        for b, orig in zip(self.model.branches, self._orig, strict=True):
+            b.search = lambda feats, orig=orig: (setattr(self, "patches", self.patches + len(feats)), orig(feats))[1]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for b, orig in zip(self.model.branches, self._orig, strict=True):
+            b.search = orig
+
+
+def _counted(model: RoiModel, images: list, search: str, **kw: object) -> tuple[list, int]:
+    model.settings.knn_search = search
+    try:
+        with _Spy(model) as spy:
+            preds = model.predict(images, **kw)
+        return preds, spy.patches
+    finally:
+        model.settings.knn_search = "certified"
+
+
+def test_the_certified_path_is_the_one_that_ran(tire_model: RoiModel, tire: Path) -> None:
+    """Equal results could also come from both sides running the exact search: the spy shows the certified
+    one searched a small share of the patches the exact one did, for the same scores and regions."""
+    paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
+        (tire / "test" / "cut" / "rgb").glob("*.png"))[:2]
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
+    certified, searched = _counted(tire_model, images, "certified")
+    exact, all_patches = _counted(tire_model, images, "exact")
+    _same(certified, exact)
+    assert 0 < searched < 0.5 * all_patches, (searched, all_patches)
+
+
+def test_with_a_mask_a_heatmap_alone_or_a_percentile_the_results_equal_the_exact_search(
+        tmp_path: Path, tire_model: RoiModel, tire: Path, extractor) -> None:
+    """A mask (a bound could decide a score inside it), a heatmap asked for without the full map, and the
+    percentile statistic: each equal to the exact search; the last two run the exact search themselves."""
+    import shutil
+
+    import cv2
+
+    root = tmp_path / "data"
+    shutil.copytree(tire_model.store.root.parents[2], root)
+    model = RoiModel(root, "st1", "tire", extractor, ModelSettings(coreset_min=2048, coreset_max=4096))
+    mask = np.zeros((384, 512), np.uint8)
+    mask[:, 150:420] = 255
+    model.set_mask(cv2.imencode(".png", mask)[1].tobytes())
+    paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
+        (tire / "test" / "hole" / "rgb").glob("*.png"))[:3]
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
+    certified, searched = _counted(model, images, "certified")
+    exact, all_patches = _counted(model, images, "exact")
+    _same(certified, exact)
+    assert searched < all_patches
+    with_heatmap, searched = _counted(model, images[-1:], "certified", heatmap=True)
+    assert searched == all_patches // len(images) and with_heatmap[0].heatmap_png  # the full search, for the map
+    assert with_heatmap[0].score == exact[-1].score
+    model.settings.score_stat = "percentile"
+    pct, searched = _counted(model, images, "certified")
+    pct_exact, _ = _counted(model, images, "exact")
+    assert searched == all_patches and [p.score for p in pct] == [p.score for p in pct_exact]
