@@ -4,8 +4,12 @@ Lighting that ages, a new batch of material or a camera knocked by a millimetre 
 that rise, long before good parts are rejected. Per ROI, a rolling window of the last `window`
 predictions is compared with what the model was calibrated on:
 
-- `margin_used`: the median score of the recent parts judged OK, as a share of the way from the median
-  leave-one-out OK score at calibration (0: as usual) to the threshold (1: good parts at the threshold);
+- `margin_used`: the median score of the recent parts, as a share of the way from the median
+  leave-one-out OK score at calibration (0: as usual) to the threshold (1: good parts at the threshold).
+  Every recent part counts, also those already judged NG: with only the parts judged OK, brightening good
+  tires pushed part after part over the threshold while the median of the rest never reached `warning`
+  (tests/test_drift.py; the alert came from the NG-rate rule alone). While fewer than half the parts are
+  defective, the median stays on the good ones;
 - `ng_rate` of the window against `ng_rate_usual`, the NG rate of the (up to 10 windows of) predictions
   before it, judged once at least one whole window of them exists.
 
@@ -53,7 +57,7 @@ class DriftMonitor:
 
     def evaluate(self, threshold: float | None, reference_ok: list[float]) -> dict:
         s = self.s
-        ok_scores = [x for x, a in self.recent if not a]
+        ok_scores = [x for x, _ in self.recent]  # all parts: those already over the threshold count too
         n = len(self.recent)
         out: dict = {"state": "ok", "predictions": n, "enough_data": n >= s.min_predictions, "reasons": []}
         ng_rate = sum(a for _, a in self.recent) / n if n else 0.0
