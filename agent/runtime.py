@@ -120,6 +120,10 @@ class Runtime:
             self.forget(*key)
         return gone
 
+    def loaded_keys(self) -> list[tuple[str, str]]:
+        """The loaded ROIs, least recently used first (the next to leave memory)."""
+        return list(self._models)
+
     def loaded_count(self) -> int:
         return len(self._models)  # read from other threads (health): len() of a dict is atomic
 

@@ -51,12 +51,13 @@ def test_roi_count_is_bounded_and_least_recently_used_models_leave_memory(tmp_pa
     data = img_bytes(tire)
     for roi in ("a", "b", "c"):
         _fit(rt, roi, data)
-    assert rt.loaded_count() == 2  # "a" was unloaded when "c" came
+    assert rt.loaded_keys() == [("st1", "b"), ("st1", "c")]  # "a", the least recently used, left when "c" came
     with pytest.raises(InputError) as err:
         _fit(rt, "d", data)
     assert err.value.code == "too_many_rois" and "limits.max_rois" in err.value.message
     assert not RoiStore(tmp_path / "data", "st1", "d").root.exists()  # nothing made on disk for the refused ROI
     score = rt.model("st1", "a", create=False).predict([rt.decode(data)])[0].score  # loads again from disk
+    assert rt.loaded_keys() == [("st1", "c"), ("st1", "a")]  # and "b" made room for it
     assert score == pytest.approx(0.0, abs=0.05)  # its own training image
     _fit(rt, "a", img_bytes(tire, i=1))  # an existing ROI may still learn
     time.sleep(0.6)
