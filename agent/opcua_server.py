@@ -164,14 +164,16 @@ class OpcUaSink:
             await server.stop()
 
     async def _serve(self, space: AddressSpace) -> None:
-        assert self._wake is not None  # nosec B101 - set by _main
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("opcua: serving before the loop was set up")
         last_health = time.monotonic()
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
+            wake.clear()
             while True:
                 try:
                     item = self._items.get_nowait()

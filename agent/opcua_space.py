@@ -106,7 +106,8 @@ class AddressSpace:
         key = (role, roi)
         if key in self.rois:
             return self.rois[key]
-        assert self._rois_folder is not None  # nosec B101 - build() ran first
+        if self._rois_folder is None:
+            raise RuntimeError("opcua: the address space is not built yet")
         base = f"Rois/{role}/{roi}"
         obj = await self._rois_folder.add_object(self.nid(base), ua.QualifiedName(f"{role}/{roi}", self.idx))
         nodes = {}
@@ -159,7 +160,8 @@ class AddressSpace:
         await self._write(r.vars["ResultsLost"], r.handshake.lost, V.UInt32)
 
     async def _fire(self, role: str, roi: str, values: dict, counter: int) -> None:
-        assert self.events is not None  # nosec B101 - build() ran first
+        if self.events is None:
+            raise RuntimeError("opcua: the address space is not built yet")
         ev = self.events.event
         for name, _ in RESULT_VARS:
             setattr(ev, name, values[name])

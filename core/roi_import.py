@@ -123,6 +123,11 @@ class _Import:
         return {"role_id": role, "roi_id": roi, "model_version": manifest["version"], "samples": counts,
                 "threshold": manifest["threshold"]["value"], "imported_from": manifest["imported_from"]}
 
+    def _dir(self) -> Path:
+        if self.staging is None:
+            raise RuntimeError("the import has no staging folder (run() makes it)")
+        return self.staging
+
     # ------------------------------------------------------------- limits
     def _check_room(self) -> None:
         cap = self.limits.max_rois
@@ -223,8 +228,8 @@ class _Import:
         if member.size + RESERVE > shutil.disk_usage(self.data_root).free:
             raise StorageError(f"the data root cannot hold {safe_text(name, 120)} ({member.size} bytes): nothing was "
                                "imported", code="disk_full")
-        assert self.staging is not None  # nosec B101 - set by run()
-        path = self.staging / (f"index/{name}" if name.endswith("bank.npz") else name)
+        staging = self._dir()
+        path = staging / (f"index/{name}" if name.endswith("bank.npz") else name)
         path.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         src = tar.extractfile(member)
@@ -240,14 +245,14 @@ class _Import:
 
     # ----------------------------------------------------------- contents
     def _json(self, rel: str) -> object:
-        assert self.staging is not None  # nosec B101 - set by run()
+        staging = self._dir()
         try:
-            return json.loads((self.staging / rel).read_bytes())
+            return json.loads((staging / rel).read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
             raise _refuse(f"{safe_text(rel, 120)} is not JSON: {safe_text(exc, 120)}") from None
 
     def _check_contents(self, meta: dict, role: str, roi: str) -> dict:
-        assert self.staging is not None  # nosec B101 - set by run()
+        staging = self._dir()
         files = set(meta["files"])
         try:
             manifest = check_manifest(self._json("manifest.json"), "the archive's manifest.json")
@@ -255,7 +260,7 @@ class _Import:
             raise _refuse(exc.message) from None
         manifest.update(role_id=role, roi_id=roi, imported_utc=utc_now(), imported_from=f"{meta['role_id']}/"
                         f"{meta['roi_id']} version {meta['model_version']}")
-        _write_json(self.staging / "manifest.json", manifest)
+        _write_json(staging / "manifest.json", manifest)
         images: set[str] = set()
         for name in sorted(files):
             if name.startswith("samples/") and name.endswith(".json"):
@@ -266,13 +271,13 @@ class _Import:
             if name.endswith("bank.npz"):
                 self._check_bank(name)
         if "mask.png" in files:
-            mask = cv2.imread(str(self.staging / "mask.png"), cv2.IMREAD_GRAYSCALE)
+            mask = cv2.imread(str(staging / "mask.png"), cv2.IMREAD_GRAYSCALE)
             if mask is None or not (mask > 0).any():
                 raise _refuse("mask.png is not a PNG with non-zero pixels")
         return manifest
 
     def _check_sample(self, name: str, files: set[str], role: str, roi: str) -> str:
-        assert self.staging is not None  # nosec B101 - set by run()
+        staging = self._dir()
         kind = name.split("/")[1]
         try:
             sample = check_sample(self._json(name), safe_text(name, 120))
@@ -283,7 +288,7 @@ class _Import:
         image = f"samples/{kind}/{sample['image_file']}"
         if image not in files or image.endswith(".json"):
             raise _refuse(f"{safe_text(name, 120)}: its image is not in the archive")
-        data = (self.staging / image).read_bytes()  # at most limits.max_bytes (checked while streaming)
+        data = (staging / image).read_bytes()  # at most limits.max_bytes (checked while streaming)
         if hashlib.sha256(data).hexdigest() != sample["sha256"]:
             raise _refuse(f"{safe_text(image, 120)}: not the image its sample JSON names (sha256)")
         if self.check_image is not None:
@@ -291,18 +296,18 @@ class _Import:
                 self.check_image(data)
             except AnomalyError as exc:
                 raise _refuse(f"{safe_text(image, 120)}: {exc.code}: {exc.message}") from None
-        _write_json(self.staging / name, {**sample, "role_id": role, "roi_id": roi})
+        _write_json(staging / name, {**sample, "role_id": role, "roi_id": roi})
         return image
 
     def _check_bank(self, name: str) -> None:
         """A bank is an .npz of `rows` (int64 [n]) and `feats` (float32 [n, d]): read from the headers only,
         so a crafted one is never loaded into memory here."""
-        assert self.staging is not None  # nosec B101 - set by run()
+        staging = self._dir()
         allowed = {"bank.npz", *(f"b{i}-bank.npz" for i in range(1, len(self.branches)))}
         if name not in allowed:
             raise _refuse(f"{safe_text(name, 60)}: the running backbone has no such branch")
         try:
-            with zipfile.ZipFile(self.staging / "index" / name) as z:
+            with zipfile.ZipFile(staging / "index" / name) as z:
                 shapes = {}
                 for key in ("rows", "feats"):
                     with z.open(f"{key}.npy") as f:

@@ -212,7 +212,8 @@ def check(schema: type[BaseModel], obj: object, what: str) -> dict:
         schema.model_validate(obj)
     except ValidationError as exc:
         raise StateFileError(f"{what} is not valid: {_reason(exc)}") from None
-    assert isinstance(obj, dict)  # nosec B101 - every schema here is an object
+    if not isinstance(obj, dict):  # every schema here is an object: pydantic refused anything else already
+        raise StateFileError(f"{what} is not a JSON object")
     return obj
 
 
