@@ -22,6 +22,8 @@ const FIELDS = ["ResultId", "ResultCounter", "Score", "IsAnomaly", "ErrorCode", 
   const filter = constructEventFilter(FIELDS.map((f) => `${ns}:${f}`));
   const item = ClientMonitoredItem.create(sub, { nodeId: "ns=0;i=2253", attributeId: AttributeIds.EventNotifier },
     { samplingInterval: 0, discardOldest: false, queueSize: 1000, filter }, TimestampsToReturn.Both);
+  await new Promise((resolve) => { item.on("initialized", resolve); setTimeout(resolve, 5000); });
+  console.log(JSON.stringify({ kind: "ready" })); // the test drops its images only after this line
   let seen = 0;
   const done = new Promise((resolve) => {
     item.on("changed", (values) => {

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -153,7 +154,11 @@ def test_a_node_opcua_client_reads_the_nodes_and_gets_the_events(data_root: Path
         proc = subprocess.Popen(["node", str(script), f"opc.tcp://127.0.0.1:{port}/anomaly-agent", "2"],
                                 env={**os.environ, "NODE_PATH": str(modules)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(4)  # the client connects and subscribes
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], 60)  # never block the suite on a hung client
+        first = proc.stdout.readline() if readable else ""  # the client connected and subscribed
+        assert '"ready"' in first, (first, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        time.sleep(0.5)  # the monitored item's first publish cycle
         inbox = data_root / "inbox" / "st1" / "tire" / "predict"
         inbox.mkdir(parents=True, exist_ok=True)
         for i, p in enumerate(sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:2]):
@@ -161,6 +166,7 @@ def test_a_node_opcua_client_reads_the_nodes_and_gets_the_events(data_root: Path
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (out, err)
         lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        assert not [x for x in lines if x["kind"] == "ready"]  # read above
         events = [x for x in lines if x["kind"] == "event"]
         assert sorted(e["ResultId"] for e in events) == ["folder:st1/tire/predict/n0.png",
                                                          "folder:st1/tire/predict/n1.png"], lines
