@@ -33,6 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 NS = "urn:anomaly-agent:vision"
 
 
+def _drop(src: Path, dst: Path) -> None:
+    """An image into the watched folder as a camera should: written beside it, then renamed in (the agent
+    may claim a file the moment it appears; shutil.copy's chmod after the write then found it gone)."""
+    tmp = dst.parents[4] / f".{dst.name}.part"  # the data root: same file system, outside the inbox
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def _opcua_env(port: int, **extra: str) -> dict[str, str]:
     return {"ANOMALY_AGENT_OPCUA__ENABLED": "true", "ANOMALY_AGENT_OPCUA__PORT": str(port), **extra}
 
@@ -88,7 +96,7 @@ def test_every_result_reaches_opcua_once_in_order_with_the_handshake(data_root: 
             inbox = data_root / "inbox" / "st1" / "tire" / "predict"
             inbox.mkdir(parents=True, exist_ok=True)
             for i, p in enumerate(images[:3]):  # by the watched folder ...
-                shutil.copy(p, inbox / f"f{i}.png")
+                _drop(p, inbox / f"f{i}.png")
             await _wait(lambda: len(events.items) >= 3)
             for i, p in enumerate(images[3:]):  # ... and by MQTT, plus one input the agent refuses
                 station.publish("anomaly/st1/tire/predict", json.dumps(
@@ -162,7 +170,7 @@ def test_a_node_opcua_client_reads_the_nodes_and_gets_the_events(data_root: Path
         inbox = data_root / "inbox" / "st1" / "tire" / "predict"
         inbox.mkdir(parents=True, exist_ok=True)
         for i, p in enumerate(sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:2]):
-            shutil.copy(p, inbox / f"n{i}.png")
+            _drop(p, inbox / f"n{i}.png")
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (out, err)
         lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
