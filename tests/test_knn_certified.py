@@ -173,15 +173,22 @@ def _counted(model: RoiModel, images: list, search: str, **kw: object) -> tuple[
         model.settings.knn_search = "certified"
 
 
+def _certified_against_exact(model: RoiModel, tire: Path, defect: str, n: int) -> tuple[list, int, int]:
+    """3 good and n defective tires predicted both ways: (images, patches the certified search searched,
+    patches the exact one searched), the results checked equal."""
+    paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
+        (tire / "test" / defect / "rgb").glob("*.png"))[:n]
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
+    certified, searched = _counted(model, images, "certified")
+    exact, all_patches = _counted(model, images, "exact")
+    _same(certified, exact)
+    return images, searched, all_patches
+
+
 def test_the_certified_path_is_the_one_that_ran(tire_model: RoiModel, tire: Path) -> None:
     """Equal results could also come from both sides running the exact search: the spy shows the certified
     one searched a small share of the patches the exact one did, for the same scores and regions."""
-    paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
-        (tire / "test" / "cut" / "rgb").glob("*.png"))[:2]
-    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
-    certified, searched = _counted(tire_model, images, "certified")
-    exact, all_patches = _counted(tire_model, images, "exact")
-    _same(certified, exact)
+    _, searched, all_patches = _certified_against_exact(tire_model, tire, "cut", 2)
     assert 0 < searched < 0.5 * all_patches, (searched, all_patches)
 
 
@@ -199,12 +206,8 @@ def test_with_a_mask_a_heatmap_alone_or_a_percentile_the_results_equal_the_exact
     mask = np.zeros((384, 512), np.uint8)
     mask[:, 150:420] = 255
     model.set_mask(cv2.imencode(".png", mask)[1].tobytes())
-    paths = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
-        (tire / "test" / "hole" / "rgb").glob("*.png"))[:3]
-    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in paths]
-    certified, searched = _counted(model, images, "certified")
-    exact, all_patches = _counted(model, images, "exact")
-    _same(certified, exact)
+    images, searched, all_patches = _certified_against_exact(model, tire, "hole", 3)
+    exact, _ = _counted(model, images, "exact")
     assert searched < all_patches
     with_heatmap, searched = _counted(model, images[-1:], "certified", heatmap=True)
     assert searched == all_patches // len(images) and with_heatmap[0].heatmap_png  # the full search, for the map
