@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-
 from .memory_bank import CoresetSize
 from .roi_versions import RoiVersions
-from .storage import RoiStore, list_rois, utc_now
+from .storage import RoiStore, list_rois, read_mask, utc_now
 from .thresholds import ThresholdPolicy
 
 log = logging.getLogger(__name__)
@@ -92,12 +90,7 @@ def mask_problem(path: Path) -> str | None:
     hit = _MASKS.get(str(path))
     if hit is not None and hit[0] == sig:
         return hit[1]
-    try:
-        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    except cv2.error:
-        mask = None
-    problem = ("mask.png cannot be decoded" if mask is None else "mask.png has no non-zero pixel"
-               if not (mask > 0).any() else None)
+    problem = read_mask(path)[1]  # the load's own check (RoiStore.load_mask)
     if len(_MASKS) > 4096:
         _MASKS.clear()
     _MASKS[str(path)] = (sig, problem)

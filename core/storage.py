@@ -414,13 +414,9 @@ class RoiStore:
         then it is moved to quarantine/mask/ with the reason (never deleted) and the ROI has no mask."""
         if not self.mask_path.exists():
             return None, None
-        try:
-            mask = cv2.imread(str(self.mask_path), cv2.IMREAD_GRAYSCALE)
-        except cv2.error:
-            mask = None
-        if mask is not None and (mask > 0).any():
-            return mask > 0, None
-        reason = "mask.png cannot be decoded" if mask is None else "mask.png has no non-zero pixel"
+        mask, reason = read_mask(self.mask_path)
+        if reason is None:
+            return mask, None
         target = self.root / "quarantine" / "mask"
         target.mkdir(parents=True, exist_ok=True)
         stamp = utc_now().replace(":", "").replace("-", "")
@@ -432,6 +428,17 @@ class RoiStore:
 
     def save_mask(self, png: bytes) -> None:
         atomic_write_bytes(self.mask_path, png)
+
+
+def read_mask(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(mask as bool, None) of a mask file, or (None, why it cannot be used)."""
+    try:
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    except cv2.error:
+        mask = None
+    if mask is not None and (mask > 0).any():
+        return mask > 0, None
+    return None, "mask.png cannot be decoded" if mask is None else "mask.png has no non-zero pixel"
 
 
 def sample_meta(path: Path) -> dict | None:
