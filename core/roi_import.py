@@ -264,7 +264,7 @@ class _Import:
         images: set[str] = set()
         for name in sorted(files):
             if name.startswith("samples/") and name.endswith(".json"):
-                images.add(self._check_sample(name, files, role, roi))
+                images.add(self._check_sample(name, meta["files"], role, roi))
         for name in sorted(files):
             if name.startswith("samples/") and not name.endswith(".json") and name not in images:
                 raise _refuse(f"{safe_text(name, 120)} belongs to no sample of the archive")
@@ -276,7 +276,7 @@ class _Import:
                 raise _refuse("mask.png is not a PNG with non-zero pixels")
         return manifest
 
-    def _check_sample(self, name: str, files: set[str], role: str, roi: str) -> str:
+    def _check_sample(self, name: str, files: dict[str, str], role: str, roi: str) -> str:
         staging = self._dir()
         kind = name.split("/")[1]
         try:
@@ -288,12 +288,11 @@ class _Import:
         image = f"samples/{kind}/{sample['image_file']}"
         if image not in files or image.endswith(".json"):
             raise _refuse(f"{safe_text(name, 120)}: its image is not in the archive")
-        data = (staging / image).read_bytes()  # at most limits.max_bytes (checked while streaming)
-        if hashlib.sha256(data).hexdigest() != sample["sha256"]:
+        if files[image] != sample["sha256"]:  # the listed hash, checked against the bytes while they streamed
             raise _refuse(f"{safe_text(image, 120)}: not the image its sample JSON names (sha256)")
         if self.check_image is not None:
-            try:
-                self.check_image(data)
+            try:  # at most limits.max_bytes (checked while streaming)
+                self.check_image((staging / image).read_bytes())
             except AnomalyError as exc:
                 raise _refuse(f"{safe_text(image, 120)}: {exc.code}: {exc.message}") from None
         _write_json(staging / name, {**sample, "role_id": role, "roi_id": roi})
