@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import queue
 import threading
 import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
-from pathlib import Path
 
 from core.errors import AnomalyError
 
@@ -249,13 +247,6 @@ class Worker:
 
     def _process(self, batch: list[Job]) -> None:
         first = batch[0]
-        if first.roi_id == os.environ.get("ANOMALY_DEBUG_STALL_ROI"):  # test hook: a hung worker (watchdog tests)
-            mark = os.environ.get("ANOMALY_DEBUG_STALL_ONCE")  # a file: stall only if it does not exist yet
-            if not mark or not os.path.exists(mark):
-                if mark:
-                    Path(mark).touch()
-                log.warning("debug: ANOMALY_DEBUG_STALL_ROI=%s: the worker stalls now", first.roi_id)
-                threading.Event().wait()
         try:
             creates = first.action in ("fit_ok", "send_ng") or (first.action == "calibrate" and first.images)
             try:

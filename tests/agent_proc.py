@@ -57,7 +57,10 @@ class Agent:
     def start(self, wait_ready: bool = True) -> Agent:
         self.data_root.mkdir(parents=True, exist_ok=True)
         offset = self.log.stat().st_size if self.log.exists() else 0  # a restart: only this run's lines count
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL,
+        args = list(self.args)
+        if self.env.get("ANOMALY_DEBUG_STALL_ROI"):  # the test-only entry point whose worker hangs on that ROI
+            args[args.index("agent.cli")] = "tests.stall_agent"
+        self.proc = subprocess.Popen(args, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"), cwd=ROOT)
         STARTED.append(self)
         if wait_ready:

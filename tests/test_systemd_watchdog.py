@@ -42,7 +42,7 @@ def test_systemd_watchdog_restarts_a_hung_worker(private_systemd_ok: None, data_
     env = {**AGENT_ENV_KEYS, "ANOMALY_AGENT_FOLDER__STABLE_S": "0.3", "ANOMALY_AGENT_FOLDER__RESCAN_S": "1",
            "PYTHONUNBUFFERED": "1", "ANOMALY_DEBUG_STALL_ROI": "stall", "ANOMALY_DEBUG_STALL_ONCE": str(mark),
            "PYTHONPATH": str(ROOT)}
-    exec_start = f"{sys.executable} -m agent.cli --config {SHIPPED} --data-root {data_root} run"
+    exec_start = f"{sys.executable} -m tests.stall_agent --config {SHIPPED} --data-root {data_root} run"
     unit = service_from_shipped(ROOT / "systemd" / "anomaly-agent.service", exec_start,
                                 {"WatchdogSec": "4", "RestartSec": "1", "WorkingDirectory": str(ROOT)}, env, log,
                                 stops)
