@@ -15,6 +15,7 @@ from core import lifecycle
 from core.errors import AnomalyError, InputError
 from core.image_io import ImageInput
 from core.model import RoiModel
+from core.prediction import SearchStats
 from core.thresholds import requested_policy
 
 from .jobs import Job, Outcome, error_result, ok_result
@@ -121,10 +122,12 @@ class Actions:
             pred.queue_ms = (time.perf_counter() - j.enqueued_at) * 1000 - pred.inference_ms
             self.settings.last_timing = {"inference_ms": pred.inference_ms, "batch_size": pred.batch_size,
                                 "device": pred.device}
-            log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s)",
-                     j.role_id, j.roi_id, j.request_id, pred.score, pred.threshold, pred.is_anomaly,
-                     pred.inference_ms, pred.batch_size, pred.device)
-            self.finish(j, Outcome(ok_result(j, pred.to_dict()), pred.heatmap_png, wants[j], pred.preview))
+            search = pred.search or SearchStats("exact", 0, 0)
+            log.info("predict %s/%s %s: score %.4f threshold %.4f anomaly=%s %.1f ms (batch %d, %s; %s search "
+                     "%d/%d patches)", j.role_id, j.roi_id, j.request_id, pred.score, pred.threshold, pred.is_anomaly,
+                     pred.inference_ms, pred.batch_size, pred.device, search.mode, search.searched, search.patches)
+            self.finish(j, Outcome(ok_result(j, pred.to_dict()), pred.heatmap_png, wants[j], pred.preview,
+                                      pred.search))
             changed = self.rt.drift.observe(model, pred.score, pred.is_anomaly)
             if changed is not None:
                 self.state_changed(model, changed)

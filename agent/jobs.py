@@ -6,6 +6,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.prediction import SearchStats
 from core.storage import utc_now
 
 ACTIONS = ("predict", "fit_ok", "send_ng", "calibrate", "delete_samples", "rollback", "reset")
@@ -40,6 +41,7 @@ class Outcome:
     heatmap_png: bytes | None = None
     send_heatmap: bool = False  # the request asked for the heatmap (or its ROI sends one by default)
     preview: dict | None = None
+    search: SearchStats | None = None  # a prediction's search (metrics), never in the result
 
     def with_heatmap_b64(self) -> dict:
         """The result as JSON channels send it: `data.heatmap_png_b64` when the heatmap was asked for."""

@@ -35,6 +35,10 @@ class Metrics:
                                  "action", ["ingress", "action"], buckets=REQUEST_BUCKETS, registry=r)
         self.batch = Histogram("anomaly_agent_batch_size", "Backbone batch size each prediction ran in",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.patches = Counter("anomaly_agent_knn_patches", "Patches of predictions, by how the search ran "
+                               "(certified: the exact search only where it decides)", ["mode"], registry=r)
+        self.searched = Counter("anomaly_agent_knn_patches_searched", "Patches of predictions searched exactly, by "
+                                "how the search ran", ["mode"], registry=r)
         self.anomalies = Counter("anomaly_agent_anomalies", "Predictions flagged anomalous", ["role_id", "roi_id"],
                                  registry=r)
         self.samples = Gauge("anomaly_agent_samples", "Stored samples per ROI", ["role_id", "roi_id", "kind"],
@@ -79,6 +83,9 @@ class Metrics:
                     self.stage.labels(stage).observe(data["timings_ms"][stage] / 1000)
             self.inference.observe(data["inference_ms"] / 1000)
             self.batch.observe(data["batch_size"])
+            if outcome.search is not None:
+                self.patches.labels(outcome.search.mode).inc(outcome.search.patches)
+                self.searched.labels(outcome.search.mode).inc(outcome.search.searched)
             if data["is_anomaly"]:
                 self.anomalies.labels(job.role_id, job.roi_id).inc()
             self._set_drift(job.role_id, job.roi_id)

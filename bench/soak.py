@@ -96,8 +96,12 @@ def variants(images: list[bytes], n: int) -> list[bytes]:
 
 
 def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: float = 0, outage_at_s: float = 20,
-         fit_share: float = 0.04, ng_share: float = 0.02, prefit: int = 6) -> dict:
-    tire = shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
+         fit_share: float = 0.04, ng_share: float = 0.02, prefit: int = 6, queue_size: int | None = None,
+         tire: Path | None = None) -> dict:
+    """`queue_size` overrides the worker's queue bound (the CI variant drives it past a small one); `tire`
+    the image folder (default ../shared's tire)."""
+    tire = tire or shared_root() / "datasets" / "mvtec_3d_ad" / "tire"
+    env = {**ENV, **({"ANOMALY_AGENT_WORKER__QUEUE_SIZE": str(queue_size)} if queue_size else {})}
     train = [p.read_bytes() for p in sorted((tire / "train" / "good" / "rgb").glob("*.png"))]
     goods = [p.read_bytes() for p in sorted((tire / "test" / "good" / "rgb").glob("*.png"))]
     holes = [p.read_bytes() for p in sorted((tire / "test" / "hole" / "rgb").glob("*.png"))]
@@ -118,7 +122,7 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
     broker = Broker(tmp / "broker")
     broker.start()
     port = free_port()
-    agent = Agent(data, broker.port, env=ENV, client_id="soak", http_port=port).start()
+    agent = Agent(data, broker.port, env=env, client_id="soak", http_port=port).start()
     obs = Observer(broker.port, topics=("anomaly/soak/+/result",), persistent=True)
     rng = random.Random(seed)
     sent: dict[str, float] = {}  # MQTT request id -> monotonic send time
@@ -234,7 +238,7 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
                s["queue"]] for s in samples[::step]]
     states = httpx.get(f"{agent.http}/models", timeout=10).json()
     out = {
-        "requests": n, "outstanding_max": outstanding, "mqtt_sent": len(sent), "folder_sent": len(folder_sent),
+        "requests": n, "outstanding_max": outstanding, "queue_size": queue_size, "mqtt_sent": len(sent), "folder_sent": len(folder_sent),
         "seconds": round(elapsed, 1),
         "requests_per_s": round(n / elapsed, 2),
         "mqtt_answered": len(per_rid), "mqtt_lost": len(set(sent) - set(per_rid)),

@@ -9,6 +9,16 @@ import numpy as np
 from .scoring import Defect
 
 
+@dataclass(frozen=True)
+class SearchStats:
+    """How the nearest-neighbour search ran (never in the payload; the agent's metrics count it): `certified`
+    searched `searched` of `patches` exactly and bounded the rest, `exact` searched them all."""
+
+    mode: str
+    patches: int
+    searched: int
+
+
 @dataclass
 class Prediction:
     is_anomaly: bool
@@ -29,6 +39,7 @@ class Prediction:
     anomaly_map: np.ndarray | None = None  # full-size map (return_map): benchmarks, pixel metrics
     preview: dict | None = None  # thumbnail of image, map and mask (operator page)
     queue_ms: float | None = None  # set by the daemon: time waited before the work began
+    search: SearchStats | None = None
 
     @property
     def inference_ms(self) -> float:

@@ -15,7 +15,7 @@ from .heatmap import render_heatmap, thumbnail
 from .image_io import ImageInput
 from .knn_certified import certified_maps
 from .lifecycle import apply_suspect_policy
-from .prediction import Prediction
+from .prediction import Prediction, SearchStats
 from .roi_index import Embedded
 from .scoring import defect_regions
 
@@ -48,14 +48,17 @@ def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: floa
                 preview_px: int) -> Prediction:
     t0 = time.perf_counter()
     maps = None
+    mode, patches = "exact", sum(int(f.shape[0]) for f in emb.feats)
+    searched = patches
     if not (heatmap or return_map or model.settings.knn_search == "exact" or model.settings.score_stat != "max"):
         clusters = [branch.clusters() for branch in model.branches]
         if all(c is not None for c in clusters):  # the score and regions from a fraction of the search
             searches = [lambda idx, b=b: model.branches[b].search(emb.feats[b][idx]) for b in range(len(clusters))]
-            pairs, _ = certified_maps(searches, clusters, emb.feats, emb.grids, emb.input_size,
-                                      model.settings.blur_sigma, model.mask_at(emb.input_size), model.scales,
-                                      threshold)
+            pairs, info = certified_maps(searches, clusters, emb.feats, emb.grids, emb.input_size,
+                                         model.settings.blur_sigma, model.mask_at(emb.input_size), model.scales,
+                                         threshold)
             maps = [m for _, m in pairs]
+            mode, searched = "certified", int(info["exact_patches"])
     if maps is None:
         dists = [branch.search(emb.feats[b]) for b, branch in enumerate(model.branches)]
     t1 = time.perf_counter()
@@ -78,4 +81,5 @@ def predict_one(model: RoiModel, img: ImageInput, emb: Embedded, threshold: floa
         batch_size=int(emb.timings["batch_size"]), device=str(model.extractor.device), model_version=model.version,
         backbone=model.identity, mm_per_px=img.mm_per_px, scale=img.scale, image_size=img.reported_size,
         defect_count=count, regions=regions, heatmap_png=png, anomaly_map=full if return_map else None,
-        preview=thumbnail(img.rgb, full, mask_full, preview_px) if preview_px else None)
+        preview=thumbnail(img.rgb, full, mask_full, preview_px) if preview_px else None,
+        search=SearchStats(mode, patches, searched))

@@ -8,6 +8,7 @@ import base64
 import fcntl
 import json
 import os
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -41,8 +42,10 @@ class Chromium:
     def _read(self, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         while b"\0" not in self._buf:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no message from Chromium")
+            left = deadline - time.monotonic()
+            # select() first: a hung Chromium must end in a TimeoutError, never block os.read() forever
+            if left <= 0 or not select.select([self._from_chrome], [], [], left)[0]:
+                raise TimeoutError(f"no message from Chromium within {timeout}s")
             chunk = os.read(self._from_chrome, 1 << 16)
             if not chunk:
                 raise RuntimeError("Chromium closed the pipe")

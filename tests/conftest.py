@@ -21,16 +21,62 @@ def shared_root() -> Path:
     return Path(os.environ.get("ANOMALY_SHARED_DIR", ROOT.parent / "shared"))
 
 
-@pytest.fixture(scope="session")
-def shared() -> Path:
-    """../shared (or $ANOMALY_SHARED_DIR). Missing: a failure under CI=true, a skip elsewhere."""
+SYNTHETIC_USED: list[str] = []  # test ids that ran on tests/synthetic.py's images instead of the real ones
+REAL_SKIPPED: list[str] = []  # test ids skipped because they need the real images
+
+
+def _real_or_none() -> Path | None:
     root = shared_root()
-    if not (root / "datasets").is_dir():
-        msg = f"shared assets not found at {root} (set ANOMALY_SHARED_DIR)"
+    return root if (root / "datasets").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def real_shared() -> Path:
+    """../shared (or $ANOMALY_SHARED_DIR) with the real datasets, for assertions that only real images
+    support. Missing: a failure under CI=true, a skip elsewhere (counted in the run's last lines)."""
+    root = _real_or_none()
+    if root is None:
+        msg = f"real datasets not found at {shared_root()} (set ANOMALY_SHARED_DIR; see docs/datasets.md)"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
     return root
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory) -> Path:
+    """The datasets root: ../shared when it is there; otherwise (never under CI=true, where its absence
+    fails) the generated stand-in of tests/synthetic.py in the same layout, so a clone without the real
+    images still tests fitting, scoring, thresholds, regions, the lifecycle and every ingress."""
+    root = _real_or_none()
+    if root is not None:
+        return root
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"shared assets not found at {shared_root()} (under CI=true a missing prerequisite is a "
+                    "failure)")
+    from tests.synthetic import make_shared
+
+    return make_shared(tmp_path_factory.mktemp("synthetic_shared"))
+
+
+def pytest_runtest_setup(item) -> None:
+    if "shared" in getattr(item, "fixturenames", ()) and _real_or_none() is None:
+        SYNTHETIC_USED.append(item.nodeid)
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and "real datasets not found" in str(report.longrepr):
+        REAL_SKIPPED.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Last lines: how much of the run did not see real images, and where to get them."""
+    if not (SYNTHETIC_USED or REAL_SKIPPED):
+        return
+    terminalreporter.write_line(
+        f"real images: not found at {shared_root()}; {len(set(SYNTHETIC_USED))} tests ran on synthetic images "
+        f"(tests/synthetic.py) and {len(set(REAL_SKIPPED))} that need the real ones were skipped. Get them: "
+        "docs/datasets.md, then set ANOMALY_SHARED_DIR.", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,10 @@ def test_the_publisher_keeps_an_outbox_file_until_answered_log_has_its_key(tmp_p
 
     def written() -> None:
         thread.start()
-        time.sleep(0.3)  # answered.log is written after this: the publisher must still be waiting
+        deadline = time.monotonic() + 30
+        while events != ["sent"] and time.monotonic() < deadline:  # the publisher has sent (however loaded)
+            time.sleep(0.01)
+        time.sleep(0.3)  # ... and given time to go on: it must still be waiting, answered.log is written after
         events.append("answer logs the key")
 
     spool.answer("r3", seq, MSGS[:1], written=written)

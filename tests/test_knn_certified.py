@@ -3,6 +3,10 @@ search's, on real images, while only part of the patches is searched exactly."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,10 @@ import torch
 
 from core.image_io import decode_image
 from core.knn import NearestNeighbour
-from core.knn_certified import ClusteredBank, certified_maps, support_radius
+from core.knn_certified import MIN_BANK, ClusteredBank, certified_maps, support_radius
 from core.model import ModelSettings, RoiModel
 from core.scoring import input_res_map
+from tests.conftest import AGENT_ENV_KEYS
 
 
 @pytest.mark.parametrize(("grid", "size", "sigma"), [((40, 42), (320, 336), 4.0), ((20, 21), (320, 336), 4.0),
@@ -216,3 +221,60 @@ def test_with_a_mask_a_heatmap_alone_or_a_percentile_the_results_equal_the_exact
     pct, searched = _counted(model, images, "certified")
     pct_exact, _ = _counted(model, images, "exact")
     assert searched == all_patches and [p.score for p in pct] == [p.score for p in pct_exact]
+
+
+def _metric(text: str, name: str, mode: str) -> float:
+    line = next((x for x in text.splitlines() if x.startswith(f'{name}_total{{mode="{mode}"}}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_search(tmp_path: Path, tire: Path) -> None:
+    """End to end: banks of 2100 and 1050 patches from 8 images (past the cut-over, unlike the other agent tests' 1000) fitted through
+    the CLI; one agent on the shipped `knn_search: certified`, then the same data root with `exact`. The
+    metrics show which search ran (the certified one on a small share of the patches); scores, verdicts and
+    regions agree, and a heatmap request (always the exact search) scores as the certified one within 1e-6."""
+    import httpx
+
+    from tests.agent_proc import Agent
+    from tests.broker import free_port
+
+    root = tmp_path / "data"
+    env = {"ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "2100"}  # the coarse branch: half
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:8]
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(root), "--log-level", "WARNING",
+                        "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
+                       env={**os.environ, **AGENT_ENV_KEYS, **env}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    banks = [b["bank"] for b in json.loads((root / "models" / "st1" / "tire" / "manifest.json").read_text())["branches"]]
+    assert len(banks) == 2 and min(banks) >= MIN_BANK, banks
+    probes = [sorted((tire / "test" / k / "rgb").glob("*.png"))[i].read_bytes()
+              for k, i in (("good", 0), ("good", 1), ("cut", 0), ("hole", 0), ("cut", 1), ("hole", 1), ("cut", 2),
+                           ("hole", 2), ("combined", 0))]
+    answers: dict[str, list[dict]] = {}
+    metrics: dict[str, str] = {}
+    for mode in ("certified", "exact"):
+        port = free_port()
+        agent = Agent(root, http_port=port, env={**env, "ANOMALY_AGENT_DEFAULTS__KNN_SEARCH": mode}).start()
+        with httpx.Client(base_url=agent.http, timeout=120) as c:
+            got = [c.post("/predict", data={"role_id": "st1", "roi_id": "tire"},
+                          files={"file": ("p.png", p, "image/png")}).json() for p in probes]
+            assert all("score" in g for g in got), got
+            answers[mode] = got
+            metrics[mode] = c.get("/metrics").text
+            if mode == "certified":
+                heat = c.post("/predict", data={"role_id": "st1", "roi_id": "tire", "heatmap": "true"},
+                              files={"file": ("p.png", probes[2], "image/png")}).json()
+                metrics["after_heatmap"] = c.get("/metrics").text
+        assert agent.sigterm() == 0
+    searched = _metric(metrics["certified"], "anomaly_agent_knn_patches_searched", "certified")
+    patches = _metric(metrics["certified"], "anomaly_agent_knn_patches", "certified")
+    assert 0 < searched < 0.5 * patches, (searched, patches)
+    assert _metric(metrics["certified"], "anomaly_agent_knn_patches", "exact") == 0
+    assert _metric(metrics["after_heatmap"], "anomaly_agent_knn_patches", "exact") > 0  # the heatmap's search
+    assert _metric(metrics["exact"], "anomaly_agent_knn_patches", "certified") == 0
+    for cert, exact in zip(answers["certified"], answers["exact"], strict=True):
+        assert cert["score"] == pytest.approx(exact["score"], abs=1e-6)
+        assert cert["is_anomaly"] == exact["is_anomaly"]
+        assert cert["defects"] == exact["defects"]  # count, areas, every region's bbox and peak
+    assert any(a["is_anomaly"] for a in answers["exact"])  # the comparison covers regions, not only verdicts
+    assert heat["score"] == pytest.approx(answers["certified"][2]["score"], abs=1e-6)

@@ -3,7 +3,7 @@ requests for the image paths it is given and routes each result to OK, NG or err
 
 Node-RED is a Node.js application, not a Python dependency: this test runs where it is installed
 (`ANOMALY_NODE_RED` = its executable, or `node-red` on the PATH; .ci/run tries `npm install node-red`)
-and is skipped otherwise, saying so (the one skip besides CUDA the issue allows)."""
+and is skipped elsewhere, saying so; under CI=true (.ci/run installs it) its absence fails the run."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
+from tests.require import missing
 
 FLOW = Path(__file__).resolve().parents[1] / "examples" / "node-red" / "flow.json"
 
@@ -27,7 +26,7 @@ def node_red() -> str:
     if not exe and local.exists():  # where .ci/run installs it (beside the checkout)
         exe = str(local)
     if not exe:
-        pytest.skip("Node-RED is not installed (npm install node-red; set ANOMALY_NODE_RED to its executable)")
+        missing("Node-RED is not installed (npm install node-red; set ANOMALY_NODE_RED to its executable)")
     return exe
 
 
