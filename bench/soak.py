@@ -238,7 +238,8 @@ def soak(tmp: Path, n: int, seed: int = 1, outstanding: int = 32, outage_s: floa
                s["queue"]] for s in samples[::step]]
     states = httpx.get(f"{agent.http}/models", timeout=10).json()
     out = {
-        "requests": n, "outstanding_max": outstanding, "queue_size": queue_size, "mqtt_sent": len(sent), "folder_sent": len(folder_sent),
+        "requests": n, "outstanding_max": outstanding, "queue_size": queue_size, "mqtt_sent": len(sent),
+        "folder_sent": len(folder_sent),
         "seconds": round(elapsed, 1),
         "requests_per_s": round(n / elapsed, 2),
         "mqtt_answered": len(per_rid), "mqtt_lost": len(set(sent) - set(per_rid)),

@@ -229,10 +229,11 @@ def _metric(text: str, name: str, mode: str) -> float:
 
 
 def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_search(tmp_path: Path, tire: Path) -> None:
-    """End to end: banks of 2100 and 1050 patches from 8 images (past the cut-over, unlike the other agent tests' 1000) fitted through
-    the CLI; one agent on the shipped `knn_search: certified`, then the same data root with `exact`. The
-    metrics show which search ran (the certified one on a small share of the patches); scores, verdicts and
-    regions agree, and a heatmap request (always the exact search) scores as the certified one within 1e-6."""
+    """End to end: banks of 2100 and 1050 patches from 8 images (past the cut-over, unlike the other agent
+    tests' 1000) fitted through the CLI; one agent on the shipped `knn_search: certified`, then the same data
+    root with `exact`. The metrics show which search ran (the certified one on a small share of the
+    patches); scores, verdicts and regions agree, and a heatmap request (always the exact search) scores as
+    the certified one within 1e-6."""
     import httpx
 
     from tests.agent_proc import Agent
@@ -245,7 +246,8 @@ def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_searc
                         "fit", "--role", "st1", "--roi", "tire", "--quiet", *map(str, train)],
                        env={**os.environ, **AGENT_ENV_KEYS, **env}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    banks = [b["bank"] for b in json.loads((root / "models" / "st1" / "tire" / "manifest.json").read_text())["branches"]]
+    manifest = json.loads((root / "models" / "st1" / "tire" / "manifest.json").read_text())
+    banks = [b["bank"] for b in manifest["branches"]]
     assert len(banks) == 2 and min(banks) >= MIN_BANK, banks
     probes = [sorted((tire / "test" / k / "rgb").glob("*.png"))[i].read_bytes()
               for k, i in (("good", 0), ("good", 1), ("cut", 0), ("hole", 0), ("cut", 1), ("hole", 1), ("cut", 2),
