@@ -337,10 +337,13 @@ class RoiStore:
         destroyed, restorable by `untrash`. The JSON goes first, so a half-moved sample is no longer listed.
         False when the sample is not stored (already moved)."""
         src = self.samples_dir(kind)
-        meta = sample_meta(src / f"{sample_id}.json")
-        if meta is None:
-            return False
         target = self.root / "trash" / kind
+        meta = sample_meta(src / f"{sample_id}.json")
+        if meta is None:  # not stored; a crash between the two renames left its image behind: moved now
+            moved = sample_meta(target / f"{sample_id}.json")
+            if moved is not None and (src / moved["image_file"]).is_file():
+                os.replace(src / moved["image_file"], target / moved["image_file"])
+            return False
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_json(target / f"{sample_id}.reason.json", {"sample_id": sample_id, "kind": kind,
                                                                 "reason": reason, "timestamp_utc": utc_now()})
@@ -360,11 +363,12 @@ class RoiStore:
         if meta is None:
             return (self.samples_dir(kind) / f"{sample_id}.json").exists()
         image = meta["image_file"]
-        if not (src / image).is_file():
-            return False
         dst = self.samples_dir(kind)
-        dst.mkdir(parents=True, exist_ok=True)
-        os.replace(src / image, dst / image)
+        if (src / image).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            os.replace(src / image, dst / image)
+        elif not (dst / image).is_file():  # (already back: a crash between the two renames, redone now)
+            return False
         os.replace(src / f"{sample_id}.json", dst / f"{sample_id}.json")
         (src / f"{sample_id}.reason.json").unlink(missing_ok=True)
         fsync_dir(dst)

@@ -22,6 +22,7 @@ from core.lifecycle import LifecycleSettings
 from core.model import RoiModel
 from core.roi_archive import export_roi, import_roi
 from core.roi_versions import write_pending
+from core.storage import RoiStore
 
 
 def sample(path: Path) -> tuple[bytes, object, dict]:
@@ -314,3 +315,27 @@ def test_the_state_warns_when_the_threshold_lets_ng_samples_pass_or_rejects_ok_o
         passing = sum(1 for x in model.manifest["ng_scores"] if x <= model.threshold)
         assert next(w for w in state["warnings"] if w["code"] == "ng_recall_low")["recall"] == pytest.approx(
             1 - passing / len(goods), abs=1e-4)
+
+
+def test_a_kill_between_a_samples_two_renames_is_finished_by_the_redo(roi) -> None:
+    """A sample is two files moved one after the other: killed between them (what the kill -9 test hit once
+    under load), the redo of the journaled operation must still end with the sample where it belongs,
+    both ways: back from the trash (image moved, JSON not yet) and into the trash (JSON moved, image not)."""
+    model, _, root = roi
+    store = RoiStore(root, "st", "tile")
+    sid = sorted(s.sample_id for s in store.list_samples("ok"))[3]
+    listed = {s.sample_id for s in store.list_samples("ok")}
+    image = store.sample_file("ok", sid)[0]["image_file"]
+    live, trash = store.samples_dir("ok"), store.root / "trash" / "ok"
+
+    assert store.trash("ok", sid, "test")
+    os.replace(trash / image, live / image)  # untrash killed after its first rename
+    assert sid not in {s.sample_id for s in store.list_samples("ok")}
+    assert store.untrash("ok", sid)  # the redo
+    assert {s.sample_id for s in store.list_samples("ok")} == listed and not (trash / f"{sid}.json").exists()
+
+    os.replace(live / f"{sid}.json", trash / f"{sid}.json")  # trash killed after its first rename
+    assert not store.trash("ok", sid, "test")  # not stored any more; the image left behind follows its JSON
+    assert (trash / image).is_file() and not (live / image).exists()
+    assert store.untrash("ok", sid)
+    assert {s.sample_id for s in store.list_samples("ok")} == listed
