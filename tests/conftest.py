@@ -85,6 +85,13 @@ def tire(shared: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_tire(real_shared: Path) -> Path:
+    """The real tire images only: for tests whose figures (drift steps under brightening) follow from the
+    real images' statistics and would not carry over to the synthetic stand-in."""
+    return real_shared / "datasets" / "mvtec_3d_ad" / "tire"
+
+
+@pytest.fixture(scope="session")
 def tile(shared: Path) -> Path:
     return shared / "datasets" / "magnetic_tile"
 

@@ -34,7 +34,7 @@ def tread(seed: int, h: int = 512, w: int = 384) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     phase = float(rng.uniform(0, 2 * math.pi))
     ribs = np.sin(2 * math.pi * (x * 0.5 + y * 0.866) / 28 + phase)
-    gray = 70 + 14 * ribs + 6 * _smooth(rng, h, w, 3) + rng.normal(0, 4, (h, w))
+    gray = 70 + 14 * ribs + 6 * _smooth(rng, h, w, 3) + rng.normal(0, 2.0, (h, w))
     tint = np.array([1.0, 0.97, 0.93], np.float32)
     return np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
 

@@ -29,8 +29,8 @@ def model(tmp_path_factory, tire: Path, extractor) -> RoiModel:
     return m
 
 
-def test_brightening_good_parts_raise_warning_then_alarm_and_clear(model, tire: Path) -> None:
-    good = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:10]
+def test_brightening_good_parts_raise_warning_then_alarm_and_clear(real_tire: Path, model) -> None:
+    good = sorted((real_tire / "test" / "good" / "rgb").glob("*.png"))[:10]
     # the NG-rate rule off (it fires too as parts get flagged): the margin rule alone must raise the alerts
     mon = DriftMonitor(DriftSettings(window=10, min_predictions=5, ng_rate_warning=1.0, ng_rate_alarm=1.0))
     states, reasons = [], []

@@ -82,12 +82,12 @@ def _predict(model: RoiModel, images: list, search: str) -> list:
 
 def _same(certified: list, exact: list) -> None:
     for c, e in zip(certified, exact, strict=True):
-        assert c.score == pytest.approx(e.score, rel=1e-6, abs=1e-7)
+        assert c.score == pytest.approx(e.score, abs=1e-6)  # float32 sums over other batches: the documented bound
         assert c.is_anomaly == e.is_anomaly
         assert c.defect_count == e.defect_count
         assert [(r.bbox, r.area_px, r.area_mm2) for r in c.regions] == [(r.bbox, r.area_px, r.area_mm2)
                                                                        for r in e.regions]
-        assert [r.max_score for r in c.regions] == pytest.approx([r.max_score for r in e.regions], rel=1e-6)
+        assert [r.max_score for r in c.regions] == pytest.approx([r.max_score for r in e.regions], abs=1e-6)
 
 
 def test_scores_verdicts_and_regions_equal_the_exact_search_on_real_images(tire_model: RoiModel, tire: Path) -> None:
@@ -138,7 +138,7 @@ def test_only_part_of_the_patches_is_searched_exactly(tire_model: RoiModel, tire
     exact_maps = [input_res_map(b.search(emb.feats[i]), emb.grids[i], emb.input_size, tire_model.settings.blur_sigma)
                   for i, b in enumerate(tire_model.branches)]
     for (_, m), e in zip(pairs, exact_maps, strict=True):
-        assert m.max() == pytest.approx(e.max(), rel=1e-6)  # the peak is exact
+        assert m.max() == pytest.approx(e.max(), abs=1e-6)  # the peak is exact (to float32 rounding)
         assert np.all(m >= e - 1e-5)  # elsewhere bounds from above
 
 

@@ -21,7 +21,9 @@ ROLE, ROI = "st1", "tire"
 
 
 @pytest.fixture(scope="module")
-def files(tire: Path) -> dict[str, list[Path]]:
+def files(real_tire: Path) -> dict[str, list[Path]]:
+    """Real images: the drift steps this test drives by brightening follow from their statistics."""
+    tire = real_tire
     return {"train": sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:10],
             "good": sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:10],
             "cut": sorted((tire / "test" / "cut" / "rgb").glob("*.png"))[:2]}
