@@ -4,6 +4,7 @@ ingress (folder, MQTT, HTTP) and the CLI answer a prediction with the documented
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from core.backbones import get_extractor
 from core.image_io import decode_image
@@ -59,35 +62,49 @@ def shape(value: object) -> object:
 
 def test_every_ingress_and_the_cli_answer_with_the_documented_payload(data_root: Path, tire: Path,
                                                                       broker: Broker) -> None:
-    """The same training image (far under the threshold: no regions) with mm_per_px 0.1 and a heatmap
-    asked for, through each way in; their shapes are pinned in tests/golden/predict_payloads.json (keys,
-    their order and value types, as docs/protocol.md documents them)."""
+    """The same training image (far under the threshold: no regions), and the same image with a painted
+    defect (an anomaly with regions), each with mm_per_px 0.1 and a heatmap asked for, through each way in;
+    their shapes are pinned in tests/golden/predict_payloads.json (keys, their order and value types, as
+    docs/protocol.md documents them)."""
     image = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[0].read_bytes()
+    rgb = np.array(Image.open(io.BytesIO(image)).convert("RGB"))
+    rgb[200:260, 150:230] = 0  # a dark hole and a bright scratch: far over any threshold
+    rgb[320:326, 60:300] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    probes = {"": image, "_defect": buf.getvalue()}
     port = free_port()
     obs = Observer(broker.port)
     agent = Agent(data_root, broker.port, http_port=port).start()
-    drop(data_root / "inbox" / "st1" / "tire" / "predict", "g.png", image, {"mm_per_px": 0.1, "heatmap": True,
-                                                                              "request_id": "folder-1"})
-    obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "mqtt-1", "mm_per_px": 0.1, "heatmap": True,
-                                                        "image_b64": base64.b64encode(image).decode()}))
-    with httpx.Client(base_url=agent.http, timeout=60) as c:
-        http = c.post("/predict", data={"role_id": "st1", "roi_id": "tire", "mm_per_px": "0.1", "heatmap": "true",
-                                        "request_id": "http-1"}, files={"file": ("g.png", image, "image/png")}).json()
-    result_file = data_root / "results" / "st1" / "tire" / "g.json"
-    wait_for(result_file.exists, 60, "folder result")
-    mqtt_result = obs.wait_result("mqtt-1")
+    http, mqtt_result = {}, {}
+    for tag, img in probes.items():
+        drop(data_root / "inbox" / "st1" / "tire" / "predict", f"g{tag}.png", img,
+             {"mm_per_px": 0.1, "heatmap": True, "request_id": f"folder{tag}"})
+        obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": f"mqtt{tag}", "mm_per_px": 0.1,
+                                                            "heatmap": True, "image_b64": base64.b64encode(img)
+                                                            .decode()}))
+        with httpx.Client(base_url=agent.http, timeout=60) as c:
+            http[tag] = c.post("/predict", data={"role_id": "st1", "roi_id": "tire", "mm_per_px": "0.1",
+                                                 "heatmap": "true", "request_id": f"http{tag}"},
+                               files={"file": ("g.png", img, "image/png")}).json()
+        mqtt_result[tag] = obs.wait_result(f"mqtt{tag}")
+    results = {tag: data_root / "results" / "st1" / "tire" / f"g{tag}.json" for tag in probes}
+    wait_for(lambda: all(r.exists() for r in results.values()), 60, "folder results")
     assert agent.sigterm() == 0
     obs.close()
-    probe = data_root.parent / "g.png"
-    probe.write_bytes(image)
     env = {**os.environ, "ANOMALY_AGENT_BACKBONE__NAME": "efficientnet_lite0",
            "ANOMALY_AGENT_BACKBONE__RESOLUTION": "192", "ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "1000"}
-    cli = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(data_root), "--log-level", "ERROR",
-                          "predict", "--role", "st1", "--roi", "tire", "--mm-per-px", "0.1", "--heatmap", str(probe)],
-                         env=env, capture_output=True, text=True, timeout=300, check=True)
-    got = {"folder": shape(json.loads(result_file.read_text())), "mqtt": shape(mqtt_result), "http": shape(http),
-           "cli": shape(json.loads(cli.stdout.splitlines()[0]))}
-    assert not json.loads(result_file.read_text())["data"]["is_anomaly"]
+    got = {}
+    for tag, img in probes.items():
+        probe = data_root.parent / f"g{tag}.png"
+        probe.write_bytes(img)
+        cli = subprocess.run([sys.executable, "-m", "agent.cli", "--data-root", str(data_root), "--log-level",
+                              "ERROR", "predict", "--role", "st1", "--roi", "tire", "--mm-per-px", "0.1", "--heatmap",
+                              str(probe)], env=env, capture_output=True, text=True, timeout=300, check=True)
+        folder = json.loads(results[tag].read_text())
+        assert folder["data"]["is_anomaly"] == bool(tag) and bool(folder["data"]["defects"]["regions"]) == bool(tag)
+        got |= {f"folder{tag}": shape(folder), f"mqtt{tag}": shape(mqtt_result[tag]), f"http{tag}": shape(http[tag]),
+                f"cli{tag}": shape(json.loads(cli.stdout.splitlines()[0]))}
     if os.environ.get("ANOMALY_WRITE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
