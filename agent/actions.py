@@ -11,15 +11,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from core import lifecycle
+from agent.jobs import Job, Outcome, error_result, ok_result
+from agent.runtime import Runtime
 from core.errors import AnomalyError, InputError
 from core.image_io import ImageInput
-from core.model import RoiModel
+from core.method.thresholds import requested_policy
 from core.prediction import SearchStats
-from core.thresholds import requested_policy
-
-from .jobs import Job, Outcome, error_result, ok_result
-from .runtime import Runtime
+from core.roi import lifecycle
+from core.roi.model import RoiModel
 
 log = logging.getLogger(__name__)
 LIFECYCLE = ("delete_samples", "rollback", "reset")
@@ -77,7 +76,7 @@ class Actions:
                 self.fail(j, "unknown_action", f"unknown action {action!r}")
 
     def lifecycle(self, model: RoiModel, j: Job) -> None:
-        """delete_samples, rollback, reset: each a new version of the ROI (core/lifecycle.py)."""
+        """delete_samples, rollback, reset: each a new version of the ROI (core/roi/lifecycle.py)."""
         try:
             if j.action == "delete_samples":
                 data = lifecycle.delete_samples(model, lifecycle.ids_from(j.params.sample_ids),

@@ -18,15 +18,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from agent.cli_lifecycle import LIFECYCLE_COMMANDS, cmd_samples_list, lifecycle_parsers
+from agent.config import ConfigError, check_service_files, load_config
+from agent.drift import read_drift
+from agent.runtime import Runtime, expand_inputs, setup_logging
 from core import __version__
 from core.errors import AnomalyError, InputError, ModelNotReadyError, WeightsNotFoundError
 from core.ids import validate_id
-from core.thresholds import requested_policy
-
-from .cli_lifecycle import LIFECYCLE_COMMANDS, cmd_samples_list, lifecycle_parsers
-from .config import ConfigError, check_service_files, load_config
-from .drift import read_drift
-from .runtime import Runtime, expand_inputs, setup_logging
+from core.method.thresholds import requested_policy
 
 log = logging.getLogger("anomaly_agent")
 EXIT_OK, EXIT_INPUT, EXIT_CONFIG, EXIT_NOT_READY = 0, 1, 2, 3
@@ -151,8 +150,8 @@ def cmd_mask(rt: Runtime, args: argparse.Namespace) -> int:
 
 
 def cmd_models(data_root: Path) -> int:
-    from core.model import stored_rois
-    from core.roi_manifest import unusable_rois
+    from core.roi.manifest import unusable_rois
+    from core.roi.model import stored_rois
 
     for _, state in stored_rois(data_root):
         drift = read_drift(data_root, state["role_id"], state["roi_id"])
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_samples_list(cfg.data_root, args)
     try:
         if args.command == "run":
-            from .daemon import run_daemon
+            from agent.daemon import run_daemon
 
             check_service_files(cfg)
             return run_daemon(cfg)

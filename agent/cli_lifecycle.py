@@ -1,4 +1,4 @@
-"""CLI commands of a ROI's lifecycle (core/lifecycle.py, core/roi_archive.py): samples (list, fetch, delete,
+"""CLI commands of a ROI's lifecycle (core/roi/lifecycle.py, core/roi/archive.py): samples (list, fetch, delete,
 reset), rollback, export, import. Each prints JSON; the same operations as the HTTP and MQTT actions."""
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from core import lifecycle
+from agent.runtime import Runtime
 from core.errors import InputError
 from core.ids import validate_id
-from core.roi_archive import export_roi
+from core.roi import lifecycle
+from core.roi.archive import export_roi
 from core.storage import RoiStore, atomic_write_bytes
-
-from .runtime import Runtime
 
 
 def _emit(obj: dict) -> None:

@@ -15,11 +15,10 @@ from typing import Any, Literal, get_type_hints
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from agent.opcua.config import OpcUaConfig
 from core.backbones import BACKBONES, max_block
 from core.ids import ID_PATTERN
-from core.model import ModelSettings
-
-from .opcua_config import OpcUaConfig
+from core.roi.model import ModelSettings
 
 ENV_PREFIX = "ANOMALY_AGENT_"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "agent.yaml"
@@ -194,7 +193,7 @@ class LimitsConfig(Strict):
     max_rois: int = Field(1000, ge=1)
     max_loaded_rois: int = Field(64, ge=1)
     idle_unload_s: float = Field(3600.0, ge=0)
-    import_max_mb: float = Field(1024.0, gt=0)  # an archive's unpacked size (core/roi_import.py)
+    import_max_mb: float = Field(1024.0, gt=0)  # an archive's unpacked size (core/roi/importer.py)
     import_max_files: int = Field(20_000, ge=10)  # and its files (two per sample)
 
 

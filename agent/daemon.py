@@ -7,14 +7,20 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from .config import AgentConfig, ConfigError
-from .debug_heatmaps import DebugHeatmaps
-from .intake import Intake, Transport
-from .runtime import Runtime
-from .worker import Worker
+from agent.config import AgentConfig, ConfigError
+from agent.debug_heatmaps import DebugHeatmaps
+from agent.intake import Intake
+from agent.outputs import Service
+from agent.runtime import Runtime
+from agent.worker import Worker
 
 log = logging.getLogger(__name__)
+PREVIEW_PX = 256  # side of the thumbnails kept for the operator page's heatmaps
+
+if TYPE_CHECKING:
+    from agent.opcua.server import OpcUaSink
 
 
 class Notifier:
@@ -61,58 +67,71 @@ class Heartbeat:
         self.notifier.ping()
 
 
-def build_transports(cfg: AgentConfig, intake: Intake, rt: Runtime, started: float) -> list[Transport]:
-    """The enabled transports; every one that mirrors results (MQTT) gets the others' results too."""
-    transports: list[Transport] = []
+def wire(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> list[Service]:
+    """The one place that connects the parts: every enabled ingress and output, the worker's observers
+    (metrics, the operator page's recent results) and listeners (every output hears every state change).
+    Returns what `serve` starts and stops, in order (outputs before the ingresses that feed them)."""
+    intake = Intake(worker)
+    outputs = intake.outputs
+    worker.add_state_listener(outputs.state)
+    parts: list[Service] = []
     mqtt_ingest = None
-    if cfg.folder.enabled:
-        from .folder import FolderIngest
-
-        transports.append(FolderIngest(cfg, intake))
     if cfg.mqtt.enabled:
-        from .mqtt import MqttIngest
+        from agent.mqtt.ingest import MqttIngest
 
         mqtt_ingest = MqttIngest(cfg, intake, rt, started)
-        transports.append(mqtt_ingest)
-        # folder and HTTP results reach MQTT subscribers (a PLC) too, once per result
-        intake.mirrors.append((mqtt_ingest.name, mqtt_ingest.publish_result))
-    if cfg.http.enabled:
-        from .http_server import HttpIngest
+        outputs.add(mqtt_ingest)  # folder and HTTP results reach MQTT subscribers (a PLC) too, once per result
+        parts.append(mqtt_ingest)
+    if cfg.opcua.enabled:
+        sink = opcua_sink(cfg, worker, rt, started)
+        outputs.add(sink)
+        parts.append(sink)
+    if cfg.folder.enabled:
+        from agent.folder.ingest import FolderIngest
 
+        parts.append(FolderIngest(cfg, intake))
+    if cfg.http.enabled:
+        from agent.http.server import HttpIngest
+        from agent.metrics import Metrics
+        from agent.operator.recent import RecentResults
+
+        metrics = Metrics(rt, worker, cfg.data_root)
+        recent = RecentResults(cfg.http.recent_results, cfg.data_root / "recent")
+        worker.observers += [metrics.observe, recent.observe]
+        intake.refusal_observers.append(metrics.rejected)  # folder and MQTT refusals are counted too
+        if recent.enabled:
+            worker.preview_px = PREVIEW_PX
         spool = mqtt_ingest.spool if mqtt_ingest is not None else None
         outbox = (lambda: {"outbox": len(spool.outgoing())}) if spool is not None else None
-        transports.append(HttpIngest(cfg, intake, rt, started, extra_health=outbox))
-    if cfg.opcua.enabled and intake.worker is not None:
-        transports.append(opcua_sink(cfg, intake.worker, rt, started))
-    return transports
+        parts.append(HttpIngest(cfg, intake, rt, started, metrics, recent, extra_health=outbox))
+    return parts
 
 
-def opcua_sink(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> Transport:
-    """The OPC UA server: a result sink fed by the worker (every result, every state change, any ingress)."""
-    from core.model import stored_rois
-    from core.roi_manifest import unusable_rois
-
-    from .health import health_body
-    from .opcua_server import OpcUaSink
+def opcua_sink(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> OpcUaSink:
+    """The OPC UA server: an output (every result of any ingress, every state change)."""
+    from agent.health import health_body
+    from agent.opcua.server import OpcUaSink
+    from core.roi.manifest import unusable_rois
+    from core.roi.model import stored_rois
 
     def states() -> list[dict]:
         return [s for _, s in stored_rois(cfg.data_root)] + unusable_rois(cfg.data_root)
 
     sink = OpcUaSink(cfg, lambda: health_body(rt, worker, started, cfg.mqtt.client_id), states)
-    worker.observers.append(sink.observe)
-    worker.add_state_listener(sink.on_state)
     worker.watch("opcua", sink.thread)
     return sink
 
 
-def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list[Transport]) -> int:
+def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list[Service]) -> int:
     """Start the transports, serve until SIGTERM/SIGINT, then stop intake, drain the worker, close."""
+    started: list[Service] = []
     try:
         for t in transports:
             t.start()
+            started.append(t)
     except (RuntimeError, ConfigError) as exc:  # a port in use is the config's (exit 2, naming the key)
         log.error("%s", exc)
-        for t in transports:
+        for t in started:  # only what started: the rest has no thread to stop
             t.stop()
         worker.stop(drain=False, timeout=5)
         return 2 if isinstance(exc, ConfigError) else 1
@@ -135,7 +154,7 @@ def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list
     for t in transports:  # stop intake first
         t.stop()
     worker.stop(drain=True)
-    for t in transports:
+    for t in reversed(transports):  # ingresses first, then the outputs they feed
         t.close()  # e.g. MQTT: flush the outbox, publish offline
     log.info("stopped cleanly")
     return 0
@@ -153,7 +172,7 @@ def run_daemon(cfg: AgentConfig) -> int:
     if cfg.debug:
         worker.settings.always_heatmap = True
         worker.observers.append(DebugHeatmaps(cfg.data_root / "debug").observe)
-    transports = build_transports(cfg, Intake(worker), rt, started)
+    transports = wire(cfg, worker, rt, started)
     if not transports:
         log.error("nothing to do: enable folder, mqtt and/or http in the config")
         return 2

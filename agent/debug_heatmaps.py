@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.jobs import Job, Outcome
 from core.storage import utc_now
-
-from .jobs import Job, Outcome
 
 
 class DebugHeatmaps:

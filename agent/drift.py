@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 from core.drift import DriftMonitor, DriftSettings
-from core.model import RoiModel
-from core.state_files import StateFileError, check_drift
+from core.roi.model import RoiModel
+from core.roi.state_files import StateFileError, check_drift
 from core.storage import RoiStore, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def drift_path(data_root: Path, role_id: str, roi_id: str) -> Path:
 
 
 def saved_drift(data_root: Path, role_id: str, roi_id: str) -> dict | None:
-    """drift.json when it passes its schema (core/state_files.py); None when absent or unusable (a hand-edited
+    """drift.json when it passes its schema (core/roi/state_files.py); None when absent or unusable (a hand-edited
     file with a string where a number belongs is logged and ignored: the window starts again)."""
     path = drift_path(data_root, role_id, roi_id)
     saved = read_json(path)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from .runtime import Runtime
-from .worker import Worker
+from agent.runtime import Runtime
+from agent.worker import Worker
 
 
 def health_body(rt: Runtime, worker: Worker, started: float, agent_id: str) -> dict:

@@ -1,10 +1,10 @@
 """The one path of a request from any transport to the worker and back.
 
-Each transport (folder, MQTT, HTTP: `Transport`) turns what it received into a `Job` with `build_job`
+Each ingress (folder, MQTT, HTTP: a `Service` of agent/outputs.py) turns what it received into a `Job` with `build_job`
 (ids, action, request id and parameters checked in one place), refuses what cannot become a job with
 `refuse` (logged at WARNING with code, ROI and source, counted, answered), submits the job, and answers
-its origin when the worker replies; `publish` then fans the result out to the other transports that
-mirror results (MQTT publishes folder and HTTP results on the result topic).
+its origin when the worker replies; `publish` then hands the result to every output (agent/outputs.py):
+MQTT publishes folder and HTTP results on the result topic, the OPC UA server shows every result.
 """
 
 from __future__ import annotations
@@ -12,33 +12,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
+from agent.jobs import ACTIONS, Job, Outcome, Params, error_result
+from agent.outputs import Outputs
+from agent.worker import Worker
 from core.errors import InputError
 from core.ids import request_id_from, safe_text, validate_id
-
-from .jobs import ACTIONS, Job, Outcome, Params, error_result
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 NUMBERS = {"threshold": "invalid_threshold", "ok_percentile": "invalid_policy", "ng_margin": "invalid_policy",
            "ng_recall": "invalid_policy"}
 PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", "relabel", "sample_ids", "version", "file_name",
               *NUMBERS)
-
-
-class Transport(Protocol):
-    """An ingress: started and stopped by the daemon; `publish_result` mirrors another ingress's result."""
-
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def publish_result(self, result: dict, key: str | None) -> None: ...
 
 
 def as_bool(value: object) -> bool:
@@ -85,7 +70,7 @@ class Intake:
 
     def __init__(self, worker: Worker | None) -> None:
         self.worker = worker
-        self.mirrors: list[tuple[str, Callable[[dict, str | None], None]]] = []  # (transport name, publish)
+        self.outputs = Outputs()  # filled by the daemon: every output (agent/outputs.py)
         self.refusal_observers: list[Callable[[str, str, str], None]] = []  # (ingress, action, code)
 
     def build_job(self, ingress: str, role_id: str, roi_id: str, action: str, images: list[bytes],
@@ -131,10 +116,5 @@ class Intake:
         return self.worker.submit(job, timeout=timeout)
 
     def publish(self, origin: str, result: dict, key: str | None = None) -> None:
-        """Fan a result out to every other transport that mirrors results (after the origin answered)."""
-        for name, publish in self.mirrors:
-            if name != origin:
-                try:
-                    publish(result, key)
-                except Exception:
-                    log.exception("intake: mirroring a %s result to %s failed", origin, name)
+        """After the origin answered: the result to every output but the origin's own (agent/outputs.py)."""
+        self.outputs.result(origin, result, key)

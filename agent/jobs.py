@@ -28,8 +28,8 @@ class Params:
     ng_recall: float | None = None
     file_name: str | None = None  # the upload's or file's name, shown on the operator page
     relabel: bool = False  # fit_ok / send_ng: an image stored under the other label moves to this one
-    sample_ids: object = None  # delete_samples: checked by core.lifecycle (invalid_sample_ids)
-    version: object = None  # rollback: checked by core.lifecycle (invalid_version)
+    sample_ids: object = None  # delete_samples: checked by core.roi.lifecycle (invalid_sample_ids)
+    version: object = None  # rollback: checked by core.roi.lifecycle (invalid_version)
 
 
 @dataclass

@@ -11,11 +11,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from core.model import stored_rois
-
-from .jobs import Job, Outcome
-from .runtime import Runtime
-from .worker import Worker
+from agent.jobs import Job, Outcome
+from agent.runtime import Runtime
+from agent.worker import Worker
+from core.roi.model import stored_rois
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)

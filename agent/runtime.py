@@ -7,19 +7,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.config import AgentConfig
+from agent.drift import DriftTracker
 from core.backbones import FeatureExtractor, get_extractor
 from core.drift import DriftSettings
 from core.errors import AnomalyError, InputError, ModelNotReadyError, StorageError, WeightsNotFoundError
 from core.ids import safe_text
 from core.image_io import ImageInput, decode_image
-from core.lifecycle import LifecycleSettings
-from core.model import RoiModel
-from core.roi_import import ImportLimits, import_roi
-from core.roi_manifest import ManifestWatch, unloadable_state
+from core.roi.importer import ImportLimits, import_roi
+from core.roi.lifecycle import LifecycleSettings
+from core.roi.manifest import ManifestWatch, unloadable_state
+from core.roi.model import RoiModel
 from core.storage import RoiStore, list_rois
-
-from .config import AgentConfig
-from .drift import DriftTracker
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class Runtime:
         return self.cfg.roi_settings(role_id, roi_id)[1]
 
     def import_roi(self, source: bytes | Path, role_id: str | None, roi_id: str | None) -> dict:
-        """A ROI archive verified within the configured limits (core/roi_import.py); safe beside the worker:
+        """A ROI archive verified within the configured limits (core/roi/importer.py); safe beside the worker:
         the new ROI appears in one rename and is loaded at its first request."""
         lim = self.cfg.limits
         ex = self.extractor_for(role_id, roi_id) if role_id and roi_id else self.extractor

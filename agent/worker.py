@@ -17,12 +17,11 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 
+from agent.actions import Actions, ActionSettings
+from agent.config import WorkerConfig
+from agent.jobs import Job, Outcome, error_result
+from agent.runtime import Runtime
 from core.errors import AnomalyError
-
-from .actions import Actions, ActionSettings
-from .config import WorkerConfig
-from .jobs import Job, Outcome, error_result
-from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from datasets import SPLITS, halves, load_mask, shared_root  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import ModelSettings, RoiModel  # noqa: E402
+from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 PIXEL_SIDE = 128  # maps and masks are compared at this long side (pixel AUROC)
 

@@ -41,7 +41,7 @@ import timing  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import RoiModel  # noqa: E402
+from core.roi.model import RoiModel  # noqa: E402
 
 
 def median_ms(fn, runs: int) -> float:

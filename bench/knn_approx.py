@@ -30,7 +30,7 @@ from timing import median_ms  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import RoiModel  # noqa: E402
+from core.roi.model import RoiModel  # noqa: E402
 
 
 def med(fn, runs: int = 9) -> float:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.knn import NearestNeighbour  # noqa: E402
+from core.method.knn import NearestNeighbour  # noqa: E402
 
 
 def main() -> None:

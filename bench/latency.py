@@ -33,7 +33,7 @@ from timing import median_ms  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import ModelSettings, RoiModel  # noqa: E402
+from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 
 def variants(paths: list[Path], n: int) -> list[bytes]:

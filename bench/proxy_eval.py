@@ -33,7 +33,7 @@ from proxy_defects import KINDS, make  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import ModelSettings, RoiModel  # noqa: E402
+from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 SETTINGS = {  # name -> (branches, scales, resolution)
     "default": (((4, 10), (10, 14)), (1.0, 1.0), 320),

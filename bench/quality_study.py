@@ -33,8 +33,8 @@ from datasets import SPLITS, halves, shared_root  # noqa: E402
 from image_stats import ImageStatsModel, image_stats  # noqa: E402
 
 from core.backbones import efficientnet_lite, get_extractor  # noqa: E402
-from core.coreset import greedy_select, project, projection  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
+from core.method.coreset import greedy_select, project, projection  # noqa: E402
 
 PATCH_STATS = ("max", "blur_max", "top1", "top5", "max+top5")
 

@@ -1,4 +1,4 @@
-"""How often the suspect rule (core/lifecycle.py find_suspects) flags a GOOD training sample, and whether it
+"""How often the suspect rule (core/roi/lifecycle.py find_suspects) flags a GOOD training sample, and whether it
 flags one defective image slipped into the OK set.
 
     .venv/bin/python bench/suspects.py > bench/out/suspects.json
@@ -23,7 +23,7 @@ from datasets import juice_bottle, magnetic_tile, shared_root, tire  # noqa: E40
 from core import lifecycle  # noqa: E402
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import RoiModel  # noqa: E402
+from core.roi.model import RoiModel  # noqa: E402
 
 
 def sample(p: Path) -> tuple:

@@ -6,7 +6,7 @@ Every fit_ok / send_ng rescores the threshold samples (leave-one-out scores of t
 `holdout_max` OK samples and every NG sample). Two copies of the same ROI (magnetic tile: --ok
 MT_Free images in the bank, --ng Blowhole/Break/Crack images as NG samples, EfficientNet-Lite0 at
 320, shipped bank settings) take turns on the same new images: one updates the stored patch
-distances by the bank delta (`core/bank_distances.py`), the other searches the whole bank every time
+distances by the bank delta (`core/method/bank_distances.py`), the other searches the whole bank every time
 (`BankDistances.enabled = False`, the behaviour before). Reported: median ms per request after
 --warmup rounds, and their ratio measured in this run.
 """
@@ -28,7 +28,7 @@ from datasets import shared_root  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.model import ModelSettings, RoiModel  # noqa: E402
+from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 
 def sample(path: Path) -> tuple[bytes, object, dict]:

@@ -82,7 +82,7 @@ def core_server(root: Path, paths: list[str]) -> None:
     """`--core-server`: read 'start n gap' lines, predict n images, print their times (ms) as JSON."""
     from core.backbones import get_extractor
     from core.image_io import decode_image
-    from core.model import ModelSettings, RoiModel
+    from core.roi.model import ModelSettings, RoiModel
 
     ex = get_extractor("efficientnet_lite0", resolution=320, device="cpu")
     model = RoiModel(root, "st1", "tire", ex, ModelSettings())

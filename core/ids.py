@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import InputError
+from core.errors import InputError
 
 # \A...\Z, not ^...$: "$" also matches before a final newline, so "roi\n" would pass
 ID_PATTERN = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
+from core.errors import InputError
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

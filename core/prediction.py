@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scoring import Defect
+from core.method.scoring import Defect
 
 
 @dataclass(frozen=True)

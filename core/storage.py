@@ -30,9 +30,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import InputError
-from .ids import ID_PATTERN, safe_join, safe_text, validate_id
-from .state_files import StateFileError, check_index, check_manifest, check_sample
+from core.errors import InputError
+from core.ids import ID_PATTERN, safe_join, safe_text, validate_id
+from core.roi.state_files import StateFileError, check_index, check_manifest, check_sample
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class RoiStore:
         return {s.meta.get("sha256", ""): s.sample_id for s in self.list_samples(kind)}
 
     def read_manifest(self) -> dict | None:
-        """The manifest when it passes its schema (core/state_files.py); None when there is none or it cannot
+        """The manifest when it passes its schema (core/roi/state_files.py); None when there is none or it cannot
         be used, and then `manifest_error` says why (None: there is no manifest.json)."""
         self.manifest_error: str | None = None
         raw = read_json(self.manifest_path)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.bank_distances import BankDistances
-from core.knn import NearestNeighbour
+from core.method.bank_distances import BankDistances
+from core.method.knn import NearestNeighbour
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from core.backbones import get_extractor
 from core.image_io import decode_image
-from core.model import ModelSettings, RoiModel
+from core.roi.model import ModelSettings, RoiModel
 
 
 def test_a_scaled_branch_has_its_own_pass_grid_and_identity() -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from core.backbones import get_extractor
 from core.image_io import decode_image
-from core.model import ModelSettings, RoiModel
+from core.roi.model import ModelSettings, RoiModel
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
 from tests.test_daemon import drop

@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 
 from core.backbones import get_extractor
 from core.image_io import decode_image
-from core.model import RoiModel
+from core.roi.model import RoiModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

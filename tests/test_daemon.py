@@ -349,7 +349,7 @@ def test_systemd_ready_and_watchdog_notifications(data_root: Path, tmp_path: Pat
 
 def test_done_retention_removes_only_old_files(tmp_path: Path) -> None:
     from agent.config import load_config
-    from agent.folder import FolderIngest
+    from agent.folder.ingest import FolderIngest
     from agent.intake import Intake
 
     cfg = load_config(None, env={}, overrides={"data_root": str(tmp_path), "folder.done_retention_days": 1,

@@ -11,7 +11,7 @@ import pytest
 
 from core.drift import DriftMonitor, DriftSettings
 from core.image_io import decode_image
-from core.model import RoiModel
+from core.roi.model import RoiModel
 
 RAMP = (1.0, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0)  # brightness gain per step of 10 good parts
 

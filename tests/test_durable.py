@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.durable import Spool, read_outbox
+from agent.mqtt.durable import Spool, read_outbox
 
 MSGS = [{"topic": "anomaly/st1/tire/result", "payload": '{"request_id": "r1"}', "qos": 1},
         {"topic": "station/replies", "payload": '{"request_id": "r1"}', "qos": 1, "correlation_b64": "AQI="}]

@@ -173,7 +173,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(data_root: Path, 
     # no stored sample is corrupt, and the model equals one rebuilt from scratch from those samples
     from core.backbones import get_extractor
     from core.image_io import decode_image
-    from core.model import ModelSettings, RoiModel
+    from core.roi.model import ModelSettings, RoiModel
 
     roi = data_root / "models" / "st1" / "tire"
     for meta in (roi / "samples" / "ok").glob("*.json"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.fusion import BranchScale, fuse_maps, fuse_scores
+from core.method.fusion import BranchScale, fuse_maps, fuse_scores
 
 
 def test_one_branch_is_unchanged() -> None:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.mqtt import parse_request
+from agent.mqtt.ingest import parse_request
 from core.errors import InputError
 from core.image_io import decode_image
 from tests.agent_proc import Agent, Observer, wait_for

@@ -19,8 +19,8 @@ import pytest
 
 from core.errors import AnomalyError
 from core.image_io import decode_image
-from core.roi_archive import export_roi
-from core.roi_import import ImportLimits, import_roi
+from core.roi.archive import export_roi
+from core.roi.importer import ImportLimits, import_roi
 from tests.agent_proc import Agent
 from tests.broker import free_port
 from tests.conftest import AGENT_ENV_KEYS
@@ -130,7 +130,7 @@ BIG = 200 << 20
 STREAM_CHECK = """
 import json, resource, sys
 from pathlib import Path
-from core.roi_import import import_roi
+from core.roi.importer import import_roi
 from core.errors import AnomalyError
 from core.image_io import decode_image
 ident, branches = json.loads(sys.argv[3]), json.loads(sys.argv[4])

@@ -1,4 +1,4 @@
-"""The certified search (core/knn_certified.py): a prediction's score, verdict and regions equal the exact
+"""The certified search (core/method/knn_certified.py): a prediction's score, verdict and regions equal the exact
 search's, on real images, while only part of the patches is searched exactly."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from core.image_io import decode_image
-from core.knn import NearestNeighbour
-from core.knn_certified import MIN_BANK, ClusteredBank, certified_maps, support_radius
-from core.model import ModelSettings, RoiModel
-from core.scoring import input_res_map
+from core.method.knn import NearestNeighbour
+from core.method.knn_certified import MIN_BANK, ClusteredBank, certified_maps, support_radius
+from core.method.scoring import input_res_map
+from core.roi.model import ModelSettings, RoiModel
 from tests.conftest import AGENT_ENV_KEYS
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from core import lifecycle
 from core.errors import BackboneMismatchError, InputError
 from core.image_io import decode_image
-from core.lifecycle import LifecycleSettings
-from core.model import RoiModel
-from core.roi_archive import export_roi, import_roi
-from core.roi_versions import write_pending
+from core.roi import lifecycle
+from core.roi.archive import export_roi, import_roi
+from core.roi.lifecycle import LifecycleSettings
+from core.roi.model import RoiModel
+from core.roi.versions import write_pending
 from core.storage import RoiStore
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.coreset import project, sq_dists
-from core.memory_bank import CoresetSize, MemoryBank
+from core.method.coreset import project, sq_dists
+from core.method.memory_bank import CoresetSize, MemoryBank
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from core.bank_distances import BankDistances
 from core.errors import InputError, ModelNotReadyError
 from core.image_io import decode_image
-from core.model import ModelSettings, RoiModel
-from core.sample_scores import SampleScorer
+from core.method.bank_distances import BankDistances
+from core.roi.model import ModelSettings, RoiModel
+from core.roi.sample_scores import SampleScorer
 
 
 def sample(path: Path, mm: float | None = 0.1) -> tuple[bytes, object, dict]:

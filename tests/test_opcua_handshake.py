@@ -1,9 +1,9 @@
-"""The OPC UA result handshake's state machine (agent/opcua_handshake.py), driven directly: a PLC that
+"""The OPC UA result handshake's state machine (agent/opcua/handshake.py), driven directly: a PLC that
 acks each result sees every one once in order; a slow one sees the newest `buffer` and a count of the lost."""
 
 from __future__ import annotations
 
-from agent.opcua_handshake import Handshake
+from agent.opcua.handshake import Handshake
 
 
 def test_a_plc_that_acks_sees_every_result_once_in_order() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.durable import Spool
+from agent.mqtt.durable import Spool
 from core.errors import InputError
 from core.ids import ID_PATTERN, safe_text
 from core.storage import read_bounded

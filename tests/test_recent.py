@@ -1,4 +1,4 @@
-"""The operator page's kept results (agent/recent.py) past their bound: `http.recent_results: 3` and six
+"""The operator page's kept results (agent/operator/recent.py) past their bound: `http.recent_results: 3` and six
 predictions leave the three newest, and the images of the evicted ones are gone from disk (the bound holds
 for memory and for the disk, not only the list)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.jobs import Job, Outcome, ok_result
-from agent.recent import RecentResults
+from agent.operator.recent import RecentResults
 
 
 def test_past_its_bound_the_oldest_results_and_their_images_leave(tmp_path: Path) -> None:

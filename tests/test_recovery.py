@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.image_io import decode_image
-from core.model import ModelSettings, RoiModel
+from core.roi.model import ModelSettings, RoiModel
 
 SETTINGS = ModelSettings(coreset_min=500, coreset_max=2000)
 
@@ -90,7 +90,7 @@ def test_a_corrupt_mask_is_quarantined_and_the_state_says_so(tmp_path, extractor
     masked = whole.set_mask(cv2.imencode(".png", mask)[1].tobytes())
     assert masked["has_mask"] and masked["threshold"] != pytest.approx(whole_threshold, abs=1e-6)
     (roi / "mask.png").write_bytes(GARBAGE)
-    from core.model import stored_rois
+    from core.roi.model import stored_rois
 
     disk = {s["roi_id"]: s for _, s in stored_rois(root)}["tire"]  # what `anomaly-agent models` and /models say
     assert not disk["has_mask"] and "cannot be decoded" in disk["mask_error"], disk  # before any load: checked

@@ -1,5 +1,5 @@
 """No state file under the data root may stop a start or another ROI (issue 23): each is parsed by its
-schema (core/state_files.py); a ROI whose files cannot be used is reported (/health degraded, /models,
+schema (core/roi/state_files.py); a ROI whose files cannot be used is reported (/health degraded, /models,
 the page, the CLI) and rebuilt from its samples where they are intact, while every other ROI is served."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.state_files import StateFileError, check_drift, check_manifest, check_pending, check_sample
+from core.roi.state_files import StateFileError, check_drift, check_manifest, check_pending, check_sample
 from tests.agent_proc import Agent, Observer, wait_for
 from tests.broker import Broker, free_port
 from tests.conftest import AGENT_ENV_KEYS

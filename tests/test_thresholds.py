@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.thresholds import ThresholdPolicy
+from core.method.thresholds import ThresholdPolicy
 
 OK = [0.40, 0.42, 0.45, 0.47, 0.50, 0.52, 0.55, 0.58, 0.60, 0.62]
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import WeightsNotFoundError
-from . import dinov2, efficientnet_lite
+from core.backbones import dinov2, efficientnet_lite
+from core.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 

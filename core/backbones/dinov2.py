@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import WeightsNotFoundError
+from core.errors import WeightsNotFoundError
 
 OFFICIAL_FILES = {False: "dinov2_vits14_pretrain.pth", True: "dinov2_vits14_reg4_pretrain.pth"}
 HF_REPOS = {False: "facebook/dinov2-small", True: "facebook/dinov2-with-registers-small"}

@@ -1,0 +1,1 @@
+"""agent/folder: see docs/architecture.md."""

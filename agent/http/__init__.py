@@ -1,0 +1,1 @@
+"""agent/http: see docs/architecture.md."""

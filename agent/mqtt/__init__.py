@@ -1,0 +1,1 @@
+"""agent/mqtt: see docs/architecture.md."""

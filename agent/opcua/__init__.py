@@ -1,0 +1,1 @@
+"""agent/opcua: see docs/architecture.md."""

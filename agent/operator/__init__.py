@@ -1,0 +1,1 @@
+"""agent/operator: see docs/architecture.md."""

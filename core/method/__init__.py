@@ -1,0 +1,1 @@
+"""core/method: see docs/architecture.md."""

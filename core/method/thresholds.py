@@ -1,0 +1,168 @@
+"""Decision thresholds from OK scores (not in the bank), NG calibration samples, or a manual value.
+
+- auto with OK only: the `ok_percentile` (default 99th) of leave-one-out OK scores, i.e. every stored
+  OK sample scored against the bank without its own patches. With a single OK sample there is
+  nothing to leave out; copies of it with a station's usual nuisance (one-stride shift, +-2 degree
+  rotation, +-5 % scale, +-10 % brightness; `model.nuisance_views`) are scored instead, so a one-shot
+  model still gets a usable threshold, not one at its own (near-zero) self-distance.
+- with NG samples: if OK and NG scores separate, the threshold sits `ng_margin` of the way from the
+  highest OK score to the lowest NG score (0.5: midway); otherwise the cut that maximises
+  Youden's J (TPR - FPR) on the ROC curve (scikit-learn), reported with the errors it leaves.
+- with NG samples and `ng_recall` set (e.g. 0.95): the threshold is placed so that at least that
+  share of the NG samples scores above it, and never above the OK-only threshold, so NG samples can only
+  make detection stricter; the false rejects this costs on the OK samples are reported.
+- manual: the configured value, kept as is.
+
+Every NG-calibrated threshold says in its `warnings` when NG samples score under it, and when NG
+calibration raised it above the OK-only threshold (defects like those samples' but milder then pass).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from core.errors import InputError
+
+
+def ok_threshold(ok_scores: list[float], percentile: float = 99.0) -> dict:
+    scores = np.asarray(ok_scores, dtype=np.float64)
+    value = float(np.percentile(scores, percentile))
+    return {"value": value, "method": "ok_percentile", "details": {
+        "percentile": percentile, "n_ok": int(scores.size), "ok_max": float(scores.max()),
+        "ok_mean": float(scores.mean())}}
+
+
+def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float = 0.5) -> dict:
+    ok = np.asarray(ok_scores, dtype=np.float64)
+    ng = np.asarray(ng_scores, dtype=np.float64)
+    details = {"n_ok": int(ok.size), "n_ng": int(ng.size), "ok_max": float(ok.max()), "ng_min": float(ng.min())}
+    if ok.max() < ng.min():
+        value = float(ok.max() + margin * (ng.min() - ok.max()))
+        details.update(separable=True, margin=margin, false_rejects=0, false_accepts=0)
+    else:
+        y = np.r_[np.zeros(ok.size), np.ones(ng.size)]
+        fpr, tpr, cuts = roc_curve(y, np.r_[ok, ng])
+        best = int(np.argmax(tpr - fpr))
+        value = float(cuts[best]) if np.isfinite(cuts[best]) else float(ng.max())
+        # scikit-learn predicts positive for score >= cut; we flag score > threshold, so step just below
+        value = float(np.nextafter(value, -np.inf))
+        details.update(separable=False, false_rejects=int((ok > value).sum()), false_accepts=int((ng <= value).sum()))
+    return {"value": value, "method": "ng_calibrated", "details": details}
+
+
+def recall_threshold(ok_scores: list[float], ng_scores: list[float], recall: float, percentile: float) -> dict:
+    """The highest threshold under which at most (1 - recall) of the NG samples fall, capped at the
+    OK-only threshold."""
+    ok = np.asarray(ok_scores, dtype=np.float64)
+    ng = np.sort(np.asarray(ng_scores, dtype=np.float64))[::-1]
+    need = max(1, math.ceil(recall * ng.size))
+    value = float(np.nextafter(ng[need - 1], -np.inf))  # flag score > threshold: the need-th NG is caught
+    ok_only = ok_threshold(ok_scores, percentile)["value"]
+    capped = value >= ok_only
+    value = min(value, ok_only)
+    return {"value": value, "method": "ng_recall", "details": {
+        "n_ok": int(ok.size), "n_ng": int(ng.size), "ng_recall": recall, "ok_only_threshold": ok_only,
+        "capped_at_ok_only": capped, "false_rejects": int((ok > value).sum()),
+        "false_accepts": int((ng <= value).sum())}}
+
+
+def manual_threshold(value: float) -> dict:
+    return {"value": float(value), "method": "manual", "details": {}}
+
+
+def ng_warnings(th: dict, ng_scores: list[float], ok_only: float | None) -> list[str]:
+    """What an operator must know about an NG-calibrated threshold."""
+    out = []
+    value = th.get("value")
+    if value is None or not ng_scores:
+        return out
+    under = int((np.asarray(ng_scores) <= value).sum())
+    if under:
+        out.append(f"{under} of {len(ng_scores)} NG samples score at or under the threshold {value:.4f}: "
+                   f"parts like them pass")
+    if ok_only is not None and value > ok_only:
+        out.append(f"NG calibration raised the threshold above the OK-only threshold ({ok_only:.4f} -> {value:.4f}): "
+                   f"fewer false rejects, but defects milder than the NG samples pass; set ng_recall to keep it "
+                   f"from rising")
+    return out
+
+
+def preview(value: float, current: float | None, ok_scores: list[float], ng_scores: list[float],
+            recent: list[float]) -> dict:
+    """What a threshold of `value` would change before it is applied: stored OK samples (their leave-one-out
+    scores) flagged, NG samples passing, recent predictions whose verdict flips (score > threshold: NG)."""
+    cur = math.inf if current is None else current
+    ok, ng = np.asarray(ok_scores, np.float64), np.asarray(ng_scores, np.float64)
+    rec = np.asarray(recent, np.float64)
+    return {"threshold": value, "current": current, "n_ok": int(ok.size), "n_ng": int(ng.size),
+            "n_recent": int(rec.size),
+            "ok_flagged": int((ok > value).sum()), "ok_flagged_now": int((ok > cur).sum()),
+            "ng_passing": int((ng <= value).sum()), "ng_passing_now": int((ng <= cur).sum()),
+            "recent_to_ng": int(((rec > value) & (rec <= cur)).sum()),
+            "recent_to_ok": int(((rec <= value) & (rec > cur)).sum())}
+
+
+POLICIES = ("auto", "ok_only", "manual")
+
+
+@dataclass
+class ThresholdPolicy:
+    """How a ROI's threshold is decided (config settings, overridden by a calibrate request)."""
+
+    policy: str = "auto"
+    ok_percentile: float = 99.0
+    ng_margin: float = 0.5
+    ng_recall: float | None = None
+    manual_value: float | None = None
+
+    def decide(self, ok_scores: list[float], ng_scores: list[float]) -> dict:
+        if self.policy == "manual":
+            if self.manual_value is None:
+                raise ValueError("threshold_policy 'manual' needs threshold_value")
+            return manual_threshold(self.manual_value)
+        if not ok_scores:
+            return {"value": None, "method": "none", "details": {}}
+        ok_only = ok_threshold(ok_scores, self.ok_percentile)
+        if self.policy != "auto" or not ng_scores:
+            return ok_only
+        if self.ng_recall is not None:
+            th = recall_threshold(ok_scores, ng_scores, self.ng_recall, self.ok_percentile)
+        else:
+            th = ng_threshold(ok_scores, ng_scores, self.ng_margin)
+        warnings = ng_warnings(th, ng_scores, ok_only["value"])
+        if warnings:
+            th["details"]["warnings"] = warnings
+        return th
+
+
+CALIBRATION_POLICIES = (None, "auto", "ok_only", "manual", "config")
+
+
+def requested_policy(policy: str | None, threshold: float | None, reset: bool) -> str | None:
+    """The policy a calibrate request means (CLI, HTTP, MQTT alike): a `threshold` alone is a manual
+    override, `reset` alone goes back to the config, no argument recomputes with the current policy."""
+    if threshold is not None and policy in (None, "manual"):
+        return "manual"
+    if reset and policy is None:
+        return "config"
+    return policy
+
+
+def check_calibration(policy: str | None, value: float | None, ok_percentile: float | None, ng_margin: float | None,
+                      ng_recall: float | None) -> None:
+    """A calibrate request's arguments, or InputError saying which one is wrong."""
+    if policy not in CALIBRATION_POLICIES:
+        raise InputError(f"policy must be one of {', '.join(p for p in CALIBRATION_POLICIES if p)}, got {policy!r}",
+                         code="invalid_policy")
+    if ok_percentile is not None and not 0 < ok_percentile <= 100:
+        raise InputError(f"ok_percentile must be in (0, 100], got {ok_percentile}", code="invalid_policy")
+    if ng_margin is not None and not 0 <= ng_margin <= 1:
+        raise InputError(f"ng_margin must be in [0, 1], got {ng_margin}", code="invalid_policy")
+    if ng_recall is not None and not 0 < ng_recall <= 1:
+        raise InputError(f"ng_recall must be in (0, 1], got {ng_recall}", code="invalid_policy")
+    if policy == "manual" and (value is None or not math.isfinite(value) or value <= 0):
+        raise InputError(f"threshold must be a finite number > 0, got {value}", code="invalid_threshold")

@@ -1,0 +1,1 @@
+"""core/roi: see docs/architecture.md."""

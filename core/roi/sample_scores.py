@@ -1,0 +1,110 @@
+"""Scores of a ROI's stored samples that place its threshold: leave-one-out OK scores of the most recent
+OK samples and the scores of every NG sample, fused over the patch branches (core/method/fusion.py).
+
+One round per threshold update. Each branch brings its samples' patch distances up to date with its
+bank (BankDistances); a sample's branch score is recomputed only when that branch's distances changed,
+so a fit_ok that changed a few bank entries rescores little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from core.image_io import ImageInput
+from core.method.fusion import BranchScale, fuse_scores
+from core.method.patch_branch import PatchBranch
+
+# (patch distances [P], grid (gh, gw), input size (w, h)) -> map at the input size
+MapFn = Callable[[np.ndarray, tuple[int, int], tuple[int, int]], np.ndarray]
+ScoreFn = Callable[[np.ndarray], float]  # map -> image score (the configured statistic, inside the mask)
+
+
+class SampleScorer:
+    def __init__(self, map_fn: MapFn, score_fn: ScoreFn, progress: Callable[[], None]) -> None:
+        self.map_fn = map_fn
+        self.score_fn = score_fn
+        self.progress = progress
+        self._branch_cache: dict[tuple, tuple[int, float]] = {}  # (kind, id, branch) -> (version, score)
+        self.by_sample: dict[str, dict[str, float]] = {"ok": {}, "ng": {}}  # of the last round, by sample id
+
+    def clear(self) -> None:
+        """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
+        self._branch_cache.clear()
+
+    def _dists(self, branches: list[PatchBranch], kind: str, i: int, arrays: list[np.ndarray],
+               exclude: list[torch.Tensor | None]) -> list[tuple[np.ndarray, int, dict]]:
+        out = []
+        for b, branch in enumerate(branches):
+            e = branch.emb[kind].entries[i]
+            dist, version = branch.sample_dist(kind, e, arrays[b], exclude[b])
+            out.append((dist, version, e))
+        return out
+
+    def _branch_scores(self, kind: str, sid: str, parts: list[tuple[np.ndarray, int, dict]]) -> list[float]:
+        scores = []
+        for b, (dist, version, e) in enumerate(parts):
+            hit = self._branch_cache.get((kind, sid, b))
+            if hit is None or hit[0] != version:
+                amap = self.map_fn(dist, tuple(e["grid"]), tuple(e["input_size"]))
+                hit = self._branch_cache[(kind, sid, b)] = (version, self.score_fn(amap))
+            scores.append(hit[1])
+        return scores
+
+
+    def round(self, branches: list[PatchBranch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
+              nuisance: Callable[[], list[list[np.ndarray]]]) -> tuple[list[float], list[float], list[BranchScale]]:
+        """(fused leave-one-out OK scores, fused NG scores, per-branch scales). `nuisance()` gives the
+        branch maps of views of a single OK sample, for a ROI with nothing to leave out."""
+        for branch in branches:
+            branch.begin_round()
+        ok_parts: list[tuple[str, list, list[float]]] = []
+        entries = branches[0].emb["ok"].entries
+        for i in range(max(0, len(entries) - holdout_max), len(entries)):
+            self.progress()
+            excl = [torch.from_numpy(br.bank_sample == i) for br in branches]
+            if any(bool(x.all()) for x in excl):
+                continue  # every bank entry is this sample's: nothing to leave it out against
+            parts = self._dists(branches, "ok", i, arrays["ok"], excl)
+            ok_parts.append((entries[i]["sample_id"], parts, self._branch_scores("ok", entries[i]["sample_id"], parts)))
+        ng_parts = []
+        for i, e in enumerate(branches[0].emb["ng"].entries):
+            self.progress()
+            parts = self._dists(branches, "ng", i, arrays["ng"], [None] * len(branches))
+            ng_parts.append((e["sample_id"], parts, self._branch_scores("ng", e["sample_id"], parts)))
+        for branch in branches:
+            branch.end_round()
+        seen = {("ok", sid) for sid, _, _ in ok_parts} | {("ng", sid) for sid, _, _ in ng_parts}
+        self._branch_cache = {k: v for k, v in self._branch_cache.items() if k[:2] in seen}
+        if not ok_parts and entries:  # a single OK sample: score nuisance views of it instead
+            view_maps = nuisance()
+            per_branch = [[self.score_fn(maps[b]) for maps in view_maps] for b in range(len(branches))]
+            scales = [BranchScale.of(s) for s in per_branch]
+            ok = [fuse_scores([per_branch[b][v] for b in range(len(branches))], scales)
+                  for v in range(len(view_maps))]
+        else:
+            scales = [BranchScale.of([s[b] for _, _, s in ok_parts]) for b in range(len(branches))]
+            ok = [fuse_scores(s, scales) for _, _, s in ok_parts]
+        ng = [fuse_scores(s, scales) for _, _, s in ng_parts]
+        self.by_sample = {"ok": {sid: x for (sid, _, _), x in zip(ok_parts, ok, strict=False)},
+                          "ng": {sid: x for (sid, _, _), x in zip(ng_parts, ng, strict=True)}}
+        return ok, ng, scales
+
+
+def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
+    """Copies of an OK image with the variation a new good part shows on a fixed station: shifted by
+    one feature stride, rotated by +-2 degrees, scaled by +-5 %, brightness +-10 %."""
+    w, h = img.size
+    centre = (w / 2, h / 2)
+    views = []
+    for angle, scale, dx, dy, gain in ((0, 1, stride_px, 0, 1), (0, 1, 0, stride_px, 1), (2, 1, 0, 0, 1),
+                                       (-2, 1, 0, 0, 1), (0, 1.05, 0, 0, 1), (0, 0.95, 0, 0, 1),
+                                       (0, 1, 0, 0, 1.1), (0, 1, 0, 0, 0.9)):
+        mat = cv2.getRotationMatrix2D(centre, angle, scale)
+        mat[:, 2] += (dx, dy)
+        rgb = cv2.warpAffine(img.rgb, mat, img.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        views.append(ImageInput(np.clip(rgb * gain, 0, 1), img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
+    return views
