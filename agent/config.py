@@ -28,13 +28,15 @@ class ConfigError(Exception):
     """Invalid configuration: the message names each key (full path) and what is allowed."""
 
 
+BackboneName = Literal[BACKBONES]  # type: ignore[valid-type]  # generated from the registry
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class BackboneConfig(Strict):
-    name: Literal["auto", "dinov2_vits14", "dinov2_vits14_reg4", "efficientnet_lite0", "efficientnet_lite1",
-                  "efficientnet_lite2"] = "auto"
+    name: BackboneName = "auto"  # the backbone registry's names (core/backbones/registry.py)
     weights: Path | None = None
     resolution: int | None = Field(None, ge=56, le=1344)
     keep_aspect: bool = True
@@ -472,6 +474,4 @@ def load_config(path: Path | None = None, env: dict[str, str] | None = None,
         raise ConfigError(f"backbone.weights{_origin(from_env, 'backbone.weights')}: {cfg.backbone.weights} does not "
                           "exist or is not a file (the official DINOv2 .pth / Hugging Face model.safetensors, or an "
                           "EfficientNet-Lite weights file)")
-    if cfg.backbone.name not in BACKBONES:  # pragma: no cover - Literal already guards this
-        raise ConfigError(f"backbone.name must be one of {BACKBONES}")
     return cfg

@@ -85,7 +85,7 @@ def bench_config(name: str, res: int, random_w: bool, bank_imgs: list[bytes], pr
             "bank_sizes": bank_sizes, "weights": "random (seeded)" if random_w else "ImageNet", "resolution": res,
             "input_size": list(ex.input_size(*img.size)), "probe_size": list(img.size),
             "backbone_ms": round(bb, 2), "e2e_ms": e2e_ms, "e2e_over_backbone": round(e2e_ms / bb, 3),
-            "e2e_parts_ms": res_parts, "bank_images": len(bank_imgs), "bank_size": model.bank_rows.size,
+            "e2e_parts_ms": res_parts, "bank_images": len(bank_imgs), "bank_size": model.branches[0].bank.rows.size,
             "bank_ram_mb": round(bank_mb, 1),
             "fit_ms_per_image": round(fit_s * 1000 / len(bank_imgs), 1),
             "fit_embed_ms_per_image": round(embed_ms / len(bank_imgs), 1),
@@ -108,7 +108,7 @@ def bench_startup(n: int, imgs: list[bytes]) -> dict:
             times.append(time.perf_counter() - t0)
         assert again.manifest["counts"]["ok"] == n
         return {"startup_samples": n, "startup_s": round(statistics.median(times), 3),
-                "bank_size": int(again.bank_rows.size), "backbone": "efficientnet_lite0", "resolution": 256}
+                "bank_size": int(again.branches[0].bank.rows.size), "backbone": "efficientnet_lite0", "resolution": 256}
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def main() -> None:
         med = {k: {"fit_ok_ms": statistics.median(fit[k]), "fit_ok_threshold_ms": statistics.median(fit_threshold[k]),
                    "send_ng_ms": statistics.median(ng[k])} for k in models}
         out = {"ok_samples": args.ok, "ng_samples": args.ng, "holdout_max": settings.holdout_max,
-               "bank": int(models["delta"].bank_rows.size), "rounds": args.rounds, "median": med,
+               "bank": int(models["delta"].branches[0].bank.rows.size), "rounds": args.rounds, "median": med,
                "speedup": {m: round(med["full"][m] / med["delta"][m], 2) for m in med["full"]},
                "same_thresholds": all(abs(a - b) <= 1e-5 * max(1.0, abs(b))
                                       for a, b in zip(thresholds["delta"], thresholds["full"], strict=True))}

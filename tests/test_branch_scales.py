@@ -36,7 +36,7 @@ def test_a_roi_with_a_scaled_branch_fits_and_predicts_real_images(tmp_path: Path
     ok = sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[:12]
     model = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256))
     model.fit_ok([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in ok])
-    assert len(model.branches) == 3 and len(model.scales) == 3
+    assert len(model.branches) == 3 and len(model.scorer.scales) == 3
     assert [b["resolution"] for b in model.state()["branches"]] == [256, 256, 128]
     crack = sorted((tile / "MT_Crack" / "Imgs").glob("*.jpg"))[0]
     good = sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[150]

@@ -131,8 +131,9 @@ def test_only_part_of_the_patches_is_searched_exactly(tire_model: RoiModel, tire
 
     clusters = [b.clusters() for b in tire_model.branches]
     pairs, info = certified_maps([search(b) for b in range(len(clusters))], clusters, emb.feats, emb.grids,
-                                 emb.input_size, tire_model.settings.blur_sigma, tire_model.mask_at(emb.input_size),
-                                 tire_model.scales, tire_model.threshold)
+                                 emb.input_size, tire_model.settings.blur_sigma,
+                                 tire_model.scorer.mask_at(emb.input_size), tire_model.scorer.scales,
+                                 tire_model.threshold)
     total = sum(f.shape[0] for f in emb.feats)
     assert info["exact_patches"] == sum(calls) < 0.25 * total, (info, total)
     exact_maps = [input_res_map(b.search(emb.feats[i]), emb.grids[i], emb.input_size, tire_model.settings.blur_sigma)

@@ -15,8 +15,12 @@ from core.errors import InputError, ModelNotReadyError
 from core.image_io import decode_image
 from core.method.bank_distances import BankDistances
 from core.roi.model import ModelSettings, RoiModel
-from core.roi.sample_scores import SampleScorer
+from core.roi.sample_scores import SampleScorer, nuisance_maps
 
+
+def bank_rows(model: RoiModel) -> np.ndarray:
+    """The row numbers of the first (patch) branch's coreset."""
+    return model.branches[0].bank.rows
 
 def sample(path: Path, mm: float | None = 0.1) -> tuple[bytes, object, dict]:
     data = path.read_bytes()
@@ -150,11 +154,11 @@ def test_incremental_fit_extends_the_selection(tmp_path, extractor, tire_files) 
     settings = ModelSettings(coreset_min=0, coreset_ratio=0.1, coreset_max=100_000)
     model = RoiModel(tmp_path, "r", "inc", extractor, settings)
     model.fit_ok([sample(p) for p in tire_files["train"][:4]])
-    first = set(model.bank_rows.tolist())
+    first = set(bank_rows(model).tolist())
     patches = model.manifest["counts"]["patches"]
     assert abs(len(first) - 0.1 * patches) <= 4  # each sample rounds its share up
     model.fit_ok([sample(p) for p in tire_files["train"][4:12]])
-    second = set(model.bank_rows.tolist())
+    second = set(bank_rows(model).tolist())
     assert first < second  # the old selection is kept and extended, not recomputed
     total = model.manifest["counts"]["patches"]
     assert abs(len(second) - 0.1 * total) <= 12
@@ -165,14 +169,14 @@ def test_later_samples_are_represented_once_the_bank_is_full(tmp_path, extractor
     model = RoiModel(tmp_path, "r", "full", extractor, ModelSettings(coreset_min=1000, coreset_max=1000))
     model.fit_ok([sample(p) for p in tire_files["train"][:8]])
     per_sample = np.bincount(model.branches[0].bank_sample, minlength=8)
-    assert model.bank_rows.size <= 1000 and (per_sample > 0).all(), per_sample
+    assert bank_rows(model).size <= 1000 and (per_sample > 0).all(), per_sample
 
 
 def test_bank_never_exceeds_coreset_max(tmp_path, extractor, tire_files) -> None:
     model = RoiModel(tmp_path, "r", "cap", extractor, ModelSettings(coreset_min=200, coreset_max=400,
                                                                     coreset_ratio=0.5))
     model.fit_ok([sample(p) for p in tire_files["train"][:6]])
-    assert 0 < model.bank_rows.size <= 400
+    assert 0 < bank_rows(model).size <= 400
 
 
 def test_samples_are_stored_with_metadata_and_duplicates_skipped(fitted, tire_files) -> None:
@@ -195,11 +199,11 @@ def test_reload_from_index_and_rebuild_from_samples(tmp_path, extractor, tire_fi
     probe = [sample(tire_files["cut"][0])[1]]
     before = model.predict(probe)[0]
     again = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
-    assert np.array_equal(again.bank_rows, model.bank_rows) and again.threshold == model.threshold
+    assert np.array_equal(bank_rows(again), bank_rows(model)) and again.threshold == model.threshold
     assert again.predict(probe)[0].score == pytest.approx(before.score, abs=1e-6)
     shutil.rmtree(tmp_path / "models" / "r" / "store" / "index")
     rebuilt = RoiModel(tmp_path, "r", "store", extractor, ModelSettings(coreset_min=800))
-    assert sorted(rebuilt.bank_rows.tolist()) == sorted(model.bank_rows.tolist())
+    assert sorted(bank_rows(rebuilt).tolist()) == sorted(bank_rows(model).tolist())
     assert rebuilt.predict(probe)[0].score == pytest.approx(before.score, abs=1e-5)
 
 
@@ -234,7 +238,7 @@ def test_memory_mapped_fit_selects_the_same_bank(tmp_path, extractor, tire_files
     disk = RoiModel(tmp_path / "b", "r", "m", extractor, ModelSettings(coreset_min=500, memory_fit=False))
     ram.fit_ok(samples)
     disk.fit_ok(samples)
-    assert np.array_equal(ram.bank_rows, disk.bank_rows) and ram.threshold == pytest.approx(disk.threshold)
+    assert np.array_equal(bank_rows(ram), bank_rows(disk)) and ram.threshold == pytest.approx(disk.threshold)
 
 
 def test_mask_limits_where_anomalies_count(tmp_path, extractor, tire_files) -> None:
@@ -262,7 +266,7 @@ def test_a_fit_in_steps_builds_the_same_model_as_one_call(tmp_path, extractor, t
     for start in range(0, 12, 5):
         steps.fit_ok(samples[start:start + 5], finalize=False)
     steps.finalize()
-    assert np.array_equal(one.bank_rows, steps.bank_rows)
+    assert np.array_equal(bank_rows(one), bank_rows(steps))
     assert steps.threshold == pytest.approx(one.threshold, rel=1e-6)
     assert steps.manifest["counts"] == one.manifest["counts"]
 
@@ -272,9 +276,10 @@ def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
     for b in model.branches:
         b.distances = BankDistances()
     try:
-        scorer = SampleScorer(model.branch_map, model.map_score, lambda: None)
+        scorer = SampleScorer(model.scorer.branch_map, model.scorer.map_score, lambda: None)
         ok, ng, _ = scorer.round(model.branches, model.settings.holdout_max,
-                                 {"ok": model.index.arrays("ok"), "ng": model.index.arrays("ng")}, model._nuisance_maps)
+                                 {"ok": model.index.arrays("ok"), "ng": model.index.arrays("ng")},
+                                     lambda: nuisance_maps(model.index, model.store, model.scorer.branch_map))
         return ok, ng
     finally:
         for b, d in zip(model.branches, cached, strict=True):
@@ -293,7 +298,7 @@ def test_threshold_updates_by_bank_delta_equal_a_full_search(tmp_path, extractor
             model.send_ng([sample(p) for p in tire_files["cut"][:2]])
             model.set_mask(cv2.imencode(".png", np.pad(np.full((200, 200), 255, np.uint8), 50))[1].tobytes())
         stats = model.branches[0].distances.stats
-        assert model.bank_rows.size <= 600
+        assert bank_rows(model).size <= 600
         ok, ng = _scores_by_full_search(model)
         assert model.manifest["ok_scores"] == pytest.approx(ok, abs=2e-5)
         assert model.manifest["ng_scores"] == pytest.approx(ng, abs=2e-5)
@@ -319,7 +324,7 @@ def test_memory_fit_keeps_the_index_in_ram_only_up_to_its_bound(tmp_path, extrac
     ram.fit_ok(samples[1:3])
     ram.fit_ok(samples[3:])
     assert isinstance(ram.branches[0].emb["ok"]._ram, np.ndarray)
-    assert np.array_equal(ram.bank_rows, bounded.bank_rows) and ram.threshold == pytest.approx(bounded.threshold)
+    assert np.array_equal(bank_rows(ram), bank_rows(bounded)) and ram.threshold == pytest.approx(bounded.threshold)
 
 
 def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samples(

@@ -20,26 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.backbones import dinov2, efficientnet_lite
+from core.backbones import dinov2
+from core.backbones.registry import BACKBONES, FALLBACK, REGISTRY, BackboneSpec, patch_features, spec_of
 from core.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
-EFFNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-BACKBONES = ("auto", "dinov2_vits14", "dinov2_vits14_reg4", *EFFNETS)
-# EfficientNet-Lite0 blocks tapped for PatchCore: end of stage 3 (stride 8) and of stage 5 (stride 16)
-EFFNET_LAYERS = (4, 10)
-DEFAULT_RESOLUTION = {"dinov2_vits14": 448, "dinov2_vits14_reg4": 448, "efficientnet_lite0": 320,
-                      "efficientnet_lite1": 320, "efficientnet_lite2": 320}
+EFFNETS = tuple(n for n, spec in REGISTRY.items() if spec.tappable)
+DEFAULT_RESOLUTION = {name: spec.default_resolution for name, spec in REGISTRY.items()}
+__all__ = ["BACKBONES", "REGISTRY", "BackboneIdentity", "FeatureExtractor", "get_extractor", "spec_of"]
 
 
 def default_branches(name: str) -> tuple[tuple[int, ...], ...]:
-    """Patch-feature branches by default: on EfficientNet-Lite, fine (ends of stages 3 + 5, stride 8)
-    and coarse (ends of stages 5 + 6, stride 16): one forward pass, two banks (docs/benchmarks.md)."""
-    if name not in EFFNETS:
-        return ((),)
-    ends = efficientnet_lite.stage_ends(name)
-    return ((ends[2], ends[4]), (ends[4], ends[5]))
+    """Patch-feature branches by default (the spec's: on EfficientNet-Lite fine + coarse, one forward pass)."""
+    return spec_of(name).default_branches() if name in REGISTRY else ((),)
 
 
 def default_branch_scales(name: str) -> tuple[float, ...]:
@@ -52,10 +46,8 @@ DEFAULT_SCALES: dict[str, tuple[float, ...]] = {}  # none below 1 by default (do
 
 def default_layers(name: str) -> tuple[int, ...]:
     """Blocks tapped by default: the ends of stages 3 and 5 (Lite0: 4, 10; Lite1/Lite2: 6, 14)."""
-    if name not in EFFNETS:
-        return EFFNET_LAYERS
-    ends = efficientnet_lite.stage_ends(name)
-    return (ends[2], ends[4])
+    spec = spec_of(name)
+    return (spec if spec.tappable else REGISTRY[FALLBACK]).default_layers()
 
 
 def sha256_file(path: Path) -> str:
@@ -92,7 +84,7 @@ class FeatureExtractor:
         self, name: str, model: torch.nn.Module, weights_sha256: str, resolution: int, device: torch.device,
         keep_aspect: bool = True, amp_dtype: torch.dtype | None = torch.float16,
         layers: tuple[int, ...] | None = None, extra_branches: tuple[tuple[int, ...], ...] = (),
-        extra_scales: tuple[float, ...] = (),
+        extra_scales: tuple[float, ...] = (), lock: threading.Lock | None = None,
     ) -> None:
         self.name = name
         layers = tuple(layers) if layers else default_layers(name)
@@ -101,32 +93,32 @@ class FeatureExtractor:
         self.resolution = resolution
         self.keep_aspect = keep_aspect
         self.amp_dtype = amp_dtype if device.type == "cuda" else None
-        self.is_vit = name.startswith("dinov2")
-        self.taps = () if self.is_vit else tuple(layers)
-        self.stride = 14 if self.is_vit else efficientnet_lite.block_stride(min(self.taps), name)
-        # ViT: sides multiples of the patch; CNN: of the deepest tapped stride, so every map aligns
-        self.align = 14 if self.is_vit else efficientnet_lite.block_stride(max(self.taps), name)
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if self.is_vit else ((0.5,) * 3, (0.5,) * 3)
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self.feature_dim = 384 if self.is_vit else sum(efficientnet_lite.block_channels(i, name) for i in self.taps)
-        plain = self.is_vit or self.taps == default_layers(name)
+        self.spec: BackboneSpec = spec_of(name)
+        spec = self.spec
+        self.taps = tuple(layers) if spec.tappable else ()
+        self.stride = spec.stride(self.taps)
+        self.align = spec.align(self.taps)  # input sides multiples of this, so every map aligns
+        self.mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+        self.feature_dim = spec.feature_dim(self.taps)
+        plain = not spec.tappable or self.taps == default_layers(name)
         ident_name = name if plain else f"{name}@{'-'.join(map(str, self.taps))}"
         self.identity = BackboneIdentity(ident_name, weights_sha256, resolution, keep_aspect, self.feature_dim)
-        # further patch branches (EfficientNet only): (taps, identity) each; a branch with an input scale
+        # further patch branches (a tappable backbone only): (taps, identity) each; a branch with an input scale
         # below 1 sees the same image smaller (its own forward pass, (scale)^2 of the main one's pixels):
         # a defect that spans much of the ROI then fills a patch's receptive field
         self.extra_branches: list[tuple[tuple[int, ...], BackboneIdentity]] = []
         self.extra_scales: list[float] = []
         scales = tuple(extra_scales) + (1.0,) * (len(extra_branches) - len(extra_scales))
-        for taps, scale in zip(() if self.is_vit else extra_branches, scales, strict=False):
+        for taps, scale in zip(extra_branches if spec.tappable else (), scales, strict=False):
             taps = tuple(sorted(taps))
-            dim = sum(efficientnet_lite.block_channels(i, name) for i in taps)
             res = resolution if scale == 1.0 else int(round(resolution * scale))  # the identity: where it looks
-            ident = BackboneIdentity(f"{name}@{'-'.join(map(str, taps))}", weights_sha256, res, keep_aspect, dim)
+            ident = BackboneIdentity(f"{name}@{'-'.join(map(str, taps))}", weights_sha256, res, keep_aspect,
+                                     spec.feature_dim(taps))
             self.extra_branches.append((taps, ident))
             self.extra_scales.append(float(scale))
-        self._lock = threading.Lock()
+        # extractors of one loaded network (other resolutions, branches) take turns on it
+        self._lock = lock or threading.Lock()
 
     @property
     def branch_identities(self) -> list[BackboneIdentity]:
@@ -159,13 +151,7 @@ class FeatureExtractor:
         with self._lock, torch.autocast(
             device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            if self.is_vit:
-                gh, gw = batch.shape[2] // 14, batch.shape[3] // 14
-                feats = self.model(batch).float()
-            else:
-                maps = self.model.forward_blocks(batch, self.taps)
-                return _patch_features(maps)
-        return F.normalize(feats, dim=-1), (gh, gw)
+            return self.spec.features(self.model, batch, self.taps)
 
     @torch.inference_mode()
     def forward_branches(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -182,14 +168,14 @@ class FeatureExtractor:
                 members = [i for i, (_, s) in enumerate(sets) if s == scale]
                 union = tuple(sorted({t for i in members for t in sets[i][0]}))
                 view = batch if scale == 1.0 else self._scaled(batch, scale, max(union))
-                by_tap = dict(zip(union, self.model.forward_blocks(view, union), strict=True))
+                by_tap = dict(zip(union, self.spec.block_maps(self.model, view, union), strict=True))
                 for i in members:
-                    out[i] = _patch_features([by_tap[t] for t in sets[i][0]])
+                    out[i] = patch_features([by_tap[t] for t in sets[i][0]])
         return out
 
     def _scaled(self, batch: torch.Tensor, scale: float, deepest: int) -> torch.Tensor:
         """The normalised batch at `scale` (antialiased), sides multiples of the deepest tap's stride."""
-        a = efficientnet_lite.block_stride(deepest, self.name)
+        a = self.spec.align((deepest,))
         h, w = batch.shape[2:]
         size = (max(a, int(round(h * scale / a)) * a), max(a, int(round(w * scale / a)) * a))
         return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -206,38 +192,22 @@ class FeatureExtractor:
         return (time.perf_counter() - t0) * 1000
 
 
-def _patch_features(maps: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Block maps (finest first) -> L2-normalised patch features [B, gh*gw, D] on the finest grid: each
-    map 3x3-averaged (local context), resized to that grid, L2-normalised, weighted equally."""
-    gh, gw = maps[0].shape[2:]
-    parts = []
-    for fmap in maps:
-        fmap = F.avg_pool2d(fmap.float(), 3, stride=1, padding=1, count_include_pad=False)
-        if fmap.shape[2:] != (gh, gw):
-            fmap = F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
-        parts.append(F.normalize(fmap, dim=1) / math.sqrt(len(maps)))
-    feats = torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
-    return F.normalize(feats, dim=-1), (gh, gw)
-
-
 def resolve_backbone_name(name: str, weights: str | None) -> str:
     """'auto' -> DINOv2 when its weights are present, else EfficientNet-Lite0 (said plainly)."""
     if name != "auto":
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-        return name
+        return spec_of(name).name
     try:
         dinov2.find_weights(weights)
         return "dinov2_vits14"
     except WeightsNotFoundError as exc:
         log.warning("backbone 'auto': DINOv2 weights not found, using EfficientNet-Lite0 (ImageNet). %s", exc)
-        return "efficientnet_lite0"
+        return FALLBACK
 
 
 def max_block(name: str) -> int:
     """Highest block number of an EfficientNet-Lite (auto: Lite0, the fallback)."""
-    variant = name if name in EFFNETS else "efficientnet_lite0"
-    return efficientnet_lite.stage_ends(variant)[-1]
+    spec = spec_of(name)
+    return (spec if spec.tappable else REGISTRY[FALLBACK]).max_block()
 
 
 _CACHE: dict[tuple, FeatureExtractor] = {}
@@ -272,35 +242,16 @@ def get_extractor(
         t0 = time.perf_counter()
         net_key = (name, weights, str(dev), random_weights)
         if net_key not in _NETWORKS:
-            model, path = _load_network(name, weights, random_weights, allow_download)
+            model, path = spec_of(name).load(weights, random_weights, allow_download)
             sha = "random-seed-0" if path is None else sha256_file(path)
             _NETWORKS[net_key] = (model, sha, threading.Lock())
             log.info("backbone %s loaded from %s (%.0f ms)", name, path or "random weights",
                      (time.perf_counter() - t0) * 1000)
         model, sha, lock = _NETWORKS[net_key]
         extractor = FeatureExtractor(name, model, sha, resolution, dev, keep_aspect, layers=tuple(layers),
-                                     extra_branches=branches[1:], extra_scales=scales[1 : len(branches)])
-        extractor._lock = lock  # extractors of one network take turns on it
+                                     extra_branches=branches[1:], extra_scales=scales[1 : len(branches)], lock=lock)
         warm_ms = extractor.warm_up()
         log.info("backbone %s on %s at resolution %d, blocks %s (warm-up %.0f ms)", name, dev, resolution,
                  extractor.taps or "all", warm_ms)
         _CACHE[key] = extractor
         return extractor
-
-
-def _load_network(name: str, weights: str | None, random_weights: bool,
-                  allow_download: bool) -> tuple[torch.nn.Module, Path | None]:
-    if name.startswith("dinov2"):
-        reg = name.endswith("reg4")
-        path = None if random_weights else dinov2.find_weights(weights, reg, allow_download)
-        if random_weights:
-            torch.manual_seed(0)
-            model = dinov2.DinoV2ViT(registers=4 if reg else 0)
-            for p in model.parameters():
-                torch.nn.init.trunc_normal_(p, std=0.02)
-            return model.eval(), None
-        return dinov2.build_dinov2(path, reg), path
-    path = None
-    if not random_weights:
-        path = Path(weights) if weights else efficientnet_lite.default_weights_path(name)
-    return efficientnet_lite.build_efficientnet_lite(path, name), path

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class PatchBranch:
-    """Index, bank and search of one feature branch. Not thread-safe: one worker owns it."""
+    """Index, bank and search of one feature branch (a `Branch`, core/method/branch.py). Not thread-safe: one
+    worker owns it."""
 
     def __init__(self, index_dir: Path, name: str, identity: dict, feature_dim: int, size: CoresetSize,
                  proj_dim: int, device: torch.device, knn_backend: str = "auto") -> None:
@@ -167,10 +168,20 @@ class PatchBranch:
     def end_round(self) -> dict:
         return self.distances.end() if self.knn is not None else {}
 
-    def sample_dist(self, kind: str, e: dict, data: np.ndarray,
-                    exclude: torch.Tensor | None) -> tuple[np.ndarray, int]:
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def ready(self) -> bool:
+        return self.knn is not None
+
+    def only_from(self, sample: int) -> bool:
+        """Every bank entry came from OK sample number `sample`: nothing to leave it out against."""
+        return bool((self.bank_sample == sample).all())
+
+    def sample_dist(self, kind: str, e: dict, data: np.ndarray, leave_out: int | None) -> tuple[np.ndarray, int]:
         """A stored sample's patch distances (and their version), from the cache brought up to date with
-        the bank."""
+        the bank; `leave_out`: the number of an OK sample whose own bank entries do not count."""
+        exclude = None if leave_out is None else torch.from_numpy(self.bank_sample == leave_out)
         q = torch.from_numpy(np.array(data[e["offset"] : e["offset"] + e["count"]])).to(self.device)
         self.distances.score((kind, e["sample_id"]), q, exclude, lambda dist: 0.0)
         return self.distances.dist((kind, e["sample_id"]))

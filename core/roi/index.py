@@ -13,6 +13,7 @@ import torch
 
 from core.backbones import FeatureExtractor
 from core.image_io import ImageInput
+from core.method.branch import Branch
 from core.method.patch_branch import PatchBranch
 from core.roi.manifest import ModelSettings
 from core.roi.sample_store import Sample, SampleStore
@@ -42,13 +43,14 @@ class RoiIndex:
         idents = extractor.branch_identities
         s = settings
         # every further branch gets the first one's bank memory (entries x dims), not more: RAM <= 2x one bank
-        self.branches = [PatchBranch(store.index_dir, f"b{i}" if i else "", ident.to_dict(), ident.feature_dim,
-                                     s.coreset_size().scaled(idents[0].feature_dim / ident.feature_dim), s.proj_dim,
-                                     extractor.device, s.knn_backend)
-                         for i, ident in enumerate(idents)]
+        self.branches: list[Branch] = [
+            PatchBranch(store.index_dir, f"b{i}" if i else "", ident.to_dict(), ident.feature_dim,
+                        s.coreset_size().scaled(idents[0].feature_dim / ident.feature_dim), s.proj_dim,
+                        extractor.device, s.knn_backend)
+            for i, ident in enumerate(idents)]
 
     def info(self) -> list[dict]:
-        return [{"identity": b.identity, "bank_rows_total": b.emb["ok"].rows, "bank": len(b.bank)}
+        return [{"identity": b.identity, "bank_rows_total": b.emb["ok"].rows, "bank": len(b)}
                 for b in self.branches]
 
     def matches_extractor(self) -> bool:
@@ -97,7 +99,7 @@ class RoiIndex:
         return [b.index_array(kind, s.memory_fit, s.memory_fit_max_mb) for b in self.branches]
 
     def append(self, kind: str, records: list[SampleRecord], images: list[ImageInput],
-               branches: list[PatchBranch] | None = None) -> list[list[tuple[int, int]]]:
+               branches: list[Branch] | None = None) -> list[list[tuple[int, int]]]:
         """Embed once and append to each branch; returns per branch the (offset, count) spans."""
         embs = self.embed(images)
         out = []
@@ -132,6 +134,21 @@ class RoiIndex:
         for branch in self.branches:
             branch.refresh_knn()
 
+    @property
+    def ready(self) -> bool:
+        """Every branch is fitted and searchable: the ROI can score."""
+        return all(b.ready() for b in self.branches)
+
+    def entries(self, kind: str) -> list[dict]:
+        """The indexed samples of one kind, in order (every branch indexes the same samples)."""
+        return self.branches[0].emb[kind].entries
+
+    def rows(self, kind: str) -> int:
+        return self.branches[0].emb[kind].rows
+
+    def sample_ids(self) -> dict[str, list[str]]:
+        return {kind: [e["sample_id"] for e in self.entries(kind)] for kind in ("ok", "ng")}
+
     # ------------------------------------------------------------------ sync
     def sync(self, samples: SampleStore, previous: list[dict], bank_key_matches: bool) -> None:
         """Make every branch's index and bank match the stored samples and the features; `previous`: the
@@ -145,7 +162,7 @@ class RoiIndex:
                        and before.get("bank_rows_total") == branch.emb["ok"].rows)
             if branch.load_or_reselect(arrays[b], trusted, self.progress) and branch.emb["ok"].entries:
                 log.info("%s/%s: bank of branch %s selected from %d samples: %d patches", self.store.role_id,
-                         self.store.roi_id, branch.identity["name"], len(branch.emb["ok"].entries), len(branch.bank))
+                         self.store.roi_id, branch.identity["name"], len(branch.emb["ok"].entries), len(branch))
             branch.refresh_knn()
 
     def sync_kind(self, samples: SampleStore, kind: str) -> None:

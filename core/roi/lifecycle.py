@@ -13,19 +13,19 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from core.errors import BackboneMismatchError, InputError
 from core.ids import safe_text, validate_id
-from core.roi.versions import clear_pending, read_pending, write_pending
+from core.method.branch import Branch
+from core.roi.index import RoiIndex
+from core.roi.sample_store import Sample, SampleStore
+from core.roi.versions import RoiVersions, clear_pending, read_pending, write_pending
 from core.storage import KINDS, RoiStore, atomic_write_bytes, utc_now
-
-if TYPE_CHECKING:
-    from core.roi.model import RoiModel
-    from core.roi.sample_store import Sample
 
 log = logging.getLogger(__name__)
 SUSPECT_POLICIES = ("accept", "flag", "refuse")
@@ -42,6 +42,28 @@ class LifecycleSettings:
     suspect_min_samples: int = 8  # fewer scored OK samples: no judgement
     trash_keep: int = 500  # per ROI and kind: at most this many trashed samples not needed by a kept version
     trash_max_age_days: float | None = 90.0  # and none older than this (None: no age limit)
+
+
+class RoiModel(Protocol):
+    """What these operations need of a ROI's model (core/roi/model.py has it): its files, versions, index
+    and samples, and a way to reload all of it after files moved."""
+
+    store: RoiStore
+    versions: RoiVersions
+    lifecycle: LifecycleSettings
+    index: RoiIndex
+    samples: SampleStore
+    manifest: dict
+    identity: dict
+
+    @property
+    def branches(self) -> Sequence[Branch]: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def threshold(self) -> float | None: ...
+    def open(self) -> None: ...
+    def state(self) -> dict: ...
 
 
 def find_suspects(ok_scores: dict[str, float], threshold: float | None, s: LifecycleSettings) -> list[dict]:
@@ -143,7 +165,6 @@ def finish_pending(model: RoiModel) -> dict | None:
                 store.trash(kind, sid, str(op.get("reason", "deleted")))
         if op.get("mask"):
             _mask_to_trash(model)
-        model.change = str(op.get("change", "delete"))
     elif op.get("op") == "rollback" and model.versions.read(int(op["to"])) is not None:
         _redo_rollback(model, op)
     else:

@@ -58,6 +58,14 @@ class ModelSettings:
 SEARCH_ONLY = ("knn_backend", "knn_search")  # how the search runs, not what it finds: no new model version
 
 
+def new_manifest(role_id: str, roi_id: str, identity: dict, settings: dict) -> dict:
+    """The manifest of a ROI nobody has fitted yet (version 0)."""
+    return {"format": 1, "role_id": role_id, "roi_id": roi_id, "version": 0, "backbone": identity,
+            "settings": settings, "threshold": {"value": None, "method": "none", "details": {}},
+            "counts": {"ok": 0, "ng": 0, "bank": 0, "patches": 0}, "ok_scores": [], "ng_scores": [],
+            "created_utc": utc_now(), "updated_utc": utc_now()}
+
+
 def result_settings(settings: dict | None) -> dict | None:
     """The settings that decide a model's results (a change of any other is not a change of the model)."""
     return None if settings is None else {k: v for k, v in settings.items() if k not in SEARCH_ONLY}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +22,9 @@ from core.backbones import FeatureExtractor
 from core.errors import BackboneMismatchError, InputError, ModelNotReadyError
 from core.image_io import ImageInput
 from core.method import thresholds
+from core.method.branch import Branch
 from core.method.fusion import BranchScale
-from core.method.knn import NearestNeighbour
-from core.method.patch_branch import PatchBranch
-from core.method.scoring import image_score, input_res_map, resize_mask
+from core.method.scorer import Scorer
 from core.prediction import Prediction
 from core.roi.index import Embedded, RoiIndex
 from core.roi.lifecycle import (
@@ -39,15 +39,16 @@ from core.roi.manifest import (
     ModelSettings,
     apply_calibration,
     manifest_state,
+    new_manifest,
     policy_of,
     recovered_manifest,
     result_settings,
     stored_rois,
     threshold_policy,
 )
-from core.roi.predict import fit_in_steps, predict_one
-from core.roi.sample_scores import SampleScorer, nuisance_views
-from core.roi.sample_store import Sample, SampleStore, decode_record
+from core.roi.predict import Verdict, predict_one
+from core.roi.sample_scores import SampleScorer, nuisance_maps
+from core.roi.sample_store import Sample, SampleStore
 from core.roi.versions import RoiVersions, clear_pending
 from core.storage import RoiStore, utc_now
 
@@ -72,7 +73,6 @@ class RoiModel:
         self.lifecycle = lifecycle or LifecycleSettings()
         self.identity = extractor.identity.to_dict()
         self.versions = RoiVersions(self.store, self.lifecycle.versions_kept)
-        self.change = "rebuild"  # what the next manifest version records as its cause
         self.open()
 
     def open(self) -> None:
@@ -83,16 +83,19 @@ class RoiModel:
         self.samples = SampleStore(self.store, self.index.bytes_needed, self.progress)
         self.samples.draft_for = self.extractor.input_size
         self._dirty = False
-        self._scorer = SampleScorer(self.branch_map, self.map_score, self.progress)
         pending = finish_pending(self)
-        self.manifest = self.store.read_manifest() or recovered_manifest(self.store, self.versions,
-                                                                         self._new_manifest())
-        self.mask, mask_error = self.store.load_mask()
-        self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
-        self.scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
+        self.manifest = self.store.read_manifest() or recovered_manifest(
+            self.store, self.versions, new_manifest(self.store.role_id, self.store.roi_id, self.identity,
+                                                    asdict(self.settings)))
+        mask, mask_error = self.store.load_mask()
+        scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
+        self.scorer = Scorer(self.branches, self.settings, mask, scales)
+        self._samples_scorer = SampleScorer(self.scorer.branch_map, self.scorer.map_score, self.progress)
         if mask_error:
             self.manifest["mask_error"] = mask_error
-        self._sync_index(force_threshold=bool(mask_error))
+        # a delete's cause (delete, reset, relabel, a refused suspect) is what the new version records
+        change = str(pending.get("change", "delete")) if pending and pending["op"] == "delete" else "rebuild"
+        self._sync_index(change, force_threshold=bool(mask_error))
         if pending is not None:
             if pending["op"] == "rollback":
                 self.snapshot()
@@ -100,23 +103,19 @@ class RoiModel:
             prune_trash(self)  # a delete, relabel or rollback filled the trash: keep it bounded
         if self.store.manifest_path.exists() and self.version not in self.versions.versions():
             self.snapshot()  # an imported ROI, or one written before versions were kept: its first change can be undone
-        self.change = "rebuild"
         log.info("ROI %s/%s loaded: %d OK, %d NG samples, banks %s patches, threshold %s (%.0f ms)",
                  self.store.role_id, self.store.roi_id, self.manifest["counts"]["ok"], self.manifest["counts"]["ng"],
-                 [len(b.bank) for b in self.branches], self.manifest["threshold"]["value"],
+                 [len(b) for b in self.branches], self.manifest["threshold"]["value"],
                  (time.perf_counter() - t0) * 1000)
 
     # ------------------------------------------------------------------ state
-    def _new_manifest(self) -> dict:
-        return {"format": 1, "role_id": self.store.role_id, "roi_id": self.store.roi_id, "version": 0,
-                "backbone": self.identity, "settings": asdict(self.settings),
-                "threshold": {"value": None, "method": "none", "details": {}},
-                "counts": {"ok": 0, "ng": 0, "bank": 0, "patches": 0}, "ok_scores": [], "ng_scores": [],
-                "created_utc": utc_now(), "updated_utc": utc_now()}
+    @property
+    def branches(self) -> list[Branch]:
+        return self.index.branches
 
     @property
-    def branches(self) -> list[PatchBranch]:
-        return self.index.branches
+    def mask(self) -> np.ndarray | None:
+        return self.scorer.mask
 
     @property
     def version(self) -> int:
@@ -126,16 +125,8 @@ class RoiModel:
     def threshold(self) -> float | None:
         return self.manifest["threshold"]["value"]
 
-    @property
-    def bank_rows(self) -> np.ndarray:
-        return self.branches[0].bank.rows
-
-    @property
-    def _knn(self) -> NearestNeighbour | None:
-        return self.branches[0].knn
-
     def _count(self, kind: str) -> int:
-        return len(self.branches[0].emb[kind].entries)
+        return len(self.index.entries(kind))
 
     def state(self) -> dict:
         return manifest_state(self.manifest, self.mask is not None, self.versions.versions())
@@ -144,7 +135,7 @@ class RoiModel:
         return policy_of(self.manifest)
 
     # ------------------------------------------------------------ the index
-    def _sync_index(self, force_threshold: bool = False) -> None:
+    def _sync_index(self, change: str, force_threshold: bool = False) -> None:
         """Make every branch's embedding index and bank match the stored samples and the features."""
         m = self.manifest
         previous = m.get("branches") or [{"identity": m.get("backbone"), "bank_rows_total": m.get("bank_rows_total")}]
@@ -153,69 +144,45 @@ class RoiModel:
                    or m["counts"]["ng"] != self._count("ng")
                    or result_settings(m.get("settings")) != result_settings(asdict(self.settings))
                    or [x["identity"] for x in m.get("branches", previous)] != [b.identity for b in self.branches]
-                   or len(self.scales) != len(self.branches))
-        if (changed or force_threshold) and (self.branches[0].emb["ok"].rows or self.store.exists()):
-            self._update_threshold_and_save()
+                   or len(self.scorer.scales) != len(self.branches))
+        if (changed or force_threshold) and (self.index.rows("ok") or self.store.exists()):
+            self._update_threshold_and_save(change)
 
     # --------------------------------------------------------------- scoring
-    def branch_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
-        return input_res_map(dist, grid, input_size, self.settings.blur_sigma)
-
-    def map_score(self, amap: np.ndarray) -> float:
-        mask = self.mask_at((amap.shape[1], amap.shape[0]))
-        return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile)
-
-    def mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
-        """The ROI mask resized to (w, h), computed once per size (ROIs of a station share sizes)."""
-        if size not in self._mask_cache:
-            if len(self._mask_cache) >= 32:  # ROIs of varying size: keep the memory bounded
-                self._mask_cache.clear()
-            self._mask_cache[size] = resize_mask(self.mask, size)
-        return self._mask_cache[size]
-
-    def _nuisance_maps(self) -> list[list[np.ndarray]]:
-        """Branch maps of copies of the one OK sample with a station's usual nuisance (thresholds.py)."""
-        img = decode_record(self.store.list_samples("ok")[-1], self.extractor.input_size)
-        last = self.branches[0].emb["ok"].entries[-1]
-        views = nuisance_views(img, self.extractor.stride * img.size[0] / last["input_size"][0])
-        return [[self.branch_map(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)
-                 for b, branch in enumerate(self.branches)] for emb in self.index.embed(views)]
-
-    def _update_threshold_and_save(self) -> None:
+    def _update_threshold_and_save(self, change: str) -> None:
+        """Score the stored samples, decide the threshold and write the next version; `change`: its cause."""
         s = self.settings
         t0 = time.perf_counter()
         ok_scores, ng_scores = [], []
-        if self._knn is not None:
+        if self.index.ready:
             arrays = {"ok": self.index.arrays("ok"), "ng": self.index.arrays("ng")}
-            ok_scores, ng_scores, self.scales = self._scorer.round(self.branches, s.holdout_max, arrays,
-                                                                   self._nuisance_maps)
+            nuisance = lambda: nuisance_maps(self.index, self.store, self.scorer.branch_map)  # noqa: E731
+            ok_scores, ng_scores, self.scorer.scales = self._samples_scorer.round(self.branches, s.holdout_max,
+                                                                                  arrays, nuisance)
             log.debug("%s/%s: threshold samples scored in %.0f ms", self.store.role_id, self.store.roi_id,
                       (time.perf_counter() - t0) * 1000)
         m = self.manifest
         th = m["threshold"] if m["threshold"]["method"] == "manual_override" else self.threshold_policy().decide(
             ok_scores, ng_scores)
-        ok = self.branches[0].emb["ok"]
-        scored = self._scorer.by_sample if self._knn is not None else {}
+        scored = self._samples_scorer.by_sample if self.index.ready else {}
         by_sample = {k: {sid: round(x, 6) for sid, x in scored.get(k, {}).items()} for k in ("ok", "ng")}
         m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
-                 bank_key=s.bank_key(), bank_rows_total=ok.rows, ok_scores=[round(x, 6) for x in ok_scores],
+                 bank_key=s.bank_key(), bank_rows_total=self.index.rows("ok"),
+                 ok_scores=[round(x, 6) for x in ok_scores],
                  ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now(), branches=self.index.info(),
-                 branch_scales=[x.to_dict() for x in self.scales], change=self.change, sample_scores=by_sample,
+                 branch_scales=[x.to_dict() for x in self.scorer.scales], change=change, sample_scores=by_sample,
                  suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle))
         m.pop("rollback_of", None)
-        if self.change != "rebuild":
+        if change != "rebuild":
             m.pop("recovered", None)  # said in the state until the ROI next changes
-        m["counts"] = {"ok": len(ok.entries), "ng": self._count("ng"), "bank": len(self.branches[0].bank),
-                       "patches": ok.rows}
+        m["counts"] = {"ok": self._count("ok"), "ng": self._count("ng"), "bank": len(self.branches[0]),
+                       "patches": self.index.rows("ok")}
         self.store.write_manifest(m)
         self.snapshot()
 
-    def sample_ids(self) -> dict[str, list[str]]:
-        return {kind: [e["sample_id"] for e in self.branches[0].emb[kind].entries] for kind in ("ok", "ng")}
-
     def snapshot(self) -> None:
         """Keep this manifest version (core/roi/versions.py) so that it can be rolled back to."""
-        self.versions.snapshot(self.manifest, [b.bank_path for b in self.branches], self.sample_ids())
+        self.versions.snapshot(self.manifest, [b.bank_path for b in self.branches], self.index.sample_ids())
 
     # --------------------------------------------------------------- public
     def fit_ok(self, samples: list[Sample], finalize: bool = True, relabel: bool = False) -> dict:
@@ -226,7 +193,6 @@ class RoiModel:
         """
         t0 = time.perf_counter()
         label_conflicts(self, "ok", samples, relabel)
-        self.change = "fit_ok"
         stored = self.samples.add("ok", samples)
         t_backbone, t_coreset = self.index.extend_banks(stored.records, stored.images)
         self._dirty = self._dirty or bool(stored.records)
@@ -240,33 +206,45 @@ class RoiModel:
                                  "total": round((time.perf_counter() - t0) * 1000, 1)}}
         log.info("fit_ok %s/%s: +%d samples (%d duplicates), banks %s, threshold %s, device %s, timings %s",
                  self.store.role_id, self.store.roi_id, len(stored.records), len(stored.duplicates),
-                 [len(b.bank) for b in self.branches], self.threshold, self.extractor.device, report["timings_ms"])
+                 [len(b) for b in self.branches], self.threshold, self.extractor.device, report["timings_ms"])
         return apply_suspect_policy(self, report) if finalize else report
 
     def fit_ok_in_steps(self, chunks: Iterable[list[Sample]], between: Callable[[], None] = lambda: None,
                         relabel: bool = False) -> dict:
-        """A large fit_ok in chunks, the threshold once at the end (core/roi/predict.py fit_in_steps)."""
-        return fit_in_steps(self, chunks, between, relabel)
+        """A large fit_ok in chunks (decoded as they come: memory stays bounded), `between()` called after
+        each (e.g. to answer other ROIs' predictions); the threshold (leave-one-out scoring) once at the end.
+        Same bank as one call: selection is per sample."""
+        reports = []
+        for chunk in chunks:
+            reports.append(self.fit_ok(chunk, finalize=False, relabel=relabel))
+            between()
+        t0 = time.perf_counter()
+        self.finalize()
+        timings = Counter(threshold=(time.perf_counter() - t0) * 1000, total=(time.perf_counter() - t0) * 1000)
+        for rep in reports:
+            timings.update(rep["timings_ms"])
+        return apply_suspect_policy(self, {
+            **{k: [x for rep in reports for x in rep[k]] for k in ("added", "duplicates", "stored", "ids")},
+            **self.state(), "timings_ms": {k: round(v, 1) for k, v in timings.items()}, "steps": len(reports)})
 
     def finalize(self) -> None:
         """After fit_ok(finalize=False) calls: rebuild the search index, threshold and manifest."""
         if self._dirty:
             self.index.refresh_knn()
-            self._update_threshold_and_save()
+            self._update_threshold_and_save("fit_ok")
             self._dirty = False
 
     def send_ng(self, samples: list[Sample], relabel: bool = False) -> dict:
         """Store NG calibration samples and recalibrate the threshold (policy auto)."""
         t0 = time.perf_counter()
         label_conflicts(self, "ng", samples, relabel)
-        self.change = "send_ng"
         stored = self.samples.add("ng", samples)
         t1 = t2 = time.perf_counter()
         if stored.records:
             self.index.append("ng", stored.records, stored.images)
             t2 = time.perf_counter()
-            if self._knn is not None:
-                self._update_threshold_and_save()
+            if self.index.ready:
+                self._update_threshold_and_save("send_ng")
             else:
                 self.manifest["counts"]["ng"] = self._count("ng")
                 self.store.write_manifest(self.manifest)
@@ -290,12 +268,11 @@ class RoiModel:
         for later fits; "manual" with `value`: a fixed override; "config": back to the configured policy.
         """
         thresholds.check_calibration(policy, value, ok_percentile, ng_margin, ng_recall)
-        self.change = "calibrate"
         apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall, source)
-        if self._knn is None and policy != "manual":
+        if not self.index.ready and policy != "manual":
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
-        self._update_threshold_and_save()
+        self._update_threshold_and_save("calibrate")
         return self.state()
 
     def threshold_policy(self) -> thresholds.ThresholdPolicy:
@@ -306,13 +283,11 @@ class RoiModel:
         if mask is None or not (mask > 0).any():
             raise InputError("mask must be a PNG with non-zero pixels where anomalies count", code="invalid_mask")
         self.store.save_mask(png)
-        self.change = "mask"
         self.manifest.pop("mask_error", None)
-        self.mask = mask > 0
-        self._mask_cache.clear()
-        self._scorer.clear()  # scores depend on the mask
-        if self._knn is not None:
-            self._update_threshold_and_save()
+        self.scorer.set_mask(mask > 0)
+        self._samples_scorer.clear()  # scores depend on the mask
+        if self.index.ready:
+            self._update_threshold_and_save("mask")
         return self.state()
 
     def predict(self, images: list[ImageInput], heatmap: bool = False, return_map: bool = False,
@@ -323,10 +298,12 @@ class RoiModel:
         heatmap can be drawn later without the cost of a full-size one on every prediction.
         """
         threshold = self.threshold
-        if self._knn is None or threshold is None:
+        if not self.index.ready or threshold is None:
             raise ModelNotReadyError(
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
         if not self.index.matches_extractor():
             raise BackboneMismatchError("the running backbone differs from the one this bank was built with")
-        return [predict_one(self, img, emb, float(threshold), heatmap, return_map, preview_px)
+        verdict = Verdict(float(threshold), self.manifest["threshold"]["method"], self.version, self.identity,
+                          str(self.extractor.device), self.settings.min_defect_area_px)
+        return [predict_one(self.scorer, img, emb, verdict, heatmap, return_map, preview_px)
                 for img, emb in zip(images, self.index.embed(images), strict=True)]

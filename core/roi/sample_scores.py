@@ -8,15 +8,17 @@ so a fit_ok that changed a few bank entries rescores little.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from core.image_io import ImageInput
+from core.method.branch import Branch
 from core.method.fusion import BranchScale, fuse_scores
-from core.method.patch_branch import PatchBranch
+from core.roi.index import RoiIndex
+from core.roi.sample_store import decode_record
+from core.storage import RoiStore
 
 # (patch distances [P], grid (gh, gw), input size (w, h)) -> map at the input size
 MapFn = Callable[[np.ndarray, tuple[int, int], tuple[int, int]], np.ndarray]
@@ -35,12 +37,12 @@ class SampleScorer:
         """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
         self._branch_cache.clear()
 
-    def _dists(self, branches: list[PatchBranch], kind: str, i: int, arrays: list[np.ndarray],
-               exclude: list[torch.Tensor | None]) -> list[tuple[np.ndarray, int, dict]]:
+    def _dists(self, branches: Sequence[Branch], kind: str, i: int, arrays: list[np.ndarray],
+               leave_out: int | None) -> list[tuple[np.ndarray, int, dict]]:
         out = []
         for b, branch in enumerate(branches):
             e = branch.emb[kind].entries[i]
-            dist, version = branch.sample_dist(kind, e, arrays[b], exclude[b])
+            dist, version = branch.sample_dist(kind, e, arrays[b], leave_out)
             out.append((dist, version, e))
         return out
 
@@ -55,7 +57,7 @@ class SampleScorer:
         return scores
 
 
-    def round(self, branches: list[PatchBranch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
+    def round(self, branches: Sequence[Branch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
               nuisance: Callable[[], list[list[np.ndarray]]]) -> tuple[list[float], list[float], list[BranchScale]]:
         """(fused leave-one-out OK scores, fused NG scores, per-branch scales). `nuisance()` gives the
         branch maps of views of a single OK sample, for a ROI with nothing to leave out."""
@@ -65,15 +67,14 @@ class SampleScorer:
         entries = branches[0].emb["ok"].entries
         for i in range(max(0, len(entries) - holdout_max), len(entries)):
             self.progress()
-            excl = [torch.from_numpy(br.bank_sample == i) for br in branches]
-            if any(bool(x.all()) for x in excl):
+            if any(br.only_from(i) for br in branches):
                 continue  # every bank entry is this sample's: nothing to leave it out against
-            parts = self._dists(branches, "ok", i, arrays["ok"], excl)
+            parts = self._dists(branches, "ok", i, arrays["ok"], i)
             ok_parts.append((entries[i]["sample_id"], parts, self._branch_scores("ok", entries[i]["sample_id"], parts)))
         ng_parts = []
         for i, e in enumerate(branches[0].emb["ng"].entries):
             self.progress()
-            parts = self._dists(branches, "ng", i, arrays["ng"], [None] * len(branches))
+            parts = self._dists(branches, "ng", i, arrays["ng"], None)
             ng_parts.append((e["sample_id"], parts, self._branch_scores("ng", e["sample_id"], parts)))
         for branch in branches:
             branch.end_round()
@@ -108,3 +109,12 @@ def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:
         rgb = cv2.warpAffine(img.rgb, mat, img.size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         views.append(ImageInput(np.clip(rgb * gain, 0, 1), img.mm_per_px, 1.0, img.size, img.format, img.bit_depth))
     return views
+
+
+def nuisance_maps(index: RoiIndex, store: RoiStore, map_fn: MapFn) -> list[list[np.ndarray]]:
+    """Branch maps of copies of a ROI's one OK sample with a station's usual nuisance (core/method/thresholds.py)."""
+    img = decode_record(store.list_samples("ok")[-1], index.extractor.input_size)
+    last = index.entries("ok")[-1]
+    views = nuisance_views(img, index.extractor.stride * img.size[0] / last["input_size"][0])
+    return [[map_fn(branch.search(emb.feats[b]), emb.grids[b], emb.input_size)
+             for b, branch in enumerate(index.branches)] for emb in index.embed(views)]

@@ -1,0 +1,91 @@
+"""From a new image's features to its maps, score and regions, built from what it needs and nothing else.
+
+`Scorer` takes the branches (core/method/branch.py), their score scales (core/method/fusion.py), the ROI
+mask and the map and score settings, as anomalib's `AnomalyMapGenerator` takes what it needs; it knows no
+ROI, no files, no threshold policy. `RoiModel` builds one and keeps its scales and mask current;
+`SampleScorer` (core/roi/sample_scores.py) uses its `branch_map` / `map_score`, so stored samples and new
+images are scored by the same code.
+
+A prediction without a heatmap or the full map takes the certified search (core/method/knn_certified.py)
+when every branch offers clusters: the same score and regions from a fraction of the exact search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from core.method.branch import Branch
+from core.method.fusion import BranchScale, fuse_maps, fuse_scores
+from core.method.knn_certified import certified_maps
+from core.method.scoring import image_score, input_res_map, resize_mask
+from core.prediction import SearchStats
+
+MASK_SIZES = 32  # mask sizes kept resized (ROIs of a station share sizes); more: the cache starts again
+
+
+class ScoreSettings(Protocol):
+    """The settings a scorer reads (a ROI's `ModelSettings` has them)."""
+
+    blur_sigma: float
+    score_stat: str
+    score_percentile: float
+    knn_search: str
+
+
+class Scorer:
+    def __init__(self, branches: Sequence[Branch], settings: ScoreSettings, mask: np.ndarray | None = None,
+                 scales: list[BranchScale] | None = None) -> None:
+        self.branches = branches
+        self.settings = settings
+        self.scales = list(scales or [])
+        self.set_mask(mask)
+
+    def set_mask(self, mask: np.ndarray | None) -> None:
+        self.mask = mask
+        self._mask_cache: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def mask_at(self, size: tuple[int, int]) -> np.ndarray | None:
+        """The ROI mask resized to (w, h), computed once per size."""
+        if size not in self._mask_cache:
+            if len(self._mask_cache) >= MASK_SIZES:
+                self._mask_cache.clear()
+            self._mask_cache[size] = resize_mask(self.mask, size)
+        return self._mask_cache[size]
+
+    def branch_map(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+        """A branch's patch distances -> its map at the backbone input (upsampled, blurred)."""
+        return input_res_map(dist, grid, input_size, self.settings.blur_sigma)
+
+    def map_score(self, amap: np.ndarray) -> float:
+        """A map -> the configured image statistic inside the mask."""
+        mask = self.mask_at((amap.shape[1], amap.shape[0]))
+        return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile)
+
+    def can_certify(self, exact_map_needed: bool) -> bool:
+        """The certified search decides the score only when the score is the map's peak and no full map is
+        wanted (a heatmap, the returned map): then it gives the exact search's results."""
+        return not (exact_map_needed or self.settings.knn_search == "exact" or self.settings.score_stat != "max")
+
+    def maps(self, feats: list[np.ndarray], grids: list[tuple[int, int]], input_size: tuple[int, int],
+             threshold: float, exact_map_needed: bool) -> tuple[list[np.ndarray], SearchStats]:
+        """Every branch's map of one image at the backbone input, and how much of the search that took."""
+        patches = sum(int(f.shape[0]) for f in feats)
+        if self.can_certify(exact_map_needed):
+            clusters = [branch.clusters() for branch in self.branches]
+            if all(c is not None for c in clusters):
+                searches = [lambda idx, b=b: self.branches[b].search(feats[b][idx]) for b in range(len(clusters))]
+                pairs, info = certified_maps(searches, clusters, feats, grids, input_size, self.settings.blur_sigma,
+                                             self.mask_at(input_size), self.scales, threshold)
+                return [m for _, m in pairs], SearchStats("certified", patches, int(info["exact_patches"]))
+        maps = [self.branch_map(branch.search(feats[b]), grids[b], input_size)
+                for b, branch in enumerate(self.branches)]
+        return maps, SearchStats("exact", patches, patches)
+
+    def fuse(self, maps: list[np.ndarray], size: tuple[int, int]) -> tuple[float, np.ndarray]:
+        """(image score, fused map resized to the image's (w, h))."""
+        score = fuse_scores([self.map_score(m) for m in maps], self.scales)
+        return score, cv2.resize(fuse_maps(maps, self.scales), size, interpolation=cv2.INTER_LINEAR)
