@@ -10,7 +10,6 @@ MQTT publishes folder and HTTP results on the result topic, the OPC UA server sh
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 
 from agent.jobs import ACTIONS, Job, Outcome, Params, error_result
@@ -20,49 +19,12 @@ from core.errors import InputError
 from core.ids import request_id_from, safe_text, validate_id
 
 log = logging.getLogger(__name__)
-NUMBERS = {"threshold": "invalid_threshold", "ok_percentile": "invalid_policy", "ng_margin": "invalid_policy",
-           "ng_recall": "invalid_policy"}
-PARAM_KEYS = ("mm_per_px", "source", "heatmap", "reset", "policy", "relabel", "sample_ids", "version", "file_name",
-              *NUMBERS)
-
-
-def as_bool(value: object) -> bool:
-    """A flag from outside: true/false, 1/0, and the strings "true"/"false"/"1"/"0"/"yes"/"no" ("false" is
-    false, not a non-empty string)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    return bool(value)
 
 
 def params_from(raw: Mapping[str, object]) -> Params:
-    """Request parameters from any ingress (form fields, JSON body, sidecar, v5 user properties)."""
-    p = Params()
-    if raw.get("mm_per_px") is not None:
-        p.mm_per_px = raw["mm_per_px"]
-    if raw.get("source") is not None:
-        p.source = safe_text(raw["source"])
-    if raw.get("heatmap") is not None:
-        p.heatmap = as_bool(raw["heatmap"])
-    p.reset = as_bool(raw.get("reset", False))
-    p.relabel = as_bool(raw.get("relabel", False))
-    if raw.get("file_name") is not None:
-        p.file_name = safe_text(raw["file_name"], 200)
-    p.sample_ids = raw.get("sample_ids")
-    p.version = raw.get("version")
-    if raw.get("policy") is not None:
-        p.policy = str(raw["policy"])
-    for key, code in NUMBERS.items():
-        if raw.get(key) is None:
-            continue
-        value = raw[key]
-        try:
-            number = float(value) if isinstance(value, (int, float, str)) else math.nan
-        except ValueError:
-            number = math.nan
-        if isinstance(value, bool) or not math.isfinite(number):
-            raise InputError(f"{key} must be a finite number, got {safe_text(value, 60)!r}", code=code)
-        setattr(p, key, number)
-    return p
+    """Request parameters from any ingress (form fields, JSON body, sidecar, v5 user properties): one schema
+    (agent/jobs.py Params)."""
+    return Params.of(raw)
 
 
 class Intake:

@@ -59,6 +59,25 @@ def shared(tmp_path_factory) -> Path:
     return make_shared(tmp_path_factory.mktemp("synthetic_shared"))
 
 
+E2E_FIXTURES = {"data_root", "fitted_template", "broker", "private_systemd_ok"}
+E2E_WORDS = ("Agent(", "subprocess", "Broker(", "Chromium", "PrivateSystemd", "soak(", "agent.cli")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """`e2e`: a test that runs real processes (the agent, the CLI, Mosquitto, Chromium, systemd, Node-RED);
+    `pytest -m "not e2e"` runs the rest, the unit level, in about a minute."""
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or any(w in src for w in E2E_WORDS):
+            item.add_marker(pytest.mark.e2e)
+
+
 def pytest_runtest_setup(item) -> None:
     if "shared" in getattr(item, "fixturenames", ()) and _real_or_none() is None:
         SYNTHETIC_USED.append(item.nodeid)

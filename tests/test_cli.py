@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.e2e  # every test here runs the CLI as a process
 
 def run(args: list[str], cfg: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(cfg), *args],

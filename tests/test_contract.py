@@ -1,6 +1,7 @@
 """The integrator's contract on a running agent (real broker, real HTTP client, real images): /predict as
 JSON with image_b64, one `backbone` shape in results, state and health, MQTT v5 content type on JSON
-messages, `invalid_payload` for a raw payload that is no image, a ROI's default mm_per_px from the config,
+messages, `invalid_payload` for a raw payload that is no image, the same code over HTTP and MQTT for a
+parameter neither can use, a ROI's default mm_per_px from the config,
 and every refusal in the log at WARNING with its code, ROI and source."""
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def test_contract_details_an_integrator_relies_on(data_root: Path, tire: Path, b
             assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_base64"
             missing = c.post("/predict", json={"roi_id": "tire", "image_b64": "AAAA"})
             assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_field"
+            garbage = c.post("/predict", data={"role_id": "st1", "roi_id": "tire", "heatmap": "garbage"},
+                             files={"file": ("g.png", image, "image/png")})
+            assert garbage.status_code == 422 and garbage.json()["error"]["code"] == "invalid_field", garbage.text
             health = c.get("/health").json()
             state = c.get("/models/st1/tire").json()
         assert a["backbone"] == state["backbone"] == health["backbone"]
@@ -46,12 +50,17 @@ def test_contract_details_an_integrator_relies_on(data_root: Path, tire: Path, b
 
         obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "m-1",
                                                             "image_b64": base64.b64encode(image).decode()}))
+        obs.publish("anomaly/st1/tire/predict", json.dumps({"request_id": "m-garbage", "heatmap": "garbage",
+                                                            "image_b64": base64.b64encode(image).decode()}))
         obs.publish("anomaly/st1/tire/predict", b"GIF89a this is not one of the accepted images")
         obs.publish("anomaly/st1/never_fitted/predict", json.dumps({"request_id": "m-nf", "source": "cam-9",
                                                                     "image_b64": base64.b64encode(image).decode()}))
         m1 = obs.wait_result("m-1")
         assert m1["data"]["backbone"] == a["backbone"] and m1["data"]["mm_per_px"] == 0.2
         assert obs.wait_result("m-nf")["error"]["code"] == "model_not_fitted"
+        # one request-parameter schema (agent/jobs.py Params): the value HTTP refuses, MQTT refuses with the same
+        # code, instead of reading it as "no heatmap"
+        assert obs.wait_result("m-garbage")["error"]["code"] == "invalid_field"
         wait_for(lambda: any(r.get("error", {}).get("code") == "invalid_payload" for r in obs.results()), 30,
                  "invalid_payload")
         with obs.lock:

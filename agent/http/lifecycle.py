@@ -24,13 +24,25 @@ MEDIA = {"png": "image/png", "jpg": "image/jpeg", "bmp": "image/bmp", "tif": "im
 
 
 def lifecycle_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
+    """Samples (list, fetch, delete) and versions (rollback, reset, export, import) of a ROI."""
     r = APIRouter(tags=["lifecycle"])
+    r.include_router(samples_router(ctx, jobs))
+    r.include_router(versions_router(ctx, jobs))
+    return r
+
+
+def _store(ctx: HttpContext, role_id: str, roi_id: str) -> RoiStore:
+    s = RoiStore(ctx.cfg.data_root, validate_id(role_id, "role_id"), validate_id(roi_id, "roi_id"))
+    if not s.exists():
+        raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model")
+    return s
+
+
+def samples_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
+    r = APIRouter()
 
     def store(role_id: str, roi_id: str) -> RoiStore:
-        s = RoiStore(ctx.cfg.data_root, validate_id(role_id, "role_id"), validate_id(roi_id, "roi_id"))
-        if not s.exists():
-            raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model")
-        return s
+        return _store(ctx, role_id, roi_id)
 
     @r.get("/samples/{role_id}/{roi_id}", responses=ERRORS)
     async def list_samples(role_id: str, roi_id: str) -> JSONResponse:
@@ -55,6 +67,12 @@ def lifecycle_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         return await jobs.run(jobs.job("delete_samples", role_id, roi_id, [], request_id, sample_ids=[sample_id],
                                        source="http"))
 
+    return r
+
+
+def versions_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
+    r = APIRouter()
+
     @r.post("/rollback", response_model=RoiState, responses=ERRORS)
     async def rollback(role_id: Role, roi_id: Roi,
                        version: Annotated[int, Form(description="a kept version (state `versions`)")],
@@ -70,7 +88,7 @@ def lifecycle_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
     @r.get("/export/{role_id}/{roi_id}", responses=ERRORS)
     async def export(role_id: str, roi_id: str) -> Response:
         """The ROI as one archive (tar.gz) for POST /import on another station."""
-        store(role_id, roi_id)
+        _store(ctx, role_id, roi_id)
         data = await asyncio.to_thread(export_roi, ctx.cfg.data_root, role_id, roi_id)
         return Response(data, media_type="application/gzip",
                         headers={"Content-Disposition": f'attachment; filename="{role_id}_{roi_id}.roi.tar.gz"'})

@@ -34,8 +34,9 @@ from agent.http.models import (
     Role,
     Source,
 )
-from agent.jobs import Job, Outcome
+from agent.jobs import Job, Outcome, as_flag
 from agent.operator.page import render_page
+from core.errors import InputError
 from core.ids import validate_id
 from core.method import thresholds
 from core.roi.manifest import disk_state
@@ -192,9 +193,6 @@ async def json_request(request: Request) -> tuple[dict, list[bytes]]:
     return fields, [image]
 
 
-FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
 def predict_fields(fields: dict) -> dict:
     """The /predict fields of a form or a JSON body, checked as the form schema did (invalid_field)."""
     missing = [k for k in ("role_id", "roi_id") if not fields.get(k)]
@@ -211,13 +209,10 @@ def predict_fields(fields: dict) -> dict:
             raise ApiError("invalid_field", f"mm_per_px: not a number: {mm[:40]!r}") from None
     elif mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float))):
         raise ApiError("invalid_field", "mm_per_px: must be a number")
-    heatmap = fields.get("heatmap")
-    if isinstance(heatmap, str):
-        if heatmap.strip().lower() not in FLAGS and heatmap != "":
-            raise ApiError("invalid_field", f"heatmap: must be true or false, got {heatmap[:20]!r}")
-        heatmap = FLAGS.get(heatmap.strip().lower())
-    elif heatmap is not None and not isinstance(heatmap, bool):
-        raise ApiError("invalid_field", "heatmap: must be true or false")
+    try:
+        heatmap = as_flag("heatmap", fields.get("heatmap"))  # the rule of every transport (agent/jobs.py)
+    except InputError as exc:
+        raise ApiError(exc.code, exc.message) from None
     return {"role_id": fields["role_id"], "roi_id": fields["roi_id"], "request_id": rid, "mm_per_px": mm,
             "heatmap": heatmap}
 

@@ -7,12 +7,12 @@ import base64
 import binascii
 import json
 
+from agent.jobs import IMAGELESS
 from core.errors import InputError
 from core.image_io import magic_format
 
 REQUEST_KEYS = ("mm_per_px", "source", "heatmap", "threshold", "reset", "policy", "ok_percentile", "ng_margin",
                 "ng_recall", "relabel", "sample_ids", "version", "file_name")
-IMAGELESS = ("calibrate", "delete_samples", "rollback", "reset")
 
 
 def parse_request(action: str, payload: bytes, user: dict, max_payload_bytes: int,

@@ -58,30 +58,7 @@ def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         or send_ng (moved from the other label if it was stored there). 404 unknown_request once the
         result has left the kept list (`http.recent_results`). From a browser only as the page's own form
         (403 cross_site / csrf otherwise); API clients authenticate with the bearer token."""
-        check_page_post(request, csrf)
-        if label not in ("ok", "ng"):
-            raise ApiError("invalid_field", f"label must be ok or ng, got {label[:20]!r}")
-        item = ctx.recent.find(request_id)
-        if item is None:
-            raise ApiError("unknown_request", f"no recent prediction {safe_text(request_id, 80)!r} is kept (the last "
-                           f"{ctx.cfg.http.recent_results} results are: http.recent_results)")
-        res = item.result
-        image = await asyncio.to_thread(item.image.read_bytes)  # type: ignore[union-attr]
-        job = jobs.job("fit_ok" if label == "ok" else "send_ng", res["role_id"], res["roi_id"], [image],
-                       f"label-{label}-{request_id}"[:200], source=f"{PAGE_SOURCE} ({request_id})", relabel=True,
-                       mm_per_px=res["data"].get("mm_per_px"), file_name=item.file_name)
-        try:
-            answer = await jobs.run(job)
-        except ApiError as exc:
-            if wants_page(request):
-                return back_to_page(f"label {label.upper()} of {request_id}: {exc.code}: {exc.message}")
-            raise
-        ctx.recent.mark(item, label)
-        if wants_page(request):
-            body = json.loads(answer.body)
-            return back_to_page(f"{request_id} stored as {label.upper()}: the ROI has {body['samples']['ok']} OK / "
-                                f"{body['samples']['ng']} NG samples, threshold {body['threshold']:.4g}")
-        return answer
+        return await label_prediction(ctx, jobs, request, request_id, label, csrf)
 
     @r.post("/ui/threshold", include_in_schema=False)
     async def threshold(request: Request, role_id: Role, roi_id: Roi,
@@ -89,23 +66,7 @@ def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
                         csrf: Annotated[str | None, Form()] = None) -> Response:
         """Apply a previewed threshold: a manual calibration whose details say it came from the page. Only
         from the page itself, and only within the range the ROI's own scores allow (threshold_range)."""
-        try:
-            check_page_post(request, csrf)
-            await asyncio.to_thread(check_threshold_range, ctx.cfg.data_root, role_id, roi_id, threshold)
-        except ApiError as exc:
-            if exc.code in ("cross_site", "csrf") or not wants_page(request):
-                raise
-            return back_to_page(f"threshold not applied: {exc.code}: {exc.message}", f"{role_id}/{roi_id}")
-        job = jobs.job("calibrate", role_id, roi_id, [], request_id, policy="manual", threshold=threshold,
-                       source=PAGE_SOURCE)
-        try:
-            await jobs.run(job)
-        except ApiError as exc:
-            if wants_page(request):
-                return back_to_page(f"threshold not applied: {exc.code}: {exc.message}", f"{role_id}/{roi_id}")
-            raise
-        return back_to_page(f"threshold of {role_id}/{roi_id} set to {threshold:.4g} (manual, from the page)",
-                            f"{role_id}/{roi_id}")
+        return await apply_threshold(ctx, jobs, request, role_id, roi_id, threshold, request_id, csrf)
 
     @r.get("/ui/{kind}/{seq}.png", include_in_schema=False)
     async def picture(kind: str, seq: int) -> Response:
@@ -117,3 +78,55 @@ def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     return r
+
+
+async def label_prediction(ctx: HttpContext, jobs: HttpJobs, request: Request, request_id: str, label: str,
+                           csrf: str | None) -> Response:
+    """POST /label: a kept recent prediction's image fed as fit_ok (OK) or send_ng (NG), relabelled if stored
+    under the other label."""
+    check_page_post(request, csrf)
+    if label not in ("ok", "ng"):
+        raise ApiError("invalid_field", f"label must be ok or ng, got {label[:20]!r}")
+    item = ctx.recent.find(request_id)
+    if item is None:
+        raise ApiError("unknown_request", f"no recent prediction {safe_text(request_id, 80)!r} is kept (the last "
+                       f"{ctx.cfg.http.recent_results} results are: http.recent_results)")
+    res = item.result
+    image = await asyncio.to_thread(item.image.read_bytes)  # type: ignore[union-attr]
+    job = jobs.job("fit_ok" if label == "ok" else "send_ng", res["role_id"], res["roi_id"], [image],
+                   f"label-{label}-{request_id}"[:200], source=f"{PAGE_SOURCE} ({request_id})", relabel=True,
+                   mm_per_px=res["data"].get("mm_per_px"), file_name=item.file_name)
+    try:
+        answer = await jobs.run(job)
+    except ApiError as exc:
+        if wants_page(request):
+            return back_to_page(f"label {label.upper()} of {request_id}: {exc.code}: {exc.message}")
+        raise
+    ctx.recent.mark(item, label)
+    if wants_page(request):
+        body = json.loads(answer.body)
+        return back_to_page(f"{request_id} stored as {label.upper()}: the ROI has {body['samples']['ok']} OK / "
+                            f"{body['samples']['ng']} NG samples, threshold {body['threshold']:.4g}")
+    return answer
+
+
+async def apply_threshold(ctx: HttpContext, jobs: HttpJobs, request: Request, role_id: str, roi_id: str,
+                          threshold: float, request_id: str | None, csrf: str | None) -> Response:
+    """POST /ui/threshold: a manual calibration from the page, within the range the ROI's scores allow."""
+    try:
+        check_page_post(request, csrf)
+        await asyncio.to_thread(check_threshold_range, ctx.cfg.data_root, role_id, roi_id, threshold)
+    except ApiError as exc:
+        if exc.code in ("cross_site", "csrf") or not wants_page(request):
+            raise
+        return back_to_page(f"threshold not applied: {exc.code}: {exc.message}", f"{role_id}/{roi_id}")
+    job = jobs.job("calibrate", role_id, roi_id, [], request_id, policy="manual", threshold=threshold,
+                   source=PAGE_SOURCE)
+    try:
+        await jobs.run(job)
+    except ApiError as exc:
+        if wants_page(request):
+            return back_to_page(f"threshold not applied: {exc.code}: {exc.message}", f"{role_id}/{roi_id}")
+        raise
+    return back_to_page(f"threshold of {role_id}/{roi_id} set to {threshold:.4g} (manual, from the page)",
+                        f"{role_id}/{roi_id}")

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from core.method.memory_bank import CoresetSize
-from core.method.thresholds import ThresholdPolicy
+from core.method.scoring import SCORE_STATS
+from core.method.thresholds import POLICIES, ThresholdPolicy
 from core.roi.versions import RoiVersions
 from core.storage import RoiStore, list_rois, read_mask, utc_now
 
@@ -29,10 +30,10 @@ class ModelSettings:
     coreset_min: int = _opt(4096, "the bank keeps at least this many patches", ge=0)
     coreset_max: int = _opt(8192, "and at most this many", ge=64)
     proj_dim: int = _opt(64, "random projection for the k-center greedy selection", config=False)
-    score_stat: str = _opt("max", "image score from the map", choices=("max", "percentile", "top1_mean"))
+    score_stat: str = _opt("max", "image score from the map", choices=SCORE_STATS)
     score_percentile: float = _opt(99.0, "the percentile when score_stat is percentile", gt=0, lt=100)
     blur_sigma: float = _opt(4.0, "Gaussian blur of the anomaly map (pixels at the backbone input)", ge=0)
-    threshold_policy: str = _opt("auto", "how the threshold is set", choices=("auto", "ok_only", "manual"))
+    threshold_policy: str = _opt("auto", "how the threshold is set", choices=POLICIES)
     threshold_value: float | None = _opt(None, "the threshold of threshold_policy manual", gt=0)
     ok_percentile: float = _opt(99.0, "percentile of leave-one-out OK scores (auto without NG, ok_only)", gt=0,
                                 le=100)
