@@ -163,9 +163,15 @@ def test_a_node_opcua_client_reads_the_nodes_and_gets_the_events(data_root: Path
                                 env={**os.environ, "NODE_PATH": str(modules)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
-        readable, _, _ = select.select([proc.stdout], [], [], 60)  # never block the suite on a hung client
-        first = proc.stdout.readline() if readable else ""  # the client connected and subscribed
-        assert '"ready"' in first, (first, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        # the client connected and subscribed; node-opcua prints its own lines before it on a first run
+        # ("Creating default certificate ..."): read up to the JSON line, never blocking on a hung client
+        deadline, first, skipped = time.monotonic() + 60, "", []
+        while '"ready"' not in first and time.monotonic() < deadline and proc.poll() is None:
+            readable, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if readable:
+                first = proc.stdout.readline()
+                skipped.append(first)
+        assert '"ready"' in first, (skipped, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
         time.sleep(0.5)  # the monitored item's first publish cycle
         inbox = data_root / "inbox" / "st1" / "tire" / "predict"
         inbox.mkdir(parents=True, exist_ok=True)
