@@ -1,7 +1,8 @@
 """Synthetic defects made from held-out OK images: a proxy for the defect kinds nobody has shown us.
 
 Used to *choose settings* (bench/proxy_eval.py reports how its ranking of settings agrees with the real
-defects' ranking), never to learn features: methods trained on synthetic defects score worst on this
+defects' ranking; bench/self_tune.py whether a ROI could pick its own branch set from them), never to
+learn features: methods trained on synthetic defects score worst on this
 kind of surface in published benchmarks (DRAEM 0.78, CutPaste 0.83 on Magnetic Tile, IM-IAD).
 
 Five kinds, each deterministic from its seed, each with its pixel mask:
@@ -36,9 +37,14 @@ def _blob(rng: np.random.Generator, h: int, w: int, area: float) -> np.ndarray:
     return cv2.GaussianBlur(hard, (k, k), 0)
 
 
+def _channels(weights: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """An HxW weight map shaped to multiply `img` (HxW grey or HxWxC colour)."""
+    return weights[..., None] if img.ndim == 3 else weights
+
+
 def low_contrast(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
-    soft = _blob(rng, h, w, float(rng.uniform(0.15, 0.35)))[..., None]
+    soft = _channels(_blob(rng, h, w, float(rng.uniform(0.15, 0.35))), img)
     f = img.astype(np.float32) / 255
     how = rng.integers(3)
     if how == 0:
@@ -49,7 +55,7 @@ def low_contrast(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
         changed = cv2.GaussianBlur(f, (0, 0), sigmaX=float(rng.uniform(1.5, 3.0)))
         changed = changed.reshape(f.shape)
     out = f * (1 - soft) + changed * soft
-    return np.clip(out * 255, 0, 255).astype(np.uint8), soft[..., 0] > 0.5
+    return np.clip(out * 255, 0, 255).astype(np.uint8), soft.reshape(h, w) > 0.5
 
 
 def foreign_texture(img: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +68,9 @@ def foreign_texture(img: np.ndarray, other: np.ndarray, rng: np.random.Generator
     y, x = int(rng.integers(0, h - ph)), int(rng.integers(0, w - pw))
     mask = np.zeros((h, w), np.float32)
     cv2.ellipse(mask, (x + pw // 2, y + ph // 2), (pw // 2, ph // 2), float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-    soft = cv2.GaussianBlur(mask, (0, 0), sigmaX=max(1.0, min(ph, pw) / 12))[..., None]
+    soft = _channels(cv2.GaussianBlur(mask, (0, 0), sigmaX=max(1.0, min(ph, pw) / 12)), img)
     out = img.astype(np.float32) * (1 - soft) + src.astype(np.float32).reshape(img.shape) * soft
-    return out.astype(np.uint8), soft[..., 0] > 0.5
+    return out.astype(np.uint8), soft.reshape(h, w) > 0.5
 
 
 def spots(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
