@@ -41,18 +41,15 @@ def _store(ctx: HttpContext, role_id: str, roi_id: str) -> RoiStore:
 def samples_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
     r = APIRouter()
 
-    def store(role_id: str, roi_id: str) -> RoiStore:
-        return _store(ctx, role_id, roi_id)
-
     @r.get("/samples/{role_id}/{roi_id}", responses=ERRORS)
     async def list_samples(role_id: str, roi_id: str) -> JSONResponse:
         """Every stored sample: sample_id, kind, sha256, source, timestamp_utc, mm_per_px, loo_score, suspect."""
-        return JSONResponse(await asyncio.to_thread(lifecycle.sample_list, store(role_id, roi_id)))
+        return JSONResponse(await asyncio.to_thread(lifecycle.sample_list, _store(ctx, role_id, roi_id)))
 
     @r.get("/samples/{role_id}/{roi_id}/{sample_id}", responses=ERRORS)
     async def fetch_sample(role_id: str, roi_id: str, sample_id: str) -> Response:
         """The stored image of one sample, as received (also from the ROI's trash)."""
-        s = store(role_id, roi_id)
+        s = _store(ctx, role_id, roi_id)
         validate_id(sample_id, "sample_id")
         got = s.find_sample(sample_id)
         if got is None:

@@ -220,7 +220,7 @@ class RoiModel:
             between()
         t0 = time.perf_counter()
         self.finalize()
-        timings = Counter(threshold=(time.perf_counter() - t0) * 1000, total=(time.perf_counter() - t0) * 1000)
+        timings = Counter(dict.fromkeys(("threshold", "total"), (time.perf_counter() - t0) * 1000))
         for rep in reports:
             timings.update(rep["timings_ms"])
         return apply_suspect_policy(self, {
