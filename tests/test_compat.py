@@ -37,7 +37,9 @@ def test_a_data_root_written_by_commit_907ae81_loads_unchanged(tmp_path: Path, c
     shutil.copytree(FIXTURE / "data", root)
     roi = root / "models" / "st1" / "synthetic"
     before = {p.relative_to(roi): p.read_bytes() for p in roi.rglob("*") if p.is_file()}
-    ex = get_extractor("efficientnet_lite0", resolution=expected["resolution"], device="cpu")
+    # the branches of that version's default (fine + coarse): the files are read as they are
+    ex = get_extractor("efficientnet_lite0", resolution=expected["resolution"], device="cpu",
+                       branches=((4, 10), (10, 14)))
     with caplog.at_level(logging.INFO):
         model = RoiModel(root, "st1", "synthetic", ex, ModelSettings(**expected["settings"]))
     assert not any(w in caplog.text for w in ("stale", "indexing", "selected", "rebuil")), caplog.text

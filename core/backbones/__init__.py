@@ -38,10 +38,7 @@ def default_branches(name: str) -> tuple[tuple[int, ...], ...]:
 
 def default_branch_scales(name: str) -> tuple[float, ...]:
     """The input scale of each default branch (1: the backbone resolution)."""
-    return tuple(DEFAULT_SCALES.get(name, ())) or (1.0,) * len(default_branches(name))
-
-
-DEFAULT_SCALES: dict[str, tuple[float, ...]] = {}  # none below 1 by default (docs/benchmarks.md, scales)
+    return spec_of(name).default_scales() if name in REGISTRY else (1.0,)
 
 
 def default_layers(name: str) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ class BackboneSpec(Protocol):
     tappable: bool  # layers/branches/scales can be chosen (a CNN's blocks); False: one fixed feature set
 
     def default_branches(self) -> tuple[Taps, ...]: ...
+    def default_scales(self) -> tuple[float, ...]: ...  # each default branch's input scale (1: the resolution)
     def default_layers(self) -> Taps: ...
     def max_block(self) -> int: ...
     def stride(self, taps: Taps) -> int: ...  # input pixels per patch of the features of `taps`
@@ -72,6 +73,9 @@ class DinoV2Spec:
     def default_branches(self) -> tuple[Taps, ...]:
         return ((),)
 
+    def default_scales(self) -> tuple[float, ...]:
+        return (1.0,)
+
     def default_layers(self) -> Taps:
         return ()
 
@@ -109,8 +113,9 @@ class DinoV2Spec:
 
 @dataclass(frozen=True)
 class EfficientNetLiteSpec:
-    """EfficientNet-Lite0/1/2 (ImageNet): chosen blocks; by default two branches from one forward pass, fine
-    (ends of stages 3 + 5, stride 8) and coarse (ends of stages 5 + 6, stride 16) (docs/benchmarks.md)."""
+    """EfficientNet-Lite0/1/2 (ImageNet): chosen blocks; by default three branches: fine (ends of stages 3 + 5,
+    stride 8) and coarse (ends of stages 5 + 6, stride 16) from one forward pass, and coarse at 0.6 of the
+    input scale from a second, smaller one (docs/benchmarks.md)."""
 
     name: str
     default_resolution: int = 320
@@ -120,7 +125,12 @@ class EfficientNetLiteSpec:
 
     def default_branches(self) -> tuple[Taps, ...]:
         ends = efficientnet_lite.stage_ends(self.name)
-        return ((ends[2], ends[4]), (ends[4], ends[5]))
+        return ((ends[2], ends[4]), (ends[4], ends[5]), (ends[4], ends[5]))
+
+    def default_scales(self) -> tuple[float, ...]:
+        """Fine and coarse at the resolution, coarse again at 0.6 of it (a large, low-contrast defect fills a
+        coarse patch only in the smaller view); each ROI fuses the set its own samples favour (core/roi/tuning.py)."""
+        return (1.0, 1.0, 0.6)
 
     def default_layers(self) -> Taps:
         ends = efficientnet_lite.stage_ends(self.name)

@@ -44,7 +44,8 @@ class Branch(Protocol):
     def ready(self) -> bool: ...  # fitted and searchable (after refresh_knn): it can score
 
     # -------------------------------------------------------------- scoring
-    def search(self, feats: np.ndarray) -> np.ndarray: ...  # features [P, D] -> distances [P]
+    # features [P, D] -> distances [P]; leave_out: an OK sample whose own fitted entries do not count
+    def search(self, feats: np.ndarray, leave_out: int | None = None) -> np.ndarray: ...
     def clusters(self) -> ClusteredBank | None: ...  # None: no certified search, the exact one runs
 
     # threshold rounds: distances of stored samples, brought up to date with the fitted state

@@ -143,11 +143,15 @@ class PatchBranch:
         self.bank_sample = self.bank.owners(np.asarray([e["offset"] for e in self.emb["ok"].entries], np.int64))
 
     # ---------------------------------------------------------------- search
-    def search(self, feats: np.ndarray) -> np.ndarray:
-        """Distance of each patch [P, D] to its nearest bank entry -> [P] float32."""
+    def search(self, feats: np.ndarray, leave_out: int | None = None) -> np.ndarray:
+        """Distance of each patch [P, D] to its nearest bank entry -> [P] float32; `leave_out`: the number of
+        an OK sample whose own bank entries do not count (a synthetic defect made from it)."""
         if self.knn is None:
             raise ModelNotReadyError(f"branch {self.identity['name']} has an empty memory bank")
-        return self.knn.distances(torch.from_numpy(feats).to(self.device)).numpy()
+        exclude = None
+        if leave_out is not None and not self.only_from(leave_out):
+            exclude = torch.from_numpy(self.bank_sample == leave_out)
+        return self.knn.distances(torch.from_numpy(feats).to(self.device), exclude).numpy()
 
     def clusters(self) -> ClusteredBank | None:
         """The bank's clusters for the certified search (core/method/knn_certified.py), built at the first prediction

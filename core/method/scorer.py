@@ -38,11 +38,21 @@ class ScoreSettings(Protocol):
 
 class Scorer:
     def __init__(self, branches: Sequence[Branch], settings: ScoreSettings, mask: np.ndarray | None = None,
-                 scales: list[BranchScale] | None = None) -> None:
+                 scales: list[BranchScale] | None = None, active: Sequence[int] | None = None) -> None:
         self.branches = branches
         self.settings = settings
         self.scales = list(scales or [])
+        self.active = list(active) if active is not None else list(range(len(branches)))
         self.set_mask(mask)
+
+    @property
+    def active(self) -> list[int]:
+        """The branches this ROI fuses (chosen per ROI, core/roi/tuning.py); the others are not searched."""
+        return self._active
+
+    @active.setter
+    def active(self, value: Sequence[int]) -> None:
+        self._active = [b for b in value if 0 <= b < len(self.branches)] or list(range(len(self.branches)))
 
     def set_mask(self, mask: np.ndarray | None) -> None:
         self.mask = mask
@@ -65,6 +75,10 @@ class Scorer:
         mask = self.mask_at((amap.shape[1], amap.shape[0]))
         return image_score(amap, mask, self.settings.score_stat, self.settings.score_percentile)
 
+    def distances_score(self, dist: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int]) -> float:
+        """One branch's patch distances -> its image score (its map's statistic inside the mask)."""
+        return self.map_score(self.branch_map(dist, grid, input_size))
+
     def can_certify(self, exact_map_needed: bool) -> bool:
         """The certified search decides the score only when the score is the map's peak and no full map is
         wanted (a heatmap, the returned map): then it gives the exact search's results."""
@@ -73,19 +87,24 @@ class Scorer:
     def maps(self, feats: list[np.ndarray], grids: list[tuple[int, int]], input_size: tuple[int, int],
              threshold: float, exact_map_needed: bool) -> tuple[list[np.ndarray], SearchStats]:
         """Every branch's map of one image at the backbone input, and how much of the search that took."""
+        on = self.active
+        feats, grids = [feats[b] for b in on], [grids[b] for b in on]
         patches = sum(int(f.shape[0]) for f in feats)
         if self.can_certify(exact_map_needed):
-            clusters = [branch.clusters() for branch in self.branches]
+            clusters = [self.branches[b].clusters() for b in on]
             if all(c is not None for c in clusters):
-                searches = [lambda idx, b=b: self.branches[b].search(feats[b][idx]) for b in range(len(clusters))]
+                searches = [lambda idx, i=i, b=b: self.branches[b].search(feats[i][idx]) for i, b in enumerate(on)]
                 pairs, info = certified_maps(searches, clusters, feats, grids, input_size, self.settings.blur_sigma,
-                                             self.mask_at(input_size), self.scales, threshold)
+                                             self.mask_at(input_size), self._scales(), threshold)
                 return [m for _, m in pairs], SearchStats("certified", patches, int(info["exact_patches"]))
-        maps = [self.branch_map(branch.search(feats[b]), grids[b], input_size)
-                for b, branch in enumerate(self.branches)]
+        maps = [self.branch_map(self.branches[b].search(feats[i]), grids[i], input_size) for i, b in enumerate(on)]
         return maps, SearchStats("exact", patches, patches)
 
+    def _scales(self) -> list[BranchScale]:
+        return [self.scales[b] for b in self.active] if len(self.scales) == len(self.branches) else self.scales
+
     def fuse(self, maps: list[np.ndarray], size: tuple[int, int]) -> tuple[float, np.ndarray]:
-        """(image score, fused map resized to the image's (w, h))."""
-        score = fuse_scores([self.map_score(m) for m in maps], self.scales)
-        return score, cv2.resize(fuse_maps(maps, self.scales), size, interpolation=cv2.INTER_LINEAR)
+        """The active branches' maps -> (image score, fused map resized to the image's (w, h))."""
+        scales = self._scales()
+        score = fuse_scores([self.map_score(m) for m in maps], scales)
+        return score, cv2.resize(fuse_maps(maps, scales), size, interpolation=cv2.INTER_LINEAR)

@@ -45,6 +45,8 @@ class ModelSettings:
     fit_batch_size: int = _opt(8, "images per backbone forward in a fit", ge=1, le=256)
     min_defect_area_px: int = _opt(0, "regions smaller than this are not reported", ge=0)
     knn_backend: str = _opt("auto", "nearest-neighbour search", choices=("auto", "faiss", "torch"))
+    branch_select: str = _opt("auto", "which branches a ROI fuses: auto (chosen at fit time from its own OK samples "
+                              "and synthetic defects made from them) or all", choices=("auto", "all"))
     knn_search: str = _opt("certified", "predictions without a heatmap search exactly only the patches that decide "
                            "the score and regions (same results)", choices=("certified", "exact"))
 
@@ -126,9 +128,16 @@ def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -
                           "bank": b.get("bank")} for b in m.get("branches", [])],
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
             "suspect_samples": m.get("suspect_samples", []), "versions": versions or [],
+            **({"fusion": _fusion_state(m["fusion"])} if m.get("fusion") else {}),
             "change": m.get("change"), **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {}),
             **({"recovered": m["recovered"]} if m.get("recovered") else {}), "warnings": threshold_warnings(m),
             "updated_utc": m["updated_utc"]}
+
+
+def _fusion_state(f: dict) -> dict:
+    """Which branches the ROI fuses and why (core/roi/tuning.py), as the state says it."""
+    keep = ("active", "names", "by", "ok_samples", "proxy_images", "proxy_auroc")
+    return {k: f[k] for k in keep if k in f}
 
 
 NG_RECALL_WARN = 0.9  # fewer of the ROI's own NG samples over the threshold than this: said in the state

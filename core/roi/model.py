@@ -26,6 +26,7 @@ from core.method.branch import Branch
 from core.method.fusion import BranchScale
 from core.method.scorer import Scorer
 from core.prediction import Prediction
+from core.roi import tuning
 from core.roi.index import Embedded, RoiIndex
 from core.roi.lifecycle import (
     LifecycleSettings,
@@ -58,8 +59,7 @@ __all__ = ["Embedded", "ModelSettings", "Prediction", "RoiModel", "manifest_stat
 
 
 class RoiModel:
-    """Stored samples, patch branches (index + bank each), threshold of one ROI. Not thread-safe: one
-    worker owns it."""
+    """Samples, branches (index + bank each), fusion and threshold of one ROI; one worker owns it (not thread-safe)."""
 
     def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
                  settings: ModelSettings | None = None, progress: Callable[[], None] | None = None,
@@ -89,7 +89,8 @@ class RoiModel:
                                                     asdict(self.settings)))
         mask, mask_error = self.store.load_mask()
         scales = [BranchScale(**x) for x in self.manifest.get("branch_scales", [])]
-        self.scorer = Scorer(self.branches, self.settings, mask, scales)
+        fusion = tuning.current(self.manifest.get("fusion"), self.settings.branch_select, len(self.branches))
+        self.scorer = Scorer(self.branches, self.settings, mask, scales, fusion["active"])
         self._samples_scorer = SampleScorer(self.scorer.branch_map, self.scorer.map_score, self.progress)
         if mask_error:
             self.manifest["mask_error"] = mask_error
@@ -152,17 +153,19 @@ class RoiModel:
     def _update_threshold_and_save(self, change: str) -> None:
         """Score the stored samples, decide the threshold and write the next version; `change`: its cause."""
         s = self.settings
-        t0 = time.perf_counter()
-        ok_scores, ng_scores = [], []
+        ok_scores, ng_scores, m = [], [], self.manifest
+        fusion = tuning.current(m.get("fusion"), s.branch_select, len(self.branches))
         if self.index.ready:
             arrays = {"ok": self.index.arrays("ok"), "ng": self.index.arrays("ng")}
             nuisance = lambda: nuisance_maps(self.index, self.store, self.scorer.branch_map)  # noqa: E731
-            ok_scores, ng_scores, self.scorer.scales = self._samples_scorer.round(self.branches, s.holdout_max,
-                                                                                  arrays, nuisance)
-            log.debug("%s/%s: threshold samples scored in %.0f ms", self.store.role_id, self.store.roi_id,
-                      (time.perf_counter() - t0) * 1000)
-        m = self.manifest
-        th = m["threshold"] if m["threshold"]["method"] == "manual_override" else self.threshold_policy().decide(
+            ok_scores, ng_scores, self.scorer.scales = self._samples_scorer.round(
+                self.branches, s.holdout_max, arrays, nuisance, fusion["active"])
+            if s.branch_select == "auto" and tuning.due(m.get("fusion"), self._count("ok"), len(self.branches)):
+                fusion = tuning.tune(self.index, self.store, self._samples_scorer.ok_rows, self.scorer.scales,
+                                     self.scorer.distances_score, self.progress)
+                ok_scores, ng_scores = self._samples_scorer.fuse(fusion["active"])
+        self.scorer.active = fusion["active"]
+        th = m["threshold"] if m["threshold"]["method"] == "manual_override" else threshold_policy(m, s).decide(
             ok_scores, ng_scores)
         scored = self._samples_scorer.by_sample if self.index.ready else {}
         by_sample = {k: {sid: round(x, 6) for sid, x in scored.get(k, {}).items()} for k in ("ok", "ng")}
@@ -171,6 +174,7 @@ class RoiModel:
                  ok_scores=[round(x, 6) for x in ok_scores],
                  ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now(), branches=self.index.info(),
                  branch_scales=[x.to_dict() for x in self.scorer.scales], change=change, sample_scores=by_sample,
+                 fusion=fusion,
                  suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle))
         m.pop("rollback_of", None)
         if change != "rebuild":
@@ -274,9 +278,6 @@ class RoiModel:
                 f"ROI {self.store.role_id}/{self.store.roi_id} has no fitted model: send fit_ok samples first")
         self._update_threshold_and_save("calibrate")
         return self.state()
-
-    def threshold_policy(self) -> thresholds.ThresholdPolicy:
-        return threshold_policy(self.manifest, self.settings)
 
     def set_mask(self, png: bytes) -> dict:
         mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)

@@ -32,6 +32,9 @@ class SampleScorer:
         self.progress = progress
         self._branch_cache: dict[tuple, tuple[int, float]] = {}  # (kind, id, branch) -> (version, score)
         self.by_sample: dict[str, dict[str, float]] = {"ok": {}, "ng": {}}  # of the last round, by sample id
+        self.ok_rows: dict = {"ids": [], "entries": [], "scores": []}  # the last round's per-branch scores
+        self.ng_rows: dict = {"ids": [], "scores": []}
+        self.scales: list[BranchScale] = []
 
     def clear(self) -> None:
         """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
@@ -58,9 +61,11 @@ class SampleScorer:
 
 
     def round(self, branches: Sequence[Branch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
-              nuisance: Callable[[], list[list[np.ndarray]]]) -> tuple[list[float], list[float], list[BranchScale]]:
-        """(fused leave-one-out OK scores, fused NG scores, per-branch scales). `nuisance()` gives the
-        branch maps of views of a single OK sample, for a ROI with nothing to leave out."""
+              nuisance: Callable[[], list[list[np.ndarray]]],
+              active: Sequence[int] | None = None) -> tuple[list[float], list[float], list[BranchScale]]:
+        """(leave-one-out OK scores, NG scores, per-branch scales), fused over the `active` branches (None:
+        all); every branch's own scores stay in `ok_rows` / `ng_rows` (to choose branches, core/roi/tuning.py).
+        `nuisance()` gives the branch maps of views of a single OK sample, for a ROI with nothing to leave out."""
         for branch in branches:
             branch.begin_round()
         ok_parts: list[tuple[str, list, list[float]]] = []
@@ -82,17 +87,27 @@ class SampleScorer:
         self._branch_cache = {k: v for k, v in self._branch_cache.items() if k[:2] in seen}
         if not ok_parts and entries:  # a single OK sample: score nuisance views of it instead
             view_maps = nuisance()
-            per_branch = [[self.score_fn(maps[b]) for maps in view_maps] for b in range(len(branches))]
-            scales = [BranchScale.of(s) for s in per_branch]
-            ok = [fuse_scores([per_branch[b][v] for b in range(len(branches))], scales)
-                  for v in range(len(view_maps))]
+            ok_rows = [[self.score_fn(maps[b]) for b in range(len(branches))] for maps in view_maps]
+            ok_ids: list[str | None] = [None] * len(ok_rows)  # views, not samples
         else:
-            scales = [BranchScale.of([s[b] for _, _, s in ok_parts]) for b in range(len(branches))]
-            ok = [fuse_scores(s, scales) for _, _, s in ok_parts]
-        ng = [fuse_scores(s, scales) for _, _, s in ng_parts]
-        self.by_sample = {"ok": {sid: x for (sid, _, _), x in zip(ok_parts, ok, strict=False)},
-                          "ng": {sid: x for (sid, _, _), x in zip(ng_parts, ng, strict=True)}}
-        return ok, ng, scales
+            ok_rows, ok_ids = [s for _, _, s in ok_parts], [sid for sid, _, _ in ok_parts]
+        self.ok_rows = {"ids": ok_ids, "entries": [i for i in range(len(entries)) if entries[i]["sample_id"] in
+                                                   set(ok_ids)], "scores": ok_rows}
+        self.ng_rows = {"ids": [sid for sid, _, _ in ng_parts], "scores": [s for _, _, s in ng_parts]}
+        self.scales = [BranchScale.of([row[b] for row in ok_rows]) for b in range(len(branches))]
+        ok, ng = self.fuse(active)
+        return ok, ng, self.scales
+
+    def fuse(self, active: Sequence[int] | None = None) -> tuple[list[float], list[float]]:
+        """The last round's branch scores fused over `active` branches (None: all): (OK, NG) scores; also
+        `by_sample`, by sample id."""
+        pick = list(active) if active is not None else list(range(len(self.scales)))
+        scales = [self.scales[b] for b in pick]
+        ok = [fuse_scores([row[b] for b in pick], scales) for row in self.ok_rows["scores"]]
+        ng = [fuse_scores([row[b] for b in pick], scales) for row in self.ng_rows["scores"]]
+        self.by_sample = {"ok": {sid: x for sid, x in zip(self.ok_rows["ids"], ok, strict=True) if sid is not None},
+                          "ng": dict(zip(self.ng_rows["ids"], ng, strict=True))}
+        return ok, ng
 
 
 def nuisance_views(img: ImageInput, stride_px: float) -> list[ImageInput]:

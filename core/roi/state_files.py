@@ -91,6 +91,12 @@ class PolicyOverride(BaseModel):
     ng_recall: Annotated[FiniteFloat, Field(gt=0, le=1)] | None = None
 
 
+class Fusion(_Open):  # core/roi/tuning.py: the branches a ROI fuses, and why
+    active: Annotated[list[Annotated[int, Field(ge=0, lt=16)]], Field(min_length=1, max_length=16)]
+    by: Literal["default", "proxy", "all"]
+    branches: Annotated[int, Field(ge=1, le=16)]
+
+
 Score = FiniteFloat
 ScoreList = Annotated[list[Score], Field(max_length=MAX_LIST)]
 
@@ -109,6 +115,7 @@ class Manifest(_Open):
     suspect_samples: Annotated[list[Suspect], Field(max_length=MAX_LIST)] = []
     branches: list[BranchInfo] | None = None
     branch_scales: list[BranchScaleInfo] = []
+    fusion: Fusion | None = None
     bank_rows_total: Count | None = None
     change: Text | None = None
     rollback_of: Count | None = None

@@ -1,0 +1,52 @@
+"""Per-ROI choice of the branches to fuse (core/roi/tuning.py): the maths on random vectors, the behaviour on a
+ROI's real samples (tests/test_model.py fits; here the choice itself)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core.method.fusion import BranchScale
+from core.roi import tuning
+
+
+def _scales(ok: np.ndarray) -> list[BranchScale]:
+    return [BranchScale.of(list(ok[:, b])) for b in range(ok.shape[1])]
+
+
+def test_the_set_that_separates_the_proxies_is_chosen() -> None:
+    rng = np.random.default_rng(0)
+    ok = rng.normal(0, 1, (30, 3))
+    proxies = rng.normal(0, 1, (40, 3))
+    proxies[:, 2] += 3.0  # only the third branch sees the synthetic defects
+    proxies[:, 1] += 1.5  # the second a little
+    best, aucs = tuning.choose(ok, proxies, _scales(ok))
+    assert best == (1, 2), aucs
+    assert set(aucs) == {"0+1", "0+2", "1+2", "0+1+2"}  # fused sets only: no branch alone
+
+
+def test_the_default_pair_stays_unless_another_set_is_clearly_better() -> None:
+    rng = np.random.default_rng(1)
+    ok = rng.normal(0, 1, (30, 3))
+    proxies = rng.normal(2, 1, (40, 3))  # every branch alike: differences are noise
+    best, aucs = tuning.choose(ok, proxies, _scales(ok))
+    assert best == tuning.DEFAULT, aucs
+    assert max(aucs.values()) - aucs["0+1"] < tuning.MARGIN
+
+
+def test_when_to_tune() -> None:
+    assert not tuning.due(None, tuning.MIN_OK - 1, 3)  # too few samples to judge
+    assert not tuning.due(None, 50, 2)  # nothing to choose
+    assert tuning.due(None, tuning.MIN_OK, 3)
+    done = {"active": [1, 2], "by": "proxy", "branches": 3, "ok_samples": 20}
+    assert not tuning.due(done, 24, 3) and tuning.due(done, 25, 3)  # grown by a quarter
+    assert tuning.due(done, 19, 3)  # samples deleted
+    assert tuning.due(done, 20, 4)  # other branches
+
+
+def test_the_fusion_in_force() -> None:
+    done = {"active": [1, 2], "by": "proxy", "branches": 3, "ok_samples": 20}
+    assert tuning.current(done, "auto", 3)["active"] == [1, 2]
+    assert tuning.current(done, "all", 3)["active"] == [0, 1, 2]
+    assert tuning.current(done, "auto", 2)["active"] == [0, 1]  # chosen for other branches: not used
+    assert tuning.current({"active": [7], "by": "proxy", "branches": 3}, "auto", 3)["active"] == [0, 1]
+    assert tuning.current(None, "auto", 1)["active"] == [0]
