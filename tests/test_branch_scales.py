@@ -34,7 +34,8 @@ def test_a_roi_with_a_scaled_branch_fits_and_predicts_real_images(tmp_path: Path
     ex = get_extractor("efficientnet_lite0", resolution=256, branches=((4, 10), (10, 14), (10, 14)),
                        scales=(1.0, 1.0, 0.5))
     ok = sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[:12]
-    model = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256))
+    # every branch fused (the choice of branches is tests/test_tuning.py's): the scaled one's path end to end
+    model = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256, branch_select="all"))
     model.fit_ok([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in ok])
     assert len(model.branches) == 3 and len(model.scorer.scales) == 3
     assert [b["resolution"] for b in model.state()["branches"]] == [256, 256, 128]
@@ -45,5 +46,5 @@ def test_a_roi_with_a_scaled_branch_fits_and_predicts_real_images(tmp_path: Path
     assert pred[1].score > pred[0].score
     for img, p in zip(imgs, pred, strict=True):  # the fused map (every branch's) at the image's own size
         assert p.anomaly_map.shape == (img.size[1], img.size[0])
-    again = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256))  # reloaded: same banks
+    again = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256, branch_select="all"))  # reloaded: same banks
     assert again.predict([decode_image(crack.read_bytes())])[0].score == pytest.approx(pred[1].score, abs=1e-6)

@@ -50,3 +50,31 @@ def test_the_fusion_in_force() -> None:
     assert tuning.current(done, "auto", 2)["active"] == [0, 1]  # chosen for other branches: not used
     assert tuning.current({"active": [7], "by": "proxy", "branches": 3}, "auto", 3)["active"] == [0, 1]
     assert tuning.current(None, "auto", 1)["active"] == [0]
+
+
+def test_a_roi_chooses_its_branches_from_its_own_samples_and_predicts_with_them(tmp_path, extractor, tire) -> None:
+    """Real images: below 8 OK samples the default pair; from 8 on, synthetic defects of its own samples
+    decide, the state says which set and every candidate's figure, a prediction searches only the chosen
+    branches, the choice survives a restart, and `branch_select: all` fuses every branch."""
+    from core.image_io import decode_image
+    from core.roi.model import ModelSettings, RoiModel
+
+    train = sorted((tire / "train" / "good" / "rgb").glob("*.png"))[:10]
+    samples = [(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in train]
+    model = RoiModel(tmp_path, "st", "tire", extractor, ModelSettings(coreset_min=500))
+    assert len(model.branches) == 3
+    model.fit_ok(samples[:5])
+    assert model.state()["fusion"]["active"] == [0, 1] and model.state()["fusion"]["by"] == "default"
+    model.fit_ok(samples[5:])
+    fusion = model.state()["fusion"]
+    assert fusion["by"] == "proxy" and fusion["proxy_images"] == 40 and fusion["ok_samples"] == 10
+    assert set(fusion["proxy_auroc"]) == {"0+1", "0+2", "1+2", "0+1+2"}
+    assert all(0.5 <= a <= 1.0 for a in fusion["proxy_auroc"].values()), fusion  # the proxies are found
+    probe = decode_image(sorted((tire / "test" / "hole" / "rgb").glob("*.png"))[0].read_bytes())
+    emb = model.index.embed([probe])[0]
+    pred = model.predict([probe])[0]
+    assert pred.search.patches == sum(emb.feats[b].shape[0] for b in fusion["active"])  # only those searched
+    again = RoiModel(tmp_path, "st", "tire", extractor, ModelSettings(coreset_min=500))
+    assert again.scorer.active == fusion["active"] and again.predict([probe])[0].score == pred.score
+    every = RoiModel(tmp_path, "st", "tire", extractor, ModelSettings(coreset_min=500, branch_select="all"))
+    assert every.state()["fusion"]["active"] == [0, 1, 2] and every.state()["fusion"]["by"] == "all"
