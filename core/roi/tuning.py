@@ -5,7 +5,7 @@ coarse blocks at 0.6 of it: a large, low-contrast defect fills a coarse patch on
 of them separate this surface's defects best depends on the surface, and nobody has shown the ROI its
 defects. So it makes some: synthetic defects of five kinds (core/method/proxy.py) on a few of its own OK
 samples, scored by every branch against the bank without that sample's own patches, beside the
-leave-one-out scores of its OK samples. Each candidate set (the fused pairs and the triple) is fused as
+leave-one-out scores of its OK samples. Each candidate set (the fine branch with one or more of the others) is fused as
 predictions fuse (core/method/fusion.py); the set whose fused scores separate proxies from OK samples best
 (image AUROC) replaces the shipped pair (fine + coarse) only when it beats it by MARGIN. The proxies only
 choose among settings; they never train anything (docs/benchmarks.md, "Could a ROI pick its own branch
@@ -44,8 +44,11 @@ MapScore = Callable[[np.ndarray, tuple[int, int], tuple[int, int]], float]  # di
 
 
 def candidates(n_branches: int) -> list[tuple[int, ...]]:
-    """Fused sets of two or more branches (a single branch alone was the riskiest pick, bench/self_tune.py)."""
-    return [c for k in range(2, n_branches + 1) for c in itertools.combinations(range(n_branches), k)]
+    """Fused sets of two or more branches that keep the first (finest) one. A branch alone was the riskiest
+    pick (bench/self_tune.py), and a set without the fine view lost tire's small cuts (0.890 -> 0.799 when
+    the proxies chose the two coarse views: docs/benchmarks.md): synthetic defects cannot vouch for the
+    defects a fine view alone sees, so no choice may drop it."""
+    return [(0, *c) for k in range(1, n_branches) for c in itertools.combinations(range(1, n_branches), k)]
 
 
 def choose(ok: np.ndarray, proxies: np.ndarray, scales: Sequence[BranchScale],
