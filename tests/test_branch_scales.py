@@ -46,5 +46,6 @@ def test_a_roi_with_a_scaled_branch_fits_and_predicts_real_images(tmp_path: Path
     assert pred[1].score > pred[0].score
     for img, p in zip(imgs, pred, strict=True):  # the fused map (every branch's) at the image's own size
         assert p.anomaly_map.shape == (img.size[1], img.size[0])
-    again = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256, branch_select="all"))  # reloaded: same banks
+    # reloaded: same banks
+    again = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256, branch_select="all"))
     assert again.predict([decode_image(crack.read_bytes())])[0].score == pytest.approx(pred[1].score, abs=1e-6)

@@ -279,7 +279,8 @@ def _scores_by_full_search(model: RoiModel) -> tuple[list[float], list[float]]:
         scorer = SampleScorer(model.scorer.branch_map, model.scorer.map_score, lambda: None)
         ok, ng, _ = scorer.round(model.branches, model.settings.holdout_max,
                                  {"ok": model.index.arrays("ok"), "ng": model.index.arrays("ng")},
-                                     lambda: nuisance_maps(model.index, model.store, model.scorer.branch_map))
+                                     lambda: nuisance_maps(model.index, model.store, model.scorer.branch_map),
+                                 model.scorer.active)  # fused as the model fuses
         return ok, ng
     finally:
         for b, d in zip(model.branches, cached, strict=True):

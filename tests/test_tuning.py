@@ -83,6 +83,8 @@ def test_a_roi_chooses_its_branches_from_its_own_samples_and_predicts_with_them(
     emb = model.index.embed([probe])[0]
     pred = model.predict([probe])[0]
     assert pred.search.patches == sum(emb.feats[b].shape[0] for b in fusion["active"])  # only those searched
+    only = model.index.embed([probe], fusion["active"])[0]  # and only their input scales run through the network
+    assert [f is not None for f in only.feats] == [b in fusion["active"] for b in range(3)]
     again = RoiModel(tmp_path, "st", "tire", extractor, ModelSettings(coreset_min=500))
     assert again.scorer.active == fusion["active"]
     assert abs(again.predict([probe])[0].score - pred.score) < 1e-6  # the scales are stored rounded

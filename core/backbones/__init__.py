@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,18 +152,21 @@ class FeatureExtractor:
             return self.spec.features(self.model, batch, self.taps)
 
     @torch.inference_mode()
-    def forward_branches(self, batch: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-        """Normalised batch -> (features, grid) of every branch (the first is `forward`'s), one pass."""
+    def forward_branches(self, batch: torch.Tensor,
+                         only: Sequence[int] | None = None) -> list[tuple[torch.Tensor, tuple[int, int]] | None]:
+        """Normalised batch -> (features, grid) of every branch (the first is `forward`'s), one pass per input
+        scale; `only`: the branches wanted (the others None, and a scale none of them needs is not run)."""
         if not self.extra_branches:
             return [self.forward(batch)]
         sets = [(self.taps, 1.0)] + [(taps, s) for (taps, _), s in zip(self.extra_branches, self.extra_scales,
                                                                        strict=True)]
+        wanted = set(range(len(sets)) if only is None else only)
         out: list = [None] * len(sets)
         with self._lock, torch.autocast(
             device_type=self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         ):
-            for scale in dict.fromkeys(s for _, s in sets):  # one pass per input scale, the full one first
-                members = [i for i, (_, s) in enumerate(sets) if s == scale]
+            for scale in dict.fromkeys(s for i, (_, s) in enumerate(sets) if i in wanted):  # the full scale first
+                members = [i for i, (_, s) in enumerate(sets) if s == scale and i in wanted]
                 union = tuple(sorted({t for i in members for t in sets[i][0]}))
                 view = batch if scale == 1.0 else self._scaled(batch, scale, max(union))
                 by_tap = dict(zip(union, self.spec.block_maps(self.model, view, union), strict=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Embedded:
-    feats: list[np.ndarray]  # per branch: [n, D_b] float32
+    feats: list[np.ndarray]  # per branch: [n, D_b] float32 (None: a branch not asked for, RoiIndex.embed `only`)
     grids: list[tuple[int, int]]  # per branch
     input_size: tuple[int, int]  # backbone input (w, h)
     image_size: tuple[int, int]  # ROI (w, h)
@@ -67,8 +67,9 @@ class RoiIndex:
         return rows * dims * 4 + 2 * bank
 
     # ------------------------------------------------------------ embeddings
-    def embed(self, images: list[ImageInput]) -> list[Embedded]:
-        """Backbone features of images for every branch, batched by size (fit_batch_size per forward)."""
+    def embed(self, images: list[ImageInput], only: Sequence[int] | None = None) -> list[Embedded]:
+        """Backbone features of images for every branch (`only`: those branches, the others None), batched by
+        size (fit_batch_size per forward)."""
         out: list[Embedded | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
@@ -81,16 +82,17 @@ class RoiIndex:
                 t0 = time.perf_counter()
                 batch = self.extractor.preprocess([images[i].rgb for i in chunk])
                 t1 = time.perf_counter()
-                per_branch = self.extractor.forward_branches(batch)
+                per_branch = self.extractor.forward_branches(batch, only)
                 if batch.device.type == "cuda":
                     torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 input_size = (batch.shape[3], batch.shape[2])
-                arrays = [f.cpu().numpy() for f, _ in per_branch]
+                arrays = [None if x is None else x[0].cpu().numpy() for x in per_branch]
                 per = {"preprocess": (t1 - t0) * 1000 / len(chunk), "backbone": (t2 - t1) * 1000 / len(chunk),
                        "batch_size": len(chunk)}
                 for j, i in enumerate(chunk):
-                    out[i] = Embedded([a[j] for a in arrays], [g for _, g in per_branch], input_size, size, dict(per))
+                    out[i] = Embedded([None if a is None else a[j] for a in arrays],
+                                      [None if x is None else x[1] for x in per_branch], input_size, size, dict(per))
         return [e for e in out if e is not None]  # every place was filled
 
     def arrays(self, kind: str) -> list[np.ndarray]:

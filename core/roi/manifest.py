@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ class ModelSettings:
     min_defect_area_px: int = _opt(0, "regions smaller than this are not reported", ge=0)
     knn_backend: str = _opt("auto", "nearest-neighbour search", choices=("auto", "faiss", "torch"))
     branch_select: str = _opt("auto", "which branches a ROI fuses: auto (chosen at fit time from its own OK samples "
-                              "and synthetic defects made from them) or all", choices=("auto", "all"))
+                              "and synthetic defects made from them), default (fine + coarse, never tuned) or all",
+                              choices=("auto", "default", "all"))
     knn_search: str = _opt("certified", "predictions without a heatmap search exactly only the patches that decide "
                            "the score and regions (same results)", choices=("certified", "exact"))
 
@@ -70,8 +71,11 @@ def new_manifest(role_id: str, roi_id: str, identity: dict, settings: dict) -> d
 
 
 def result_settings(settings: dict | None) -> dict | None:
-    """The settings that decide a model's results (a change of any other is not a change of the model)."""
-    return None if settings is None else {k: v for k, v in settings.items() if k not in SEARCH_ONLY}
+    """The settings that decide a model's results (a change of any other is not a change of the model); a
+    setting newer than the manifest counts as its default (a ROI written before it is not rebuilt for it)."""
+    if settings is None:
+        return None
+    return {k: v for k, v in {**asdict(ModelSettings()), **settings}.items() if k not in SEARCH_ONLY}
 
 
 def policy_of(m: dict) -> dict:

@@ -307,4 +307,4 @@ class RoiModel:
         verdict = Verdict(float(threshold), self.manifest["threshold"]["method"], self.version, self.identity,
                           str(self.extractor.device), self.settings.min_defect_area_px)
         return [predict_one(self.scorer, img, emb, verdict, heatmap, return_map, preview_px)
-                for img, emb in zip(images, self.index.embed(images), strict=True)]
+                for img, emb in zip(images, self.index.embed(images, self.scorer.active), strict=True)]

@@ -73,10 +73,13 @@ def default_fusion(n_branches: int, by: str = "default") -> dict:
 
 
 def current(fusion: dict | None, select: str, n_branches: int) -> dict:
-    """The fusion in force: every branch (`branch_select: all`), the ROI's last choice while it fits these
+    """The fusion in force: every branch (`branch_select: all`), the shipped pair (`default`: never tuned), the
+    ROI's last choice while it fits these
     branches, else the default pair."""
     if select == "all":
         return default_fusion(n_branches, "all")
+    if select == "default":
+        return default_fusion(n_branches)
     if fusion and fusion.get("branches") == n_branches and fusion.get("by") != "all" and all(
             isinstance(b, int) and 0 <= b < n_branches for b in fusion.get("active", [None])):
         return fusion
