@@ -4,6 +4,7 @@ from (and kept in step with) the stored samples."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,13 +59,17 @@ class RoiIndex:
 
     def bytes_needed(self, samples: list[Sample]) -> int:
         """Disk a fit of these samples adds besides the images: index rows and a rewritten bank."""
-        rows = 0
+        ex = self.extractor
+        # each branch's patches per image: its stride at its input scale (rounding up: never an under-estimate)
+        per_px = [(ex.identity.feature_dim, 1.0 / ex.stride)] + [
+            (ident.feature_dim, scale / ex.spec.stride(taps))
+            for (taps, ident), scale in zip(ex.extra_branches, ex.extra_scales, strict=True)]
+        values = 0
         for _, img, _ in samples:
-            w, h = self.extractor.input_size(*img.size)
-            rows += (w // self.extractor.stride) * (h // self.extractor.stride)
+            w, h = ex.input_size(*img.size)
+            values += sum(dim * (math.ceil(w * f) * math.ceil(h * f)) for dim, f in per_px)
         bank = sum(b.bank_path.stat().st_size for b in self.branches if b.bank_path.exists())
-        dims = sum(ident.feature_dim for ident in self.extractor.branch_identities)  # over-estimate: coarse grids
-        return rows * dims * 4 + 2 * bank
+        return values * 4 + 2 * bank
 
     # ------------------------------------------------------------ embeddings
     def embed(self, images: list[ImageInput], only: Sequence[int] | None = None) -> list[Embedded]:
