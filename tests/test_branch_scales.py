@@ -49,3 +49,20 @@ def test_a_roi_with_a_scaled_branch_fits_and_predicts_real_images(tmp_path: Path
     # reloaded: same banks
     again = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256, branch_select="all"))
     assert again.predict([decode_image(crack.read_bytes())])[0].score == pytest.approx(pred[1].score, abs=1e-6)
+
+
+def test_the_disk_a_fit_needs_is_estimated_per_branch_grid(tmp_path: Path, tile: Path) -> None:
+    """A fit is refused when the disk cannot hold it (tests/test_faults.py); the estimate counts each branch's
+    patches at its own stride and scale: never below what the fit writes, and not the old over-estimate
+    (every branch on the finest grid) that refused fits with room to spare."""
+    ex = get_extractor("efficientnet_lite0", resolution=256, branches=((4, 10), (10, 14), (10, 14)),
+                       scales=(1.0, 1.0, 0.6))
+    ok = sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[:4]
+    samples = [(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in ok]
+    model = RoiModel(tmp_path, "st", "tile", ex, ModelSettings(coreset_min=256))
+    estimate = model.index.bytes_needed(samples)
+    model.fit_ok(samples)
+    written = sum(f.stat().st_size for f in (tmp_path / "models" / "st" / "tile" / "index").glob("*.f32"))
+    finest_grid = sum(w // ex.stride * (h // ex.stride) for w, h in (ex.input_size(*s[1].size) for s in samples))
+    assert written <= estimate < 1.1 * written + 4096, (estimate, written)
+    assert estimate < 0.8 * finest_grid * sum(i.feature_dim for i in ex.branch_identities) * 4

@@ -56,6 +56,7 @@ def test_the_fusion_in_force() -> None:
     done = {"active": [0, 2], "by": "proxy", "branches": 3, "ok_samples": 20}
     assert tuning.current(done, "auto", 3)["active"] == [0, 2]
     assert tuning.current(done, "all", 3)["active"] == [0, 1, 2]
+    assert tuning.current(done, "default", 3) == {"active": [0, 1], "by": "default", "branches": 3}  # never tuned
     assert tuning.current(done, "auto", 2)["active"] == [0, 1]  # chosen for other branches: not used
     assert tuning.current({"active": [7], "by": "proxy", "branches": 3}, "auto", 3)["active"] == [0, 1]
     assert tuning.current(None, "auto", 1)["active"] == [0]
