@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import juice_bottle, magnetic_tile, shared_root, tire  # noqa: E402
 
-from core import lifecycle  # noqa: E402
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
+from core.roi import lifecycle  # noqa: E402
 from core.roi.model import RoiModel  # noqa: E402
 
 
