@@ -46,7 +46,7 @@ def branch_scores(model: RoiModel, data: list[bytes]) -> np.ndarray:
     for b in data:
         img = decode_image(b)
         emb = model.index.embed([img])[0]
-        maps, _ = model.scorer.maps(emb.feats, emb.grids, emb.input_size, 1e9, exact_map_needed=True)
+        maps, _, _ = model.scorer.maps(emb.feats, emb.grids, emb.input_size, 1e9, exact_map_needed=True)
         out.append([model.scorer.map_score(m) for m in maps])
     return np.asarray(out, np.float64)
 

@@ -53,3 +53,14 @@ def fuse_maps(maps: list[np.ndarray], scales: list[BranchScale]) -> np.ndarray:
         return maps[0]
     z = np.maximum.reduce([(m - s.mean) / s.std for m, s in zip(maps, scales, strict=True)])
     return (scales[0].mean + scales[0].std * z).astype(np.float32)
+
+
+def lift_peak(amap: np.ndarray, score: float) -> np.ndarray:
+    """A map whose peak is below `score` (an image-level term raised the score), raised so that its peak is
+    the score: each value above the map's median moves up in proportion to its height, so the region around
+    the peak grows and the rest of the map stays."""
+    peak, med = float(amap.max()), float(np.median(amap))
+    if score <= peak:
+        return amap
+    w = np.clip((amap - med) / max(peak - med, 1e-12), 0, 1)
+    return (amap + (score - peak) * w).astype(np.float32)

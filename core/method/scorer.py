@@ -7,7 +7,9 @@ ROI, no files, no threshold policy. `RoiModel` builds one and keeps its scales a
 images are scored by the same code.
 
 A prediction without a heatmap or the full map takes the certified search (core/method/knn_certified.py)
-when every branch offers clusters: the same score and regions from a fraction of the exact search.
+when every branch offers clusters: the same score and regions from a fraction of the exact search. A ROI
+that adds an NG-aware term (`ng`, core/method/ng_rank.py) searches exactly: the term reads the image's most
+anomalous patches, which only the exact search ranks.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import cv2
 import numpy as np
 
 from core.method.branch import Branch
-from core.method.fusion import BranchScale, fuse_maps, fuse_scores
+from core.method.fusion import BranchScale, fuse_maps, fuse_scores, lift_peak
 from core.method.knn_certified import certified_maps
+from core.method.ng_rank import NgTerm, top_rows
 from core.method.scoring import image_score, input_res_map, resize_mask
 from core.prediction import SearchStats
 
@@ -43,6 +46,7 @@ class Scorer:
         self.settings = settings
         self.scales = list(scales or [])
         self.active = list(active) if active is not None else list(range(len(branches)))
+        self.ng: NgTerm | None = None  # the NG-aware term over the active branches, when the ROI uses one
         self.set_mask(mask)
 
     @property
@@ -82,11 +86,13 @@ class Scorer:
     def can_certify(self, exact_map_needed: bool) -> bool:
         """The certified search decides the score only when the score is the map's peak and no full map is
         wanted (a heatmap, the returned map): then it gives the exact search's results."""
-        return not (exact_map_needed or self.settings.knn_search == "exact" or self.settings.score_stat != "max")
+        return not (exact_map_needed or self.settings.knn_search == "exact" or self.settings.score_stat != "max"
+                    or self.ng is not None)
 
     def maps(self, feats: list[np.ndarray], grids: list[tuple[int, int]], input_size: tuple[int, int],
-             threshold: float, exact_map_needed: bool) -> tuple[list[np.ndarray], SearchStats]:
-        """Every branch's map of one image at the backbone input, and how much of the search that took."""
+             threshold: float, exact_map_needed: bool) -> tuple[list[np.ndarray], SearchStats, float]:
+        """Every active branch's map of one image at the backbone input, how much of the search that took,
+        and the NG-aware term of the score (0 without one)."""
         on = self.active
         feats, grids = [feats[b] for b in on], [grids[b] for b in on]
         patches = sum(int(f.shape[0]) for f in feats)
@@ -96,15 +102,20 @@ class Scorer:
                 searches = [lambda idx, i=i, b=b: self.branches[b].search(feats[i][idx]) for i, b in enumerate(on)]
                 pairs, info = certified_maps(searches, clusters, feats, grids, input_size, self.settings.blur_sigma,
                                              self.mask_at(input_size), self._scales(), threshold)
-                return [m for _, m in pairs], SearchStats("certified", patches, int(info["exact_patches"]))
-        maps = [self.branch_map(self.branches[b].search(feats[i]), grids[i], input_size) for i, b in enumerate(on)]
-        return maps, SearchStats("exact", patches, patches)
+                return [m for _, m in pairs], SearchStats("certified", patches, int(info["exact_patches"])), 0.0
+        dists = [self.branches[b].search(feats[i]) for i, b in enumerate(on)]
+        maps = [self.branch_map(d, grids[i], input_size) for i, d in enumerate(dists)]
+        term = self.ng([f[top_rows(d)] for f, d in zip(feats, dists, strict=True)]) if self.ng is not None else 0.0
+        return maps, SearchStats("exact", patches, patches), term
 
     def _scales(self) -> list[BranchScale]:
         return [self.scales[b] for b in self.active] if len(self.scales) == len(self.branches) else self.scales
 
-    def fuse(self, maps: list[np.ndarray], size: tuple[int, int]) -> tuple[float, np.ndarray]:
-        """The active branches' maps -> (image score, fused map resized to the image's (w, h))."""
+    def fuse(self, maps: list[np.ndarray], size: tuple[int, int], term: float = 0.0) -> tuple[float, np.ndarray]:
+        """The active branches' maps (and the NG-aware term) -> (image score, fused map resized to the image's
+        (w, h)); a term that lifts the score over the map's peak lifts the peak with it, so a flagged image
+        still has its region where its most anomalous patches are."""
         scales = self._scales()
-        score = fuse_scores([self.map_score(m) for m in maps], scales)
-        return score, cv2.resize(fuse_maps(maps, scales), size, interpolation=cv2.INTER_LINEAR)
+        score = fuse_scores([self.map_score(m) for m in maps], scales) + term
+        full = cv2.resize(fuse_maps(maps, scales), size, interpolation=cv2.INTER_LINEAR)
+        return score, lift_peak(full, score) if term > 0 else full

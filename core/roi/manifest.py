@@ -48,6 +48,9 @@ class ModelSettings:
     branch_select: str = _opt("auto", "which branches a ROI fuses: auto (chosen at fit time from its own OK samples "
                               "and synthetic defects made from them), default (fine + coarse, never tuned) or all",
                               choices=("auto", "default", "all"))
+    ng_rank: str = _opt("auto", "NG samples in the ranking: auto (from 5 NG samples on, an NG-aware term is added "
+                        "to the score when cross-validation over the ROI's own NG samples shows it separates "
+                        "them better) or off (NG samples move only the threshold)", choices=("auto", "off"))
     knn_search: str = _opt("certified", "predictions without a heatmap search exactly only the patches that decide "
                            "the score and regions (same results)", choices=("certified", "exact"))
 
@@ -133,6 +136,7 @@ def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -
             "has_mask": has_mask, **({"mask_error": m["mask_error"]} if m.get("mask_error") and not has_mask else {}),
             "suspect_samples": m.get("suspect_samples", []), "versions": versions or [],
             **({"fusion": _fusion_state(m["fusion"])} if m.get("fusion") else {}),
+            **({"ng_rank": _ng_rank_state(m["ng_rank"])} if m.get("ng_rank") else {}),
             "change": m.get("change"), **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {}),
             **({"recovered": m["recovered"]} if m.get("recovered") else {}), "warnings": threshold_warnings(m),
             "updated_utc": m["updated_utc"]}
@@ -142,6 +146,11 @@ def _fusion_state(f: dict) -> dict:
     """Which branches the ROI fuses and why (core/roi/tuning.py), as the state says it."""
     keep = ("active", "names", "by", "ok_samples", "proxy_images", "proxy_auroc")
     return {k: f[k] for k in keep if k in f}
+
+
+def _ng_rank_state(r: dict) -> dict:
+    """Whether the ROI's NG samples rank its parts, not only place its threshold (core/roi/ng_ranking.py)."""
+    return {k: r[k] for k in ("form", "reason", "cv_auroc_gain", "ng_samples") if k in r}
 
 
 NG_RECALL_WARN = 0.9  # fewer of the ROI's own NG samples over the threshold than this: said in the state

@@ -26,7 +26,7 @@ from core.method.branch import Branch
 from core.method.fusion import BranchScale
 from core.method.scorer import Scorer
 from core.prediction import Prediction
-from core.roi import tuning
+from core.roi import ng_ranking, tuning
 from core.roi.index import Embedded, RoiIndex
 from core.roi.lifecycle import (
     LifecycleSettings,
@@ -64,8 +64,7 @@ class RoiModel:
     def __init__(self, data_root: Path, role_id: str, roi_id: str, extractor: FeatureExtractor,
                  settings: ModelSettings | None = None, progress: Callable[[], None] | None = None,
                  lifecycle: LifecycleSettings | None = None) -> None:
-        # progress: called between steps of long work (index rebuild, fits, threshold scoring), e.g. to
-        # tell a service watchdog that the caller is busy, not hung
+        # progress: called between long steps (index rebuild, fits, scoring): a watchdog sees busy, not hung
         self.progress = progress or (lambda: None)
         self.store = RoiStore(Path(data_root), role_id, roi_id)
         self.extractor = extractor
@@ -97,6 +96,8 @@ class RoiModel:
         # a delete's cause (delete, reset, relabel, a refused suspect) is what the new version records
         change = str(pending.get("change", "delete")) if pending and pending["op"] == "delete" else "rebuild"
         self._sync_index(change, force_threshold=bool(mask_error))
+        if ng_ranking.restore(self.manifest, self.index, self.scorer):  # the record no longer fits: decide again
+            self._update_threshold_and_save("rebuild")
         if pending is not None:
             if pending["op"] == "rollback":
                 self.snapshot()
@@ -132,7 +133,7 @@ class RoiModel:
     def state(self) -> dict:
         return manifest_state(self.manifest, self.mask is not None, self.versions.versions())
 
-    def policy(self) -> dict:
+    def policy(self) -> dict:  # the threshold policy in force
         return policy_of(self.manifest)
 
     # ------------------------------------------------------------ the index
@@ -165,22 +166,24 @@ class RoiModel:
                                      self.scorer.distances_score, self.progress)
                 ok_scores, ng_scores = self._samples_scorer.fuse(fusion["active"])
         self.scorer.active = fusion["active"]
+        ng_rank, self.scorer.ng, ok_scores, ng_scores = ng_ranking.decide(
+            s.ng_rank if self.index.ready else "off", self._samples_scorer, ok_scores, ng_scores, fusion["active"],
+            self.branches, f"{self.store.role_id}/{self.store.roi_id}")
         th = m["threshold"] if m["threshold"]["method"] == "manual_override" else threshold_policy(m, s).decide(
             ok_scores, ng_scores)
         scored = self._samples_scorer.by_sample if self.index.ready else {}
         by_sample = {k: {sid: round(x, 6) for sid, x in scored.get(k, {}).items()} for k in ("ok", "ng")}
         m.update(version=m["version"] + 1, backbone=self.identity, settings=asdict(s), threshold=th,
-                 bank_key=s.bank_key(), bank_rows_total=self.index.rows("ok"),
-                 ok_scores=[round(x, 6) for x in ok_scores],
-                 ng_scores=[round(x, 6) for x in ng_scores], updated_utc=utc_now(), branches=self.index.info(),
-                 branch_scales=[x.to_dict() for x in self.scorer.scales], change=change, sample_scores=by_sample,
-                 fusion=fusion,
-                 suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle))
+                 bank_key=s.bank_key(), bank_rows_total=self.index.rows("ok"), updated_utc=utc_now(),
+                 ok_scores=[round(x, 6) for x in ok_scores], ng_scores=[round(x, 6) for x in ng_scores],
+                 branches=self.index.info(), branch_scales=[x.to_dict() for x in self.scorer.scales], change=change,
+                 sample_scores=by_sample, fusion=fusion, ng_rank=ng_rank,
+                 suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle),
+                 counts={"ok": self._count("ok"), "ng": self._count("ng"), "bank": len(self.branches[0]),
+                         "patches": self.index.rows("ok")})
         m.pop("rollback_of", None)
         if change != "rebuild":
             m.pop("recovered", None)  # said in the state until the ROI next changes
-        m["counts"] = {"ok": self._count("ok"), "ng": self._count("ng"), "bank": len(self.branches[0]),
-                       "patches": self.index.rows("ok")}
         self.store.write_manifest(m)
         self.snapshot()
 
@@ -203,11 +206,10 @@ class RoiModel:
         tt = time.perf_counter()
         if finalize:
             self.finalize()
-        t_threshold = time.perf_counter() - tt
-        report = {**stored.report(), **self.state(),
-                  "timings_ms": {"embed": round(t_backbone * 1000, 1), "coreset": round(t_coreset * 1000, 1),
-                                 "threshold": round(t_threshold * 1000, 1),
-                                 "total": round((time.perf_counter() - t0) * 1000, 1)}}
+        t_threshold, t_total = time.perf_counter() - tt, time.perf_counter() - t0
+        report = {**stored.report(), **self.state(), "timings_ms": {
+            k: round(v * 1000, 1) for k, v in (("embed", t_backbone), ("coreset", t_coreset),
+                                                ("threshold", t_threshold), ("total", t_total))}}
         log.info("fit_ok %s/%s: +%d samples (%d duplicates), banks %s, threshold %s, device %s, timings %s",
                  self.store.role_id, self.store.roi_id, len(stored.records), len(stored.duplicates),
                  [len(b) for b in self.branches], self.threshold, self.extractor.device, report["timings_ms"])
@@ -253,14 +255,12 @@ class RoiModel:
                 self.manifest["counts"]["ng"] = self._count("ng")
                 self.store.write_manifest(self.manifest)
         t3 = time.perf_counter()
-        timings = {"embed": round((t2 - t1) * 1000, 1), "threshold": round((t3 - t2) * 1000, 1),
-                   "total": round((t3 - t0) * 1000, 1)}
+        timings = {k: round(v * 1000, 1) for k, v in (("embed", t2 - t1), ("threshold", t3 - t2), ("total", t3 - t0))}
         log.info("send_ng %s/%s: +%d samples (%d duplicates), threshold %s, timings %s", self.store.role_id,
                  self.store.roi_id, len(stored.records), len(stored.duplicates), self.threshold, timings)
         return {**stored.report(), **self.state(), "timings_ms": timings}
 
-    def set_threshold(self, value: float | None) -> dict:
-        """Manual override (value) or back to the configured policy (None)."""
+    def set_threshold(self, value: float | None) -> dict:  # a manual override, or back to the policy (None)
         return self.calibrate("manual" if value is not None else "config", value)
 
     def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,

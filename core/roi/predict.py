@@ -31,9 +31,9 @@ class Verdict:
 def predict_one(scorer: Scorer, img: ImageInput, emb: Embedded, v: Verdict, heatmap: bool = False,
                 return_map: bool = False, preview_px: int = 0) -> Prediction:
     t0 = time.perf_counter()
-    maps, search = scorer.maps(emb.feats, emb.grids, emb.input_size, v.threshold, heatmap or return_map)
+    maps, search, term = scorer.maps(emb.feats, emb.grids, emb.input_size, v.threshold, heatmap or return_map)
     t1 = time.perf_counter()
-    score, full = scorer.fuse(maps, img.size)
+    score, full = scorer.fuse(maps, img.size, term)
     mask_full = scorer.mask_at(img.size)
     g = img.geometry  # a JPEG decoded at a reduced scale: regions are reported in the image's own pixels
     count, regions = defect_regions(full, v.threshold, mask_full,

@@ -16,6 +16,7 @@ import numpy as np
 from core.image_io import ImageInput
 from core.method.branch import Branch
 from core.method.fusion import BranchScale, fuse_scores
+from core.method.ng_rank import top_rows
 from core.roi.index import RoiIndex
 from core.roi.sample_store import decode_record
 from core.storage import RoiStore
@@ -32,8 +33,9 @@ class SampleScorer:
         self.progress = progress
         self._branch_cache: dict[tuple, tuple[int, float]] = {}  # (kind, id, branch) -> (version, score)
         self.by_sample: dict[str, dict[str, float]] = {"ok": {}, "ng": {}}  # of the last round, by sample id
-        self.ok_rows: dict = {"ids": [], "entries": [], "scores": []}  # the last round's per-branch scores
-        self.ng_rows: dict = {"ids": [], "scores": []}
+        # the last round's per-branch scores, and each sample's top patches per branch (core/method/ng_rank.py)
+        self.ok_rows: dict = {"ids": [], "entries": [], "scores": [], "tops": []}
+        self.ng_rows: dict = {"ids": [], "scores": [], "tops": []}
         self.scales: list[BranchScale] = []
 
     def clear(self) -> None:
@@ -59,6 +61,11 @@ class SampleScorer:
             scores.append(hit[1])
         return scores
 
+    @staticmethod
+    def _tops(parts: list[tuple[np.ndarray, int, dict]], arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """A sample's most anomalous patches' features per branch (what an NG-aware term reads)."""
+        return [np.asarray(arrays[b][e["offset"] : e["offset"] + e["count"]])[top_rows(dist)]
+                for b, (dist, _, e) in enumerate(parts)]
 
     def round(self, branches: Sequence[Branch], holdout_max: int, arrays: dict[str, list[np.ndarray]],
               nuisance: Callable[[], list[list[np.ndarray]]],
@@ -69,6 +76,7 @@ class SampleScorer:
         for branch in branches:
             branch.begin_round()
         ok_parts: list[tuple[str, list, list[float]]] = []
+        ok_tops, ng_tops = [], []
         entries = branches[0].emb["ok"].entries
         for i in range(max(0, len(entries) - holdout_max), len(entries)):
             self.progress()
@@ -76,11 +84,13 @@ class SampleScorer:
                 continue  # every bank entry is this sample's: nothing to leave it out against
             parts = self._dists(branches, "ok", i, arrays["ok"], i)
             ok_parts.append((entries[i]["sample_id"], parts, self._branch_scores("ok", entries[i]["sample_id"], parts)))
+            ok_tops.append(self._tops(parts, arrays["ok"]))
         ng_parts = []
         for i, e in enumerate(branches[0].emb["ng"].entries):
             self.progress()
             parts = self._dists(branches, "ng", i, arrays["ng"], None)
             ng_parts.append((e["sample_id"], parts, self._branch_scores("ng", e["sample_id"], parts)))
+            ng_tops.append(self._tops(parts, arrays["ng"]))
         for branch in branches:
             branch.end_round()
         seen = {("ok", sid) for sid, _, _ in ok_parts} | {("ng", sid) for sid, _, _ in ng_parts}
@@ -89,11 +99,12 @@ class SampleScorer:
             view_maps = nuisance()
             ok_rows = [[self.score_fn(maps[b]) for b in range(len(branches))] for maps in view_maps]
             ok_ids: list[str | None] = [None] * len(ok_rows)  # views, not samples
+            ok_tops = []
         else:
             ok_rows, ok_ids = [s for _, _, s in ok_parts], [sid for sid, _, _ in ok_parts]
         self.ok_rows = {"ids": ok_ids, "entries": [i for i in range(len(entries)) if entries[i]["sample_id"] in
-                                                   set(ok_ids)], "scores": ok_rows}
-        self.ng_rows = {"ids": [sid for sid, _, _ in ng_parts], "scores": [s for _, _, s in ng_parts]}
+                                                   set(ok_ids)], "scores": ok_rows, "tops": ok_tops}
+        self.ng_rows = {"ids": [sid for sid, _, _ in ng_parts], "scores": [s for _, _, s in ng_parts], "tops": ng_tops}
         self.scales = [BranchScale.of([row[b] for row in ok_rows]) for b in range(len(branches))]
         ok, ng = self.fuse(active)
         return ok, ng, self.scales

@@ -15,7 +15,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from core.drift import STATES
 from core.errors import AnomalyError
@@ -97,6 +107,20 @@ class Fusion(_Open):  # core/roi/tuning.py: the branches a ROI fuses, and why
     branches: Annotated[int, Field(ge=1, le=16)]
 
 
+class NgRank(_Open):  # core/roi/ng_ranking.py: whether NG samples rank the ROI's parts, and why
+    form: Literal["ng_bank", "linear_head"] | None
+    active: Annotated[list[Annotated[int, Field(ge=0, lt=16)]], Field(min_length=1, max_length=16)]
+    ng_samples: Count
+    scales: Annotated[list[BranchScaleInfo], Field(max_length=16)] = []
+    spread: Annotated[FiniteFloat, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> NgRank:
+        if self.form is not None and (self.spread is None or len(self.scales) != len(self.active)):
+            raise ValueError("an NG-aware form needs a scale per active branch and a spread")
+        return self
+
+
 Score = FiniteFloat
 ScoreList = Annotated[list[Score], Field(max_length=MAX_LIST)]
 
@@ -116,6 +140,7 @@ class Manifest(_Open):
     branches: list[BranchInfo] | None = None
     branch_scales: list[BranchScaleInfo] = []
     fusion: Fusion | None = None
+    ng_rank: NgRank | None = None
     bank_rows_total: Count | None = None
     change: Text | None = None
     rollback_of: Count | None = None

@@ -1,0 +1,86 @@
+"""A ROI's NG samples in its ranking (config `ng_rank: auto`): whether the ROI adds the NG-aware term of
+core/method/ng_rank.py, its record in the manifest (`ng_rank`: the form, why, each form's cross-validated
+gain), and the term rebuilt from that record and the stored samples when the ROI is loaded.
+
+Decided at each threshold update over the branches the ROI fuses; nothing but the record is stored: the
+heads are refitted at a load from the NG samples' indexed features (a few hundred patches, well under a
+second), so a rollback, an import or a hand-edited file never brings a head the samples do not back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from core.method.branch import Branch
+from core.method.fusion import BranchScale
+from core.method.ng_rank import Head, NgTerm, choose, fit_term, spread_of, top_rows
+from core.method.scorer import Scorer
+from core.roi.index import RoiIndex
+from core.roi.sample_scores import SampleScorer
+
+log = logging.getLogger(__name__)
+
+
+def _banks(branches: Sequence[Branch], active: Sequence[int]) -> list[np.ndarray]:
+    return [branches[b].bank.feats.numpy() for b in active]  # type: ignore[attr-defined]
+
+
+def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], active: Sequence[int],
+           branches: Sequence[Branch], name: str) -> tuple[dict | None, NgTerm | None, list[float], list[float]]:
+    """(manifest record, term or None, OK scores, NG scores) after this threshold update's round; the scores
+    carry the term when one is used (the NG samples' cross-validated one) and so does `rows.by_sample`."""
+    if setting == "off" or not ng:
+        return None, None, ok, ng
+    ok_tops = [[t[b] for b in active] for t in rows.ok_rows["tops"]]
+    ng_tops = [[t[b] for b in active] for t in rows.ng_rows["tops"]]
+    banks = _banks(branches, active)
+    choice = choose(ok, ng, ok_tops, ng_tops, banks)
+    record: dict = {"form": choice.form, "reason": choice.reason, "cv_auroc_gain": choice.gains,
+                    "ng_samples": len(ng), "active": list(active)}
+    log.info("%s: NG-aware term %s (%s; cross-validated AUROC gains %s)", name, choice.form or "not used",
+             choice.reason, choice.gains)
+    if choice.form is None:
+        return record, None, ok, ng
+    term = fit_term(choice.form, banks, ok_tops, ng_tops, spread_of(ok))
+    ok = [x + term(t) for x, t in zip(ok, ok_tops, strict=True)]
+    ng = [x + d for x, d in zip(ng, choice.ng_terms, strict=True)]
+    rows.by_sample = {"ok": dict(zip([i for i in rows.ok_rows["ids"] if i is not None], ok, strict=True)),
+                      "ng": dict(zip(rows.ng_rows["ids"], ng, strict=True))}
+    record.update(scales=[s.to_dict() for s in term.scales], spread=term.spread)
+    return record, term, ok, ng
+
+
+def rebuild(record: dict | None, index: RoiIndex, active: Sequence[int]) -> NgTerm | None:
+    """The term a manifest's record names, refitted from the stored NG samples; None when the record uses
+    none or no longer fits the ROI (other branches, other NG samples): the caller updates the threshold."""
+    if not record or record.get("form") is None or not index.ready:
+        return None
+    scales = record.get("scales") or []
+    entries = index.entries("ng")
+    if list(record.get("active", [])) != list(active) or len(scales) != len(active) or \
+            len(entries) != record.get("ng_samples"):
+        return None
+    arrays = index.arrays("ng")
+    ng_tops = []
+    for i in range(len(entries)):
+        per = []
+        for b in active:
+            e = index.branches[b].emb["ng"].entries[i]
+            feats = np.array(arrays[b][e["offset"] : e["offset"] + e["count"]])  # a copy: the index is read-only
+            per.append(feats[top_rows(index.branches[b].search(feats))])
+        ng_tops.append(per)
+    banks = _banks(index.branches, active)
+    heads = [Head(record["form"], banks[j], [t[j] for t in ng_tops]) for j in range(len(active))]
+    return NgTerm(record["form"], heads, [BranchScale(**s) for s in scales], float(record["spread"]))
+
+
+def restore(manifest: dict, index: RoiIndex, scorer: Scorer) -> bool:
+    """At a load: give `scorer` the term its manifest's record names, if the threshold update of the load
+    did not already. True: the record no longer fits the ROI, the threshold must be decided again."""
+    if scorer.ng is not None or not (manifest.get("ng_rank") or {}).get("form"):
+        return False
+    scorer.ng = rebuild(manifest["ng_rank"], index, scorer.active)
+    return scorer.ng is None
