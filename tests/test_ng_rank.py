@@ -71,6 +71,15 @@ def test_the_guard_keeps_the_plain_score_when_labels_add_nothing() -> None:
     assert ng_rank.choose(ok_scores[:7], ng_scores, ok_tops[:7], ng_tops, banks).form is None
 
 
+def test_a_head_learns_from_the_most_recent_ng_samples_only() -> None:
+    """A ROI labelled for months: its heads stay as cheap to fit as with MAX_FIT NG samples."""
+    rng = np.random.default_rng(3)
+    ng_tops, banks = _tops(rng, ng_rank.MAX_FIT + 10), _banks(rng)
+    heads = ng_rank.fit_heads("ng_bank", banks, ng_tops)
+    assert [h.knn.size for h in heads] == [6 * ng_rank.MAX_FIT] * 2
+    assert np.array_equal(heads[0].knn.bank.numpy()[:6], ng_tops[10][0])  # the oldest ten left out
+
+
 def test_a_lifted_peak_reaches_the_score_and_leaves_the_background() -> None:
     amap = np.zeros((20, 20), np.float32)
     amap[5:8, 5:8] = 1.0

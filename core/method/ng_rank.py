@@ -37,6 +37,7 @@ GUARD = 0.02  # cross-validated AUROC gain a form needs over the plain score
 FOLDS = 3
 FORMS = ("ng_bank", "linear_head")
 NEGATIVES = (20, 500)  # OK bank patches a head sees: 20 per NG patch + 500, at most the bank
+MAX_FIT = 40  # a head learns from at most this many (the most recent) NG samples
 
 Tops = list[np.ndarray]  # one image's top patches per branch: [n_top, D] each
 
@@ -88,10 +89,17 @@ class NgTerm:
         return float(self.spread * z)
 
 
+def fit_heads(form: str, ok_banks: Sequence[np.ndarray], ng_tops: Sequence[Tops], seed: int = 0) -> list[Head]:
+    """One head per branch from the most recent `MAX_FIT` NG samples (a ROI labelled for months stays quick
+    to update)."""
+    recent = list(ng_tops)[-MAX_FIT:]
+    return [Head(form, ok_banks[b], [t[b] for t in recent], seed) for b in range(len(ok_banks))]
+
+
 def fit_term(form: str, ok_banks: Sequence[np.ndarray], ok_tops: Sequence[Tops], ng_tops: Sequence[Tops],
              spread: float, seed: int = 0) -> NgTerm:
     """A form fitted on `ng_tops`, scaled by its figures on the OK samples' `ok_tops`."""
-    heads = [Head(form, ok_banks[b], [t[b] for t in ng_tops], seed) for b in range(len(ok_banks))]
+    heads = fit_heads(form, ok_banks, ng_tops, seed)
     scales = [BranchScale.of([h.figure(t[b]) for t in ok_tops]) for b, h in enumerate(heads)]
     return NgTerm(form, heads, scales, spread)
 

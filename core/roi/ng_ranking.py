@@ -16,7 +16,7 @@ import numpy as np
 
 from core.method.branch import Branch
 from core.method.fusion import BranchScale
-from core.method.ng_rank import Head, NgTerm, choose, fit_term, spread_of, top_rows
+from core.method.ng_rank import MAX_FIT, NgTerm, choose, fit_heads, fit_term, spread_of, top_rows
 from core.method.scorer import Scorer
 from core.roi.index import RoiIndex
 from core.roi.sample_scores import SampleScorer
@@ -65,15 +65,14 @@ def rebuild(record: dict | None, index: RoiIndex, active: Sequence[int]) -> NgTe
         return None
     arrays = index.arrays("ng")
     ng_tops = []
-    for i in range(len(entries)):
+    for i in range(max(0, len(entries) - MAX_FIT), len(entries)):  # the heads learn from these
         per = []
         for b in active:
             e = index.branches[b].emb["ng"].entries[i]
             feats = np.array(arrays[b][e["offset"] : e["offset"] + e["count"]])  # a copy: the index is read-only
             per.append(feats[top_rows(index.branches[b].search(feats))])
         ng_tops.append(per)
-    banks = _banks(index.branches, active)
-    heads = [Head(record["form"], banks[j], [t[j] for t in ng_tops]) for j in range(len(active))]
+    heads = fit_heads(record["form"], _banks(index.branches, active), ng_tops)
     return NgTerm(record["form"], heads, [BranchScale(**s) for s in scales], float(record["spread"]))
 
 
