@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -44,6 +45,7 @@ from eval import commit, recall_at_frr  # noqa: E402
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
 from core.method.fusion import fuse_scores  # noqa: E402
+from core.method.knn import NearestNeighbour  # noqa: E402
 from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 TOP = 0.02  # an image's most anomalous share of patches
@@ -76,8 +78,9 @@ def image_rows(model: RoiModel, paths: list[Path], leave_out: bool) -> list[dict
 
 
 def nn_dist(a: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    d2 = (a * a).sum(1)[:, None] - 2 * a @ bank.T + (bank * bank).sum(1)[None]
-    return np.sqrt(np.maximum(d2.min(1), 0))
+    """The project's own exact nearest-neighbour distance (core/method/knn.py; features are unit vectors)."""
+    knn = NearestNeighbour(torch.from_numpy(np.ascontiguousarray(bank, np.float32)), backend="torch")
+    return knn.distances(torch.from_numpy(np.ascontiguousarray(a, np.float32))).numpy()
 
 
 def ng_figures(rows: list[dict], labelled: list[dict], ok_bank: list[np.ndarray], form: str,
