@@ -1,0 +1,102 @@
+"""What NG labels in the ranking (`ng_rank: auto`) cost: per NG sample sent, per load, per prediction.
+
+    .venv/bin/python bench/ng_rank_cost.py > docs/results/ng_rank_cost.json
+
+Per dataset (full OK training set, shipped defaults): `send_ng` of 10 defects (spread over the classes), its
+seconds (beside the same send_ng with `ng_rank: off` on a copy) and the form the ROI chose; the seconds of a
+load (RoiModel opened again) and of refitting each form's heads from the stored NG samples (what a load does for
+a ROI that uses one); then `--images` test images predicted (decoded beforehand) with each form's term in force,
+whether or not the ROI chose it (its cost does not depend on its figures), and without one (the plain score:
+certified search), alternated `--rounds` times; medians per image, the backbone's own median beside them, and
+the term's added milliseconds as a share of the backbone's (the issue's budget: added work <= 50 % of the main
+forward). Timings here move by 50 % between runs: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from datasets import SPLITS, shared_root  # noqa: E402
+from eval import commit  # noqa: E402
+
+from core.backbones import get_extractor  # noqa: E402
+from core.image_io import decode_image  # noqa: E402
+from core.method.ng_rank import FORMS  # noqa: E402
+from core.roi import ng_ranking  # noqa: E402
+from core.roi.model import ModelSettings, RoiModel  # noqa: E402
+
+N_NG = 10
+
+
+def run(name: str, extractor, images: int, rounds: int) -> dict:  # noqa: ANN001 - a FeatureExtractor
+    split = SPLITS[name](shared_root())
+    defects = [p for p, lab, _ in split.test if lab]
+    ng = defects[:: max(1, len(defects) // N_NG)][:N_NG]
+    probes = [decode_image(p.read_bytes()) for p, _, _ in split.test[:: max(1, len(split.test) // images)][:images]]
+    out: dict = {"dataset": name, "ok_images": len(split.train), "ng_images": len(ng), "probes": len(probes)}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = RoiModel(Path(tmp), "cost", name, extractor, ModelSettings())
+        model.fit_ok([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in split.train])
+        shutil.copytree(tmp, Path(tmp + "-off"))
+        try:
+            off = RoiModel(Path(tmp + "-off"), "cost", name, extractor, ModelSettings(ng_rank="off"))
+            t0 = time.perf_counter()
+            off.send_ng([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in ng])
+            out["send_ng_s_off"] = round(time.perf_counter() - t0, 2)
+        finally:
+            shutil.rmtree(tmp + "-off")
+        t0 = time.perf_counter()
+        model.send_ng([(p.read_bytes(), decode_image(p.read_bytes()), {}) for p in ng])
+        out["send_ng_s"] = round(time.perf_counter() - t0, 2)
+        out["ng_rank"] = model.state().get("ng_rank")
+        t0 = time.perf_counter()
+        model = RoiModel(Path(tmp), "cost", name, extractor, ModelSettings())
+        out["load_s"] = round(time.perf_counter() - t0, 2)
+        # each form's cost whether or not this ROI chose one (a term's figures do not change its cost)
+        active = model.scorer.active
+        terms: dict = {"plain": None}
+        for form in FORMS:
+            record = {"form": form, "active": active, "ng_samples": len(ng), "spread": 1.0,
+                      "scales": [{"mean": 0.0, "std": 1.0}] * len(active)}
+            t0 = time.perf_counter()
+            terms[form] = ng_ranking.rebuild(record, model.index, active)
+            out[f"refit_s_{form}"] = round(time.perf_counter() - t0, 2)
+        model.predict(probes[:2])  # warm-up
+        times: dict[str, list[float]] = {**{k: [] for k in terms}, "backbone": []}
+        for _ in range(rounds):
+            for label, term in terms.items():
+                model.scorer.ng = term
+                model.predict(probes[:1])  # the certified search's clusters built outside the timing
+                t0 = time.perf_counter()
+                preds = model.predict(probes)
+                times[label].append((time.perf_counter() - t0) * 1000 / len(probes))
+                times["backbone"] += [p.timings_ms["backbone"] for p in preds]  # per image already
+    med = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    out["predict_ms"] = med
+    out["added_share_of_backbone"] = {f: round((med[f] - med["plain"]) / med["backbone"], 2) for f in FORMS}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    extractor = get_extractor("efficientnet_lite0")
+    print(json.dumps({"commit": commit(), "command": "bench/ng_rank_cost.py " + " ".join(sys.argv[1:]),
+                      "results": [run(n, extractor, a.images, a.rounds) for n in a.datasets]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
