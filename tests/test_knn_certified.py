@@ -15,7 +15,7 @@ import torch
 
 from core.image_io import decode_image
 from core.method.knn import NearestNeighbour
-from core.method.knn_certified import MIN_BANK, ClusteredBank, certified_maps, support_radius
+from core.method.knn_certified import MIN_BANK, ClusteredBank, certified_maps, certified_top, support_radius
 from core.method.scoring import input_res_map
 from core.roi.model import ModelSettings, RoiModel
 from tests.conftest import AGENT_ENV_KEYS
@@ -145,6 +145,59 @@ def test_only_part_of_the_patches_is_searched_exactly(tire_model: RoiModel, tire
     for (_, m), e in zip(pairs, exact_maps, strict=True):
         assert m.max() == pytest.approx(e.max(), abs=1e-6)  # the peak is exact (to float32 rounding)
         assert np.all(m >= e - 1e-5)  # elsewhere bounds from above
+
+
+def test_the_most_anomalous_patches_come_exact_from_the_bounds() -> None:
+    """certified_top on random vectors: the same set as sorting the exact distances, from part of the search."""
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(2048, 32)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = rng.normal(size=(900, 32)).astype(np.float32)
+    q[:20] += bank[:20] * 0.1  # a few far, most near: like an image's patches
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    knn = NearestNeighbour(torch.from_numpy(bank))
+    exact = knn.distances(torch.from_numpy(q)).numpy()
+    dist = ClusteredBank(torch.from_numpy(bank)).upper_bounds(torch.from_numpy(q))
+    done = np.zeros(len(q), bool)
+    searched: list[int] = []
+
+    def search(idx: np.ndarray) -> np.ndarray:
+        searched.append(idx.size)
+        return knn.distances(torch.from_numpy(q[idx])).numpy()
+
+    top = certified_top(dist, done, search, 18)
+    assert set(top.tolist()) == set(np.argsort(exact)[-18:].tolist())
+    assert np.allclose(dist[top], exact[top], atol=1e-5) and sum(searched) < len(q)
+
+
+def test_an_ng_term_under_the_certified_search_equals_the_exact_one(tire_model: RoiModel, tire: Path) -> None:
+    """A ROI whose NG samples rank its parts keeps the certified search: the term reads the same top patches."""
+    from core.method import ng_rank
+
+    def tops(paths: list[Path]) -> list[list[np.ndarray]]:
+        out = []
+        for emb in tire_model.index.embed([decode_image(p.read_bytes()) for p in paths]):
+            out.append([f[ng_rank.top_rows(b.search(f))] for f, b in zip(emb.feats, tire_model.branches,
+                                                                          strict=True)])
+        return out
+
+    good = sorted((tire / "train" / "good" / "rgb").glob("*.png"))
+    cuts = sorted((tire / "test" / "cut" / "rgb").glob("*.png"))
+    banks = [b.bank.feats.numpy() for b in tire_model.branches]
+    term = ng_rank.fit_term("linear_head", banks, tops(good[12:20]), tops(cuts[8:14]), 0.01)
+    images = [decode_image(p.read_bytes(), mm_per_px=0.1) for p in good[22:26] + cuts[:3]]
+    tire_model.scorer.ng = term
+    try:
+        certified, exact = _predict(tire_model, images, "certified"), _predict(tire_model, images, "exact")
+    finally:
+        tire_model.scorer.ng = None
+    # a good part: the certified search, a part of it; a flagged one whose term lifts the map: the exact map
+    modes = [(c.search.mode, c.is_anomaly, c.search.searched < c.search.patches) for c in certified]
+    assert all(m[0] == "certified" or m[1] for m in modes), modes
+    assert sum(m == ("certified", False, True) for m in modes) >= 2, modes
+    _same(certified, exact)
+    plain = _predict(tire_model, images, "exact")
+    assert any(abs(e.score - p.score) > 1e-3 for e, p in zip(exact, plain, strict=True))  # the term is in them
 
 
 def test_a_heatmap_or_another_score_statistic_uses_the_exact_search(tire_model: RoiModel, tire: Path) -> None:

@@ -17,7 +17,9 @@ needs every patch's exact distance:
    the threshold, with their values, are the exact map's (a pixel of the full-resolution map interpolates
    input pixels at most one apart).
 
-So the score, the verdict and the regions equal the exact search's (tests/test_knn_certified.py). Away
+So the score, the verdict and the regions equal the exact search's (tests/test_knn_certified.py). The same
+bounds give an image's most anomalous patches exactly (`certified_top`, for an NG-aware term): the largest
+values are searched until all of them are exact. Away
 from its peak and regions a map holds bounds: a heatmap or the full map use the exact search; the
 operator page's preview thumbnail of a prediction shows that map (docs/protocol.md).
 """
@@ -124,7 +126,22 @@ def certified_maps(searches: list, bounds: list[ClusteredBank], feats: list[np.n
                 st.dist[idx] = searches[b](idx)
                 st.exact[idx] = True
     searched = int(sum(st.exact.sum() for st in states))
-    return [(st.dist, m) for st, m in zip(states, maps, strict=True)], {"exact_patches": searched, "rounds": rounds}
+    return [(st.dist, m) for st, m in zip(states, maps, strict=True)], {
+        "exact_patches": searched, "rounds": rounds, "exact": [st.exact for st in states]}
+
+
+def certified_top(dist: np.ndarray, exact: np.ndarray, search, n: int) -> np.ndarray:  # noqa: ANN001
+    """Positions of the `n` largest exact distances, from distances that are exact where `exact` and upper
+    bounds elsewhere (as `certified_maps` leaves them): the n largest values are searched exactly until all
+    of them are exact; then every other patch's distance is at most its bound, at most the n-th value. `dist`
+    and `exact` are updated in place; `search(idx)` -> exact distances of patches idx."""
+    while True:
+        top = np.argsort(dist, kind="stable")[-n:]
+        todo = top[~exact[top]]
+        if todo.size == 0:
+            return top
+        dist[todo] = search(todo)
+        exact[todo] = True
 
 
 def _candidates(amap: np.ndarray, mask: np.ndarray | None, st: _Branch) -> np.ndarray:

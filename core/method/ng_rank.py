@@ -42,10 +42,14 @@ MAX_FIT = 40  # a head learns from at most this many (the most recent) NG sample
 Tops = list[np.ndarray]  # one image's top patches per branch: [n_top, D] each
 
 
+def top_count(patches: int) -> int:
+    """How many of an image's patches are its most anomalous: `TOP_SHARE`, at least one."""
+    return max(1, int(round(TOP_SHARE * patches)))
+
+
 def top_rows(dist: np.ndarray) -> np.ndarray:
-    """Positions of the most anomalous `TOP_SHARE` of an image's patches (at least one), by OK distance."""
-    n = max(1, int(round(TOP_SHARE * len(dist))))
-    return np.argsort(dist, kind="stable")[-n:]
+    """Positions of the most anomalous `TOP_SHARE` of an image's patches, by OK distance."""
+    return np.argsort(dist, kind="stable")[-top_count(len(dist)):]
 
 
 class Head:

@@ -8,8 +8,8 @@ images are scored by the same code.
 
 A prediction without a heatmap or the full map takes the certified search (core/method/knn_certified.py)
 when every branch offers clusters: the same score and regions from a fraction of the exact search. A ROI
-that adds an NG-aware term (`ng`, core/method/ng_rank.py) searches exactly: the term reads the image's most
-anomalous patches, which only the exact search ranks.
+that adds an NG-aware term (`ng`, core/method/ng_rank.py) gets the image's most anomalous patches from the
+same bounds (`certified_top`): the term equals the exact search's too.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 
 from core.method.branch import Branch
 from core.method.fusion import BranchScale, fuse_maps, fuse_scores, lift_peak
-from core.method.knn_certified import certified_maps
-from core.method.ng_rank import NgTerm, top_rows
+from core.method.knn_certified import certified_maps, certified_top
+from core.method.ng_rank import NgTerm, top_count, top_rows
 from core.method.scoring import image_score, input_res_map, resize_mask
 from core.prediction import SearchStats
 
@@ -86,8 +86,7 @@ class Scorer:
     def can_certify(self, exact_map_needed: bool) -> bool:
         """The certified search decides the score only when the score is the map's peak and no full map is
         wanted (a heatmap, the returned map): then it gives the exact search's results."""
-        return not (exact_map_needed or self.settings.knn_search == "exact" or self.settings.score_stat != "max"
-                    or self.ng is not None)
+        return not (exact_map_needed or self.settings.knn_search == "exact" or self.settings.score_stat != "max")
 
     def maps(self, feats: list[np.ndarray], grids: list[tuple[int, int]], input_size: tuple[int, int],
              threshold: float, exact_map_needed: bool) -> tuple[list[np.ndarray], SearchStats, float]:
@@ -102,7 +101,13 @@ class Scorer:
                 searches = [lambda idx, i=i, b=b: self.branches[b].search(feats[i][idx]) for i, b in enumerate(on)]
                 pairs, info = certified_maps(searches, clusters, feats, grids, input_size, self.settings.blur_sigma,
                                              self.mask_at(input_size), self._scales(), threshold)
-                return [m for _, m in pairs], SearchStats("certified", patches, int(info["exact_patches"])), 0.0
+                maps, term = [m for _, m in pairs], 0.0
+                if self.ng is not None:
+                    term = self.ng([feats[i][certified_top(d, info["exact"][i], searches[i], top_count(len(d)))]
+                                    for i, (d, _) in enumerate(pairs)])
+                # a term that flags the part lifts the map's peak (fuse), which moves the regions: the exact map
+                if term <= 0 or fuse_scores([self.map_score(m) for m in maps], self._scales()) + term <= threshold:
+                    return maps, SearchStats("certified", patches, int(sum(x.sum() for x in info["exact"]))), term
         dists = [self.branches[b].search(feats[i]) for i, b in enumerate(on)]
         maps = [self.branch_map(d, grids[i], input_size) for i, d in enumerate(dists)]
         term = self.ng([f[top_rows(d)] for f, d in zip(feats, dists, strict=True)]) if self.ng is not None else 0.0
