@@ -42,9 +42,10 @@ def _v1() -> dict:
     lambda m: m.update(ng_rank={"form": "linear_head", "active": [0], "ng_samples": 9,
                                 "scales": [{"mean": 0.1, "std": 0.1}], "spread": -1.0}),
     lambda m: m.update(ng_rank={"form": "pickle", "active": [0], "ng_samples": 9}),
+    lambda m: m.update(ng_rank={"form": None, "active": [0], "ng_samples": 9, "cv_auroc_gain": {"x": {"y": 1}}}),
 ], ids=["no-threshold", "threshold-without-method", "version-abc", "threshold-nan", "negative-threshold",
         "count-as-string", "path-like-id", "string-score", "zero-std", "percentile-out-of-range",
-        "ng-form-without-scales", "ng-negative-spread", "ng-unknown-form"])
+        "ng-form-without-scales", "ng-negative-spread", "ng-unknown-form", "ng-gains-not-figures"])
 def test_a_manifest_that_is_not_ours_is_refused_by_its_schema(edit) -> None:
     m = _v1()
     check_manifest(m)  # the v1 manifest (written before the schema existed) is valid

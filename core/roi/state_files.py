@@ -111,6 +111,8 @@ class NgRank(_Open):  # core/roi/ng_ranking.py: whether NG samples rank the ROI'
     form: Literal["ng_bank", "linear_head"] | None
     active: Annotated[list[Annotated[int, Field(ge=0, lt=16)]], Field(min_length=1, max_length=16)]
     ng_samples: Count
+    reason: Text | None = None
+    cv_auroc_gain: dict[Literal["ng_bank", "linear_head"], FiniteFloat] = {}
     scales: Annotated[list[BranchScaleInfo], Field(max_length=16)] = []
     spread: Annotated[FiniteFloat, Field(gt=0)] | None = None
 
