@@ -10,10 +10,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from agent.opcua.config import OpcUaConfig
 from core.backbones import BACKBONES, max_block
@@ -72,8 +81,14 @@ def _roi_fields() -> dict[str, Any]:
             continue
         doc, choices = meta.pop("doc", None), meta.pop("choices", None)
         kind = Literal[choices] if choices else hints[f.name]  # type: ignore[valid-type]
+        if choices and "off" in choices:  # YAML 1.1 reads a bare `off` (also in an env value) as false
+            kind = Annotated[kind, BeforeValidator(_yaml_off)]
         fields[f.name] = (kind | None, Field(None, description=doc, **meta))
     return fields
+
+
+def _yaml_off(v: Any) -> Any:
+    return "off" if v is False else v
 
 
 class _RoiExtras(Strict):

@@ -64,6 +64,16 @@ def test_env_and_cli_overrides(tmp_path: Path) -> None:
         load_config(path, env={"ANOMALY_AGENT_MQTT__NOPE": "1"})
 
 
+def test_a_bare_off_means_off_in_yaml_and_in_the_environment(tmp_path: Path) -> None:
+    """YAML 1.1 reads `off` as false: `ng_rank: off` is what an integrator writes, and it must work."""
+    cfg = load_config(write(tmp_path, "defaults:\n  ng_rank: off\n"), env={})
+    assert cfg.roi_settings("st1", "a")[0].ng_rank == "off"
+    cfg = load_config(write(tmp_path, "data_root: d\n"), env={"ANOMALY_AGENT_DEFAULTS__NG_RANK": "off"})
+    assert cfg.roi_settings("st1", "a")[0].ng_rank == "off"
+    with pytest.raises(ConfigError, match="ng_rank"):
+        load_config(write(tmp_path, "defaults:\n  ng_rank: true\n"), env={})  # not a value it has
+
+
 def test_roi_override_merges_over_defaults(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, "defaults:\n  coreset_ratio: 0.2\n  heatmap: true\n"
                                       "rois:\n  st1/roi_a:\n    score_stat: top1_mean\n"), env={})
