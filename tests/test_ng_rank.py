@@ -80,6 +80,28 @@ def test_a_head_learns_from_the_most_recent_ng_samples_only() -> None:
     assert np.array_equal(heads[0].knn.bank.numpy()[:6], ng_tops[10][0])  # the oldest ten left out
 
 
+def test_samples_a_form_cannot_be_fitted_on_leave_the_plain_score_and_say_why() -> None:
+    """Features no head can learn from (non-finite values in an index written by a faulty disk, say) must not
+    stop the ROI's threshold update: the plain score, and the reason in its state."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from core.roi import ng_ranking
+
+    rng = np.random.default_rng(4)
+    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9), _banks(rng)
+    for t in ng_tops:
+        t[0][:] = np.nan
+    rows = SimpleNamespace(ok_rows={"tops": ok_tops, "ids": [f"ok{i}" for i in range(30)]},
+                           ng_rows={"tops": ng_tops, "ids": [f"ng{i}" for i in range(9)]}, by_sample={})
+    branches = [SimpleNamespace(bank=SimpleNamespace(feats=torch.from_numpy(b))) for b in banks]
+    ok, ng = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    record, term, ok2, ng2 = ng_ranking.decide("auto", rows, ok, ng, [0, 1], branches, "st/roi")
+    assert term is None and record["form"] is None and "could not be fitted" in record["reason"]
+    assert (ok2, ng2) == (ok, ng)
+
+
 def test_a_lifted_peak_reaches_the_score_and_leaves_the_background() -> None:
     amap = np.zeros((20, 20), np.float32)
     amap[5:8, 5:8] = 1.0

@@ -16,7 +16,7 @@ import numpy as np
 
 from core.method.branch import Branch
 from core.method.fusion import BranchScale
-from core.method.ng_rank import MAX_FIT, NgTerm, choose, fit_heads, fit_term, spread_of, top_rows
+from core.method.ng_rank import MAX_FIT, Choice, NgTerm, choose, fit_heads, fit_term, spread_of, top_rows
 from core.method.scorer import Scorer
 from core.roi.index import RoiIndex
 from core.roi.sample_scores import SampleScorer
@@ -37,14 +37,18 @@ def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], a
     ok_tops = [[t[b] for b in active] for t in rows.ok_rows["tops"]]
     ng_tops = [[t[b] for b in active] for t in rows.ng_rows["tops"]]
     banks = _banks(branches, active)
-    choice = choose(ok, ng, ok_tops, ng_tops, banks)
+    try:
+        choice = choose(ok, ng, ok_tops, ng_tops, banks)
+        term = fit_term(choice.form, banks, ok_tops, ng_tops, spread_of(ok)) if choice.form else None
+    except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:  # degenerate samples: the plain score, said
+        log.warning("%s: NG-aware term not fitted (%s): NG samples move only the threshold", name, e)
+        choice, term = Choice(None, {}, [], f"could not be fitted: {str(e)[:200]}"), None
     record: dict = {"form": choice.form, "reason": choice.reason, "cv_auroc_gain": choice.gains,
                     "ng_samples": len(ng), "active": list(active)}
     log.info("%s: NG-aware term %s (%s; cross-validated AUROC gains %s)", name, choice.form or "not used",
              choice.reason, choice.gains)
-    if choice.form is None:
+    if term is None:
         return record, None, ok, ng
-    term = fit_term(choice.form, banks, ok_tops, ng_tops, spread_of(ok))
     ok = [x + term(t) for x, t in zip(ok, ok_tops, strict=True)]
     ng = [x + d for x, d in zip(ng, choice.ng_terms, strict=True)]
     rows.by_sample = {"ok": dict(zip([i for i in rows.ok_rows["ids"] if i is not None], ok, strict=True)),
@@ -72,7 +76,11 @@ def rebuild(record: dict | None, index: RoiIndex, active: Sequence[int]) -> NgTe
             feats = np.array(arrays[b][e["offset"] : e["offset"] + e["count"]])  # a copy: the index is read-only
             per.append(feats[top_rows(index.branches[b].search(feats))])
         ng_tops.append(per)
-    heads = fit_heads(record["form"], _banks(index.branches, active), ng_tops)
+    try:
+        heads = fit_heads(record["form"], _banks(index.branches, active), ng_tops)
+    except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:
+        log.warning("NG-aware term %s could not be refitted (%s): the threshold is decided again", record["form"], e)
+        return None
     return NgTerm(record["form"], heads, [BranchScale(**s) for s in scales], float(record["spread"]))
 
 
