@@ -71,3 +71,18 @@ def halves(split: Split) -> tuple[Split, Split]:
         n = seen[folder] = seen.get(folder, -1) + 1
         (val if n % 2 == 0 else test).append(item)
     return Split(split.name + ":val", split.train, val), Split(split.name + ":test", split.train, test)
+
+
+def defect_kinds(split: Split) -> np.ndarray:
+    """Each test image's defect class (its folder), "good" for the good ones."""
+    return np.array([(p.parent.parent if p.parent.name in ("Imgs", "rgb") else p.parent).name if lab else "good"
+                     for p, lab, _ in split.test])
+
+
+def labelled_draw(kinds: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test images drawn as labelled NG samples: k per defect class, at least one of each class left out;
+    every other test image), one random draw per seed."""
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(kinds == c), min(k, (kinds == c).sum() - 1), replace=False)
+                             for c in sorted(set(kinds) - {"good"})])
+    return chosen, np.setdiff1d(np.arange(len(kinds)), chosen)

@@ -123,6 +123,18 @@ def commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def cost_main(doc: str, script: str, run) -> None:  # noqa: ANN001 - run(name, extractor, images, rounds) -> dict
+    """The command line of the per-dataset cost benchmarks (--datasets, --images, --rounds); JSON on stdout."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
+    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    extractor = get_extractor("efficientnet_lite0")
+    print(json.dumps({"commit": commit(), "command": f"bench/{script} " + " ".join(sys.argv[1:]),
+                      "results": [run(n, extractor, a.images, a.rounds) for n in a.datasets]}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="efficientnet_lite0")

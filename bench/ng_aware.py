@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datasets import SPLITS, shared_root  # noqa: E402
+from datasets import SPLITS, defect_kinds, labelled_draw, shared_root  # noqa: E402
 from eval import commit, recall_at_frr  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
@@ -154,18 +154,14 @@ def run(name: str, extractor) -> dict:  # noqa: ANN001 - a FeatureExtractor
         ok_bank = [model.branches[b].bank.feats.numpy() for b in PAIR]
         embed_s = time.perf_counter() - t0
     labels = np.array([lab for _, lab, _ in split.test])
-    kinds = np.array([(p.parent.parent if p.parent.name in ("Imgs", "rgb") else p.parent).name if lab else "good"
-                      for p, lab, _ in split.test])
+    kinds = defect_kinds(split)
     classes = sorted(set(kinds) - {"good"})
     base_train = np.array([r["score"] for r in train_rows])
     base_test = np.array([r["score"] for r in test_rows])
     results = []
     for k in KS:
         for seed in range(SEEDS):
-            rng = np.random.default_rng(seed)
-            chosen = np.concatenate([rng.choice(np.flatnonzero(kinds == c), min(k, (kinds == c).sum() - 1),
-                                                replace=False) for c in classes])
-            rest = np.setdiff1d(np.arange(len(labels)), chosen)
+            chosen, rest = labelled_draw(kinds, k, seed)
             row = {"k": k, "seed": seed, "labelled": len(chosen), "evaluated": len(rest),
                    "shipped": measure(labels[rest], base_test[rest], base_train)}
             zb_train, zb_test = z(base_train, base_train), z(base_test, base_train)

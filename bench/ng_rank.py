@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from datasets import SPLITS, shared_root  # noqa: E402
+from datasets import SPLITS, defect_kinds, labelled_draw, shared_root  # noqa: E402
 from eval import commit, recall_at_frr  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
@@ -57,8 +57,7 @@ def measure(labels: np.ndarray, s: np.ndarray, threshold: float) -> dict:
 def run(name: str, extractor) -> dict:  # noqa: ANN001 - a FeatureExtractor
     split = SPLITS[name](shared_root())
     labels = np.array([lab for _, lab, _ in split.test])
-    kinds = np.array([(p.parent.parent if p.parent.name in ("Imgs", "rgb") else p.parent).name if lab else "good"
-                      for p, lab, _ in split.test])
+    kinds = defect_kinds(split)
     classes = sorted(set(kinds) - {"good"})
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,10 +71,7 @@ def run(name: str, extractor) -> dict:  # noqa: ANN001 - a FeatureExtractor
         plain = scores(model, embs, sizes)
         for k in KS:
             for seed in range(SEEDS):
-                rng = np.random.default_rng(seed)
-                chosen = np.concatenate([rng.choice(np.flatnonzero(kinds == c), min(k, (kinds == c).sum() - 1),
-                                                    replace=False) for c in classes])
-                rest = np.setdiff1d(np.arange(len(labels)), chosen)
+                chosen, rest = labelled_draw(kinds, k, seed)
                 root = Path(tmp) / f"k{k}-{seed}"
                 shutil.copytree(fitted, root)
                 t0 = time.perf_counter()

@@ -14,8 +14,6 @@ forward). Timings here move by 50 % between runs: compare ratios from one run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -27,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import SPLITS, shared_root  # noqa: E402
-from eval import commit  # noqa: E402
+from eval import cost_main  # noqa: E402
 
-from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
 from core.method.ng_rank import FORMS, fit_term, spread_of  # noqa: E402
 from core.roi.model import ModelSettings, RoiModel  # noqa: E402
@@ -97,14 +94,7 @@ def run(name: str, extractor, images: int, rounds: int) -> dict:  # noqa: ANN001
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
-    ap.add_argument("--images", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    extractor = get_extractor("efficientnet_lite0")
-    print(json.dumps({"commit": commit(), "command": "bench/ng_rank_cost.py " + " ".join(sys.argv[1:]),
-                      "results": [run(n, extractor, a.images, a.rounds) for n in a.datasets]}, indent=1))
+    cost_main(__doc__, "ng_rank_cost.py", run)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ run (timings here move by 50 % between runs: compare ratios, not runs).
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from datasets import SPLITS, shared_root  # noqa: E402
-from eval import commit  # noqa: E402
+from eval import cost_main  # noqa: E402
 
-from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
 from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
@@ -63,14 +60,7 @@ def run(name: str, extractor, images: int, rounds: int) -> dict:  # noqa: ANN001
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=list(SPLITS))
-    ap.add_argument("--images", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    extractor = get_extractor("efficientnet_lite0")
-    print(json.dumps({"commit": commit(), "command": "bench/tuning_cost.py " + " ".join(sys.argv[1:]),
-                      "results": [run(n, extractor, a.images, a.rounds) for n in a.datasets]}, indent=1))
+    cost_main(__doc__, "tuning_cost.py", run)
 
 
 if __name__ == "__main__":
