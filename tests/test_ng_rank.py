@@ -59,6 +59,31 @@ def test_ng_samples_that_share_a_look_the_plain_score_misses_rank_higher() -> No
     assert min(term(t) for t in new_ng) > max(term(t) for t in new_ok)
 
 
+def test_the_ng_scores_that_place_the_threshold_are_the_held_out_ones() -> None:
+    """A term scores the NG samples it learnt from too well; the threshold must see them as it will see a new
+    defect: each NG sample's term from the folds that did not learn from it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from core.roi import ng_ranking
+
+    rng = np.random.default_rng(0)
+    shift = np.zeros(D)
+    shift[3] = 2.5
+    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9, shift), _banks(rng)
+    ok, ng = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    rows = SimpleNamespace(ok_rows={"tops": ok_tops, "ids": [f"ok{i}" for i in range(30)]},
+                           ng_rows={"tops": ng_tops, "ids": [f"ng{i}" for i in range(9)]}, by_sample={})
+    branches = [SimpleNamespace(bank=SimpleNamespace(feats=torch.from_numpy(b))) for b in banks]
+    record, term, ok2, ng2 = ng_ranking.decide("auto", rows, ok, ng, [0, 1], branches, "st/roi")
+    assert term is not None and record["form"] == term.form
+    in_sample = [x + term(t) for x, t in zip(ng, ng_tops, strict=True)]
+    assert np.mean(ng2) < np.mean(in_sample)  # held out: lower than the fitted term gives its own samples
+    assert ok2 == pytest.approx([x + term(t) for x, t in zip(ok, ok_tops, strict=True)])
+    assert rows.by_sample["ng"] == dict(zip(rows.ng_rows["ids"], ng2, strict=True))  # what the state lists
+
+
 def test_the_guard_keeps_the_plain_score_when_labels_add_nothing() -> None:
     rng = np.random.default_rng(1)
     ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9), _banks(rng)
