@@ -77,6 +77,7 @@ class SampleScorer:
             branch.begin_round()
         ok_parts: list[tuple[str, list, list[float]]] = []
         ok_tops, ng_tops = [], []
+        tops = bool(branches[0].emb["ng"].entries)  # only an NG-aware term reads them (core/roi/ng_ranking.py)
         entries = branches[0].emb["ok"].entries
         for i in range(max(0, len(entries) - holdout_max), len(entries)):
             self.progress()
@@ -84,13 +85,15 @@ class SampleScorer:
                 continue  # every bank entry is this sample's: nothing to leave it out against
             parts = self._dists(branches, "ok", i, arrays["ok"], i)
             ok_parts.append((entries[i]["sample_id"], parts, self._branch_scores("ok", entries[i]["sample_id"], parts)))
-            ok_tops.append(self._tops(parts, arrays["ok"]))
+            if tops:
+                ok_tops.append(self._tops(parts, arrays["ok"]))
         ng_parts = []
         for i, e in enumerate(branches[0].emb["ng"].entries):
             self.progress()
             parts = self._dists(branches, "ng", i, arrays["ng"], None)
             ng_parts.append((e["sample_id"], parts, self._branch_scores("ng", e["sample_id"], parts)))
-            ng_tops.append(self._tops(parts, arrays["ng"]))
+            if tops:
+                ng_tops.append(self._tops(parts, arrays["ng"]))
         for branch in branches:
             branch.end_round()
         seen = {("ok", sid) for sid, _, _ in ok_parts} | {("ng", sid) for sid, _, _ in ng_parts}
