@@ -62,7 +62,9 @@ class Broker:
         # `user`: started as root, mosquitto would switch to the user 'mosquitto', which cannot write its
         # persistence file into our directory; sessions would then be lost across a broker restart
         conf = (f"listener {self.port} 127.0.0.1\npersistence true\n"
-                f"persistence_location {self.dir}/\nmax_queued_messages 5000\nuser {getpass.getuser()}\n")
+                f"persistence_location {self.dir}/\nmax_queued_messages 5000\nuser {getpass.getuser()}\n"
+                # the default log types, plus subscriptions: a test can wait until a client is listening
+                "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type subscribe\n")
         if not secure:
             conf += "allow_anonymous true\n"
         else:
@@ -91,6 +93,11 @@ class Broker:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
+
+    def subscribed(self, topic: str) -> bool:
+        """Some client's subscription to `topic` reached the broker (its log)."""
+        log = self.dir / "broker.log"
+        return log.exists() and f" {topic}".encode() in log.read_bytes()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
