@@ -130,7 +130,8 @@ def cmd_calibrate(rt: Runtime, args: argparse.Namespace) -> int:
     model = rt.model(role, roi)
     if args.threshold is not None or args.reset or args.policy is not None:
         policy = requested_policy(args.policy, args.threshold, args.reset)
-        _emit(model.calibrate(policy, args.threshold, args.ok_percentile, args.ng_margin, args.ng_recall))
+        _emit(model.calibrate(policy, args.threshold, args.ok_percentile, args.ng_margin, args.ng_recall,
+                              out_of_range=args.allow_out_of_range))
         return EXIT_OK
     if not args.images:
         raise InputError("give NG images, --threshold V, --policy P or --reset", code="usage")
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mm-per-px", type=float, default=None)
     sp.add_argument("--source", default=None)
     sp.add_argument("--threshold", type=float, default=None, help="manual threshold override")
+    sp.add_argument("--allow-out-of-range", action="store_true",
+                    help="accept a --threshold outside the range the ROI's own scores allow (0.5x lowest..2x highest)")
     sp.add_argument("--reset", action="store_true", help="drop a manual override or policy, back to the config")
     sp.add_argument("--policy", choices=["auto", "ok_only", "config"], default=None,
                     help="recompute the threshold with this policy (kept for later fits; config: the configured one)")

@@ -173,6 +173,11 @@ class HttpConfig(Strict):
     request_timeout_s: float = Field(300.0, gt=0)
     recent_results: int = Field(20, ge=0, le=200)  # results (with heatmaps, ~0.35 MB each) for the operator page
     page_refresh_s: float = Field(5.0, ge=0)  # 0: the operator page does not reload itself
+    # names a browser may reach the agent by, besides IP literals, localhost, `host` and the machine's
+    # host name ("*": any; agent/http/origin.py): a DNS-rebinding page's own name is on no list
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=100)
+    max_connections: int = Field(64, ge=1, le=10_000)  # open connections; more are closed at once
+    header_timeout_s: float = Field(10.0, gt=0, le=300)  # a request's headers complete within this (slow clients)
 
     @model_validator(mode="after")
     def _tls(self) -> HttpConfig:
@@ -195,6 +200,9 @@ class HttpConfig(Strict):
 
 class WorkerConfig(Strict):
     queue_size: int = Field(64, ge=1)
+    # the share of the queue one ingress (folder, mqtt, http) may hold: a flood on one leaves the rest to
+    # the others (1.0: first come, first served)
+    ingress_share: float = Field(0.5, gt=0, le=1)
     # auto: 8 on CUDA, 1 on CPU, where a batched forward is slower than single ones (docs/benchmarks.md)
     max_batch: int | Literal["auto"] = "auto"
     max_wait_ms: float = Field(5.0, ge=0)
@@ -221,6 +229,7 @@ class LifecycleConfig(Strict):
     suspect_min_samples: int = Field(8, ge=3)
     trash_keep: int = Field(500, ge=0)  # trashed samples per ROI and kind that no kept version needs
     trash_max_age_days: float | None = Field(90.0, ge=0)
+    max_ng_samples: int = Field(200, ge=1, le=100_000)  # stored NG samples per ROI; more: too_many_samples
 
 
 class DriftConfig(Strict):

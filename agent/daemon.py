@@ -13,6 +13,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.debug_heatmaps import DebugHeatmaps
 from agent.intake import Intake
 from agent.outputs import Service
+from agent.resilience import open_file_budget
 from agent.runtime import Runtime
 from agent.worker import Worker
 
@@ -125,6 +126,13 @@ def opcua_sink(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) ->
 def serve(cfg: AgentConfig, notifier: Notifier, worker: Worker, transports: list[Service]) -> int:
     """Start the transports, serve until SIGTERM/SIGINT, then stop intake, drain the worker, close."""
     started: list[Service] = []
+    listeners = {k: getattr(cfg, k).max_connections for k in ("http", "opcua") if getattr(cfg, k).enabled}
+    try:
+        log.info("%s", open_file_budget(listeners)[1])
+    except ValueError as exc:
+        log.error("%s", exc)
+        worker.stop(drain=False, timeout=5)
+        return 2
     try:
         for t in transports:
             t.start()

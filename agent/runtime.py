@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.drift import DriftTracker
+from agent.resilience import in_low_priority_thread
 from core.backbones import FeatureExtractor, get_extractor
 from core.drift import DriftSettings
 from core.errors import AnomalyError, InputError, ModelNotReadyError, StorageError, WeightsNotFoundError
@@ -146,13 +148,22 @@ class Runtime:
 
     def import_roi(self, source: bytes | Path, role_id: str | None, roi_id: str | None) -> dict:
         """A ROI archive verified within the configured limits (core/roi/importer.py); safe beside the worker:
-        the new ROI appears in one rename and is loaded at its first request."""
+        its samples are embedded here, in a thread of lowered priority (nice 10), before the new ROI appears
+        in one rename, so its first request finds its index and no other ROI's parts wait behind the work."""
         lim = self.cfg.limits
         ex = self.extractor_for(role_id, roi_id) if role_id and roi_id else self.extractor
         limits = ImportLimits(int(lim.import_max_mb * 2**20), lim.import_max_files, lim.max_bytes, lim.max_rois)
         branches = [i.to_dict() for i in ex.branch_identities]
-        return import_roi(self.cfg.data_root, source, ex.identity.to_dict(), branches, role_id, roi_id, limits,
-                          check_image=self.decode)
+
+        def prepare(root: Path, role: str, roi: str) -> None:
+            t0 = time.perf_counter()
+            settings, _ = self.cfg.roi_settings(role, roi)
+            RoiModel(root, role, roi, self.extractor_for(role, roi), settings, lifecycle=self.lifecycle)
+            log.info("import of %s/%s: samples embedded in %.1f s (off the worker, nice %d)", role, roi,
+                     time.perf_counter() - t0, os.getpriority(os.PRIO_PROCESS, 0))
+
+        return in_low_priority_thread(import_roi, self.cfg.data_root, source, ex.identity.to_dict(), branches,
+                                      role_id, roi_id, limits, check_image=self.decode, prepare=prepare)
 
     def decode(self, data: bytes, mm_per_px: object = None, roi: tuple[str, str] | None = None) -> ImageInput:
         """Decode within the configured limits; without an mm_per_px, the ROI's configured default (if any)."""

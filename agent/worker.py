@@ -47,6 +47,8 @@ class Worker:
         self.observers: list[Callable[[Job, Outcome], None]] = []
         self._finished: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs already answered (exactly once)
         self.counts: Counter[str] = Counter()
+        self._queued_by: Counter[str] = Counter()  # jobs in the queue per ingress (worker.ingress_share)
+        self._share = threading.Condition()
         self._stop = threading.Event()
         self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
@@ -115,11 +117,22 @@ class Worker:
         self._run()
 
     def submit(self, job: Job, timeout: float | None = None) -> bool:
-        """Enqueue (blocking while the queue is full: backpressure). False on timeout."""
+        """Enqueue (blocking while the queue is full: backpressure). False on timeout. One ingress holds at
+        most `worker.ingress_share` of the queue: a flood on one (an open broker) leaves room for the others."""
         job.enqueued_at = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        share = max(1, int(self.cfg.queue_size * self.cfg.ingress_share))
+        with self._share:
+            while self._queued_by[job.ingress] >= share:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._share.wait(left)
+            self._queued_by[job.ingress] += 1
         try:
-            self.queue.put(job, timeout=timeout)
+            self.queue.put(job, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Full:
+            self._taken(job)
             return False
         with self._open_lock:
             self._open.setdefault(job, time.monotonic())
@@ -155,9 +168,17 @@ class Worker:
         if self._backlog:
             return self._backlog.popleft()
         try:
-            return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+            job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
+        self._taken(job)
+        return job
+
+    def _taken(self, job: Job) -> None:
+        """A job left the queue: its ingress may queue one more."""
+        with self._share:
+            self._queued_by[job.ingress] -= 1
+            self._share.notify_all()
 
     def _gather(self, first: Job) -> list[Job]:
         """More jobs of the same ROI and action, within max_wait_ms, up to max_batch."""

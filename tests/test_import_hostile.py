@@ -223,3 +223,71 @@ def test_a_refused_import_over_http_and_the_cli_leaves_the_agent_starting(tmp_pa
         agent.cleanup()
     r = subprocess.run([*cli, "models"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and [json.loads(x)["roi_id"] for x in r.stdout.splitlines()] == ["tire"]
+
+
+def _pax_bomb(path: Path, export_json: bytes, comment_bytes: int) -> None:
+    """A tar.gz whose first member carries a pax header with a `comment` of comment_bytes, written in 1 MiB
+    chunks (never held here): tarfile itself would read that header whole into memory."""
+    import gzip
+
+    body = comment_bytes + len(b"comment=\n")
+    length = body + 1
+    while len(str(length)) + 1 + body != length:
+        length = len(str(length)) + 1 + body
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, length
+    member = tarfile.TarInfo("export.json")
+    member.size = len(export_json)
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.write(pax.tobuf(tarfile.USTAR_FORMAT))
+        out.write(f"{length} comment=".encode())
+        chunk = b"a" * (1 << 20)
+        left = comment_bytes
+        while left:
+            out.write(chunk[: min(left, len(chunk))])
+            left -= min(left, len(chunk))
+        out.write(b"\n" + bytes(-length % tarfile.BLOCKSIZE))
+        out.write(member.tobuf(tarfile.USTAR_FORMAT) + export_json + bytes(-len(export_json) % tarfile.BLOCKSIZE))
+        out.write(bytes(2 * tarfile.BLOCKSIZE))
+
+
+def test_a_300_mib_pax_header_is_refused_before_it_is_read(tmp_path: Path, exported: bytes) -> None:
+    """Issue 33 item 5: tarfile reads a pax header whole, counted by no limit (an 8 MB upload with a 400 MB
+    comment cost 1.2 GB). It is refused from its size before a byte of it is held; peak RSS measured in a
+    subprocess that runs the real import."""
+    path = tmp_path / "pax.tar.gz"
+    _pax_bomb(path, dict(_members(exported))["export.json"], 300 << 20)
+    assert path.stat().st_size < 4 << 20  # a small upload
+    ident, branches = _identity(exported)
+    target = tmp_path / "station2"
+    r = subprocess.run([sys.executable, "-c", STREAM_CHECK, str(target), str(path), json.dumps(ident),
+                        json.dumps(branches)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["code"].startswith("invalid_archive: the archive has an extended header"), out
+    grown_mb = (out["peak_kb"] - out["base_kb"]) / 1024
+    assert grown_mb < 32, out
+    assert not list(target.rglob("*")), "nothing is left"
+
+
+def test_header_bytes_count_against_the_unpacked_limit(tmp_path: Path, exported: bytes) -> None:
+    """Many small pax headers (each under the per-header bound) still count: the archive's headers are
+    part of what it unpacks to."""
+    ms = _members(exported)
+    meta = json.loads(dict(ms)["export.json"])
+    meta["files"] = {n: hashlib.sha256(d).hexdigest() for n, d in ms if n != "export.json"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in [("export.json", json.dumps(meta).encode()), *[(n, d) for n, d in ms if n != "export.json"]]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.pax_headers = {"comment": "x" * 60_000}
+            tar.addfile(info, io.BytesIO(data))
+    ident, branches = _identity(exported)
+    unpacked = sum(len(d) for _, d in ms)
+    limits = ImportLimits(max_unpacked_bytes=unpacked + 30_000)  # room for the files, not for the headers
+    with pytest.raises(AnomalyError, match="unpacks to more than limits.import_max_mb"):
+        import_roi(tmp_path / "station2", buf.getvalue(), ident, branches, limits=limits)
+    limits = ImportLimits(max_unpacked_bytes=unpacked + 60_500 * (len(ms) + 1))
+    assert import_roi(tmp_path / "station3", buf.getvalue(), ident, branches, limits=limits)["roi_id"] == "tire"

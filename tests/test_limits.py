@@ -151,3 +151,24 @@ def test_watchdog_pings_stop_while_an_intake_thread_is_dead(tmp_path: Path, monk
     with pytest.raises(TimeoutError):
         sock.recv(100)
     sock.close()
+
+
+def test_a_flood_on_one_ingress_leaves_the_queue_to_the_others() -> None:
+    """Issue 33: 3000 MQTT requests filled the one queue and HTTP's /predict got queue_full. One ingress holds
+    at most worker.ingress_share of the queue; the others find room; a job taken by the worker frees a place."""
+    from agent.config import WorkerConfig
+
+    worker = Worker(lambda: None, WorkerConfig(queue_size=8, ingress_share=0.5))  # type: ignore[arg-type,return-value]
+
+    def job(ingress: str, i: int) -> Job:
+        return Job("st1", "r", "predict", [b"x"], f"{ingress}-{i}", ingress=ingress)
+
+    flood = [worker.submit(job("mqtt", i), timeout=0) for i in range(20)]
+    assert flood.count(True) == 4 and not any(flood[4:])  # half the queue, then backpressure
+    assert [worker.submit(job("http", i), timeout=0) for i in range(5)] == [True] * 4 + [False]
+    t0 = time.monotonic()
+    assert not worker.submit(job("mqtt", 99), timeout=0.3) and time.monotonic() - t0 >= 0.25  # waits, then no
+    taken = worker._next(0)
+    assert taken is not None and taken.ingress == "mqtt"
+    assert worker.submit(job("mqtt", 100), timeout=0)  # the place it left
+    assert worker.depth() == 8

@@ -190,3 +190,29 @@ def test_labelled_blowholes_rank_new_blowholes_above_good_tiles(tmp_path: Path, 
     off = RoiModel(tmp_path, "st", "tile", extractor, ModelSettings(coreset_min=500, ng_rank="off"))
     assert "ng_rank" not in off.state() and off.scorer.ng is None
     assert off.manifest["threshold"]["value"] != model.threshold
+
+    # issue 33: good tiles sent as NG (by mistake, or by anyone on an open broker) score like good parts: the
+    # ones below the OK samples' median are reported, no term learns from them and they do not place the
+    # threshold; not one real blowhole is taken for one. With suspect_policy refuse they are not kept; and
+    # a ROI keeps at most lifecycle.max_ng_samples NG samples.
+    from core.errors import InputError
+    from core.roi.lifecycle import LifecycleSettings
+
+    assert not [x for x in model.manifest["suspect_samples"] if x.get("kind") == "ng"]  # 9 blowholes: none
+    goods_as_ng = [sample(p) for p in free[100:108]]
+    model.send_ng(goods_as_ng)
+    flagged = {x["sample_id"] for x in model.manifest["suspect_samples"] if x.get("kind") == "ng"}
+    ng_ids = [r.sample_id for r in model.store.list_samples("ng")]
+    blowhole_ids = set(ng_ids[:9])
+    assert len(flagged) >= 3 and not flagged & blowhole_ids, (flagged, ng_ids)
+    record = model.state()["ng_rank"]
+    assert record["ng_samples"] == 17 and (record["form"] is None or set(record["ignored"]) == flagged), record
+    assert len(model.manifest["ng_scores"]) == 17 - len(flagged)  # the threshold sees the others only
+    strict = RoiModel(tmp_path, "st", "tile", extractor, settings,
+                      lifecycle=LifecycleSettings(suspect_policy="refuse", max_ng_samples=20))
+    rep = strict.send_ng([sample(p) for p in free[110:113]])
+    kept = {r.sample_id for r in strict.store.list_samples("ng")}
+    assert set(rep.get("refused", [])) and not set(rep["refused"]) & kept, rep.get("refused")
+    with pytest.raises(InputError, match="max_ng_samples") as exc:
+        strict.send_ng([sample(p) for p in holes[40:44]])
+    assert exc.value.code == "too_many_samples"

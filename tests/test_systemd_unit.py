@@ -22,6 +22,13 @@ def test_unit_declares_notify_watchdog_restart_and_hardening() -> None:
     assert svc["Type"] == "notify" and svc["Restart"] == "on-failure" and int(svc["WatchdogSec"]) > 0
     assert svc["User"] == "anomaly" and svc["NoNewPrivileges"] == "true" and svc["PrivateTmp"] == "true"
     assert svc["ProtectSystem"] == "strict" and svc["ReadWritePaths"] == "/var/lib/anomaly-agent"
+    # the listeners' shipped caps leave room below the unit's open-file limit (issue 33: 1024 was exhausted)
+    from agent.config import HttpConfig
+    from agent.opcua.config import OpcUaConfig
+    from agent.resilience import RESERVED_FDS
+
+    caps = HttpConfig().max_connections + OpcUaConfig().max_connections
+    assert int(svc["LimitNOFILE"]) >= 4 * (caps + RESERVED_FDS)
     assert "ANOMALY_AGENT_DATA_ROOT=/var/lib/anomaly-agent" in svc["Environment"].replace('"', "") or any(
         "ANOMALY_AGENT_DATA_ROOT=/var/lib/anomaly-agent" in line for line in UNIT.read_text().splitlines())
 

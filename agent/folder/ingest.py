@@ -36,6 +36,7 @@ from agent.config import AgentConfig
 from agent.folder.results import FOLDER_ACTIONS, NAME_MAX_BYTES, FolderResults
 from agent.intake import Intake
 from agent.jobs import Outcome
+from agent.resilience import Backoff
 from core.errors import AnomalyError
 from core.ids import ID_PATTERN, safe_text, short_request_id
 from core.storage import read_bounded, read_json
@@ -105,13 +106,22 @@ class FolderIngest(FileSystemEventHandler):
             self._take(Path(os.fsdecode(event.dest_path)))
 
     def _rescan_loop(self) -> None:
-        self.scan(initial=True)
-        last_cleanup = 0.0
-        while not self._stop.wait(min(self.cfg.folder.rescan_s, max(0.2, self.cfg.folder.stable_s))):
-            self.scan()
-            if time.monotonic() - last_cleanup > 3600:
-                last_cleanup = time.monotonic()
-                self.cleanup_done()
+        """Scan, clean up, wait, again; a failing step (out of descriptors, a disk error) backs off and
+        is tried again: the thread never ends before the agent stops."""
+        backoff = Backoff("folder-rescan")
+        initial, last_cleanup, delay = True, 0.0, 0.0
+        interval = min(self.cfg.folder.rescan_s, max(0.2, self.cfg.folder.stable_s))
+        while not self._stop.wait(delay):
+            try:
+                self.scan(initial=initial)
+                initial = False
+                if time.monotonic() - last_cleanup > 3600:
+                    last_cleanup = time.monotonic()
+                    self.cleanup_done()
+                backoff.ok()
+                delay = interval
+            except OSError as exc:
+                delay = backoff.failed(exc)
 
     def cleanup_done(self, now: float | None = None) -> int:
         """Delete processed images in done/ older than folder.done_retention_days, and refused ones (with

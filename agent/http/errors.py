@@ -25,6 +25,7 @@ STATUS_BY_CODE = {
     "version_unavailable": 409, "checksum_mismatch": 422, "invalid_archive": 422, "invalid_sample_ids": 422,
     "invalid_version": 422, "unknown_request": 404, "invalid_json": 400, "invalid_base64": 400,
     "roi_unloadable": 503, "too_many_rois": 409, "busy": 409, "cross_site": 403, "csrf": 403,
+    "host_not_allowed": 403, "too_many_samples": 409,
 }
 
 

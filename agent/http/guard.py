@@ -7,6 +7,7 @@ from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 
 from agent.http.errors import refuse
+from agent.http.origin import HostRule, cross_site_reason
 
 if TYPE_CHECKING:
     from agent.http.context import HttpContext
@@ -35,17 +36,26 @@ FRAME_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"f
 
 
 class Guard:
-    """ASGI middleware: the bearer token (all but /health) and the request size limit, before parsing."""
+    """ASGI middleware, before parsing: the Host allow-list and the same-origin rule of state-changing
+    requests (agent/http/origin.py), the bearer token (all but /health) and the request size limit."""
 
     def __init__(self, app: Any, ctx: HttpContext) -> None:
         self.app, self.ctx = app, ctx
+        self.hosts = HostRule(ctx.cfg.http.host, ctx.cfg.http.allowed_hosts)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             refusal = None
-            if self.ctx.token and scope["path"] != "/health" and not token_ok(headers.get(b"authorization"),
-                                                                               self.ctx.token):
+            cross = cross_site_reason(scope.get("method", ""), headers)
+            host = _header(headers, b"host")
+            if scope["path"] != "/health" and not self.hosts.allows(host):
+                refusal = ("host_not_allowed", f"refused: Host {(host or '')[:80]!r} is not a name of this agent "
+                           "(http.allowed_hosts lists further names)")
+            elif cross is not None:
+                refusal = ("cross_site", f"refused: {cross}")
+            elif self.ctx.token and scope["path"] != "/health" and not token_ok(headers.get(b"authorization"),
+                                                                                 self.ctx.token):
                 refusal = ("unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'")
             else:
                 length = headers.get(b"content-length")
@@ -54,7 +64,7 @@ class Guard:
                     refusal = ("payload_too_large", f"request of {int(length)} bytes is over http.max_request_bytes "
                                f"({limit})")
             if refusal:
-                await refuse(self.ctx, scope, *refusal)(scope, receive, send)
+                await refuse(self.ctx, scope, *refusal)(scope, receive, _framed(send))
                 return
             await self._bounded(scope, receive, send)
             return
@@ -91,7 +101,21 @@ class Guard:
             pass
         if over and not started:
             msg = f"request body over http.max_request_bytes ({limit}): stopped reading at {seen} bytes"
-            await refuse(self.ctx, scope, "payload_too_large", msg)(scope, receive, send)
+            await refuse(self.ctx, scope, "payload_too_large", msg)(scope, receive, _framed(send))
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    v = headers.get(name)
+    return v.decode("latin-1") if v is not None else None
+
+
+def _framed(send: Any) -> Any:
+    """`send` with the frame headers added to the response start (the guard's own refusals too)."""
+    async def framed(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *FRAME_HEADERS]}
+        await send(message)
+    return framed
 
 
 class _BodyTooLarge(Exception):

@@ -95,8 +95,8 @@ def versions_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
                       role_id: Annotated[str | None, Form(description="import under this role_id")] = None,
                       roi_id: Annotated[str | None, Form(description="import under this roi_id")] = None
                       ) -> JSONResponse:
-        """A verified archive as a new ROI (refused when the ROI exists); its samples are embedded again
-        by the worker at the ROI's first request."""
+        """A verified archive as a new ROI (refused when the ROI exists); its samples are embedded during
+        the import (a low-priority thread, not the worker: other ROIs' parts do not wait), before it appears."""
         limit = ctx.cfg.http.max_request_bytes
         data = await file.read(limit + 1)
         if len(data) > limit:

@@ -12,6 +12,7 @@ import uvicorn
 from agent.config import AgentConfig
 from agent.http.api import create_app
 from agent.http.context import HttpContext
+from agent.http.protocol import bounded_protocol
 from agent.intake import Intake
 from agent.metrics import Metrics
 from agent.operator.recent import RecentResults
@@ -37,6 +38,7 @@ class HttpIngest:
         self.server = uvicorn.Server(uvicorn.Config(
             create_app(self.ctx), host=h.host, port=h.port, log_level="warning", access_log=False,
             lifespan="off", timeout_graceful_shutdown=10, server_header=False,
+            http=bounded_protocol(h.max_connections, h.header_timeout_s), limit_concurrency=h.max_connections + 1,
             ssl_certfile=str(h.tls.cert) if h.tls else None, ssl_keyfile=str(h.tls.key) if h.tls else None))
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self._error: BaseException | None = None
@@ -60,8 +62,9 @@ class HttpIngest:
             raise RuntimeError(f"http: could not serve on {h.host}:{h.port} ({why})")
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.worker.watch("http", self._thread)
-        log.info("http: listening on %s://%s:%d (token %s, docs at /docs, operator page at /)",
-                 "https" if h.tls else "http", h.host, self.port, "required" if self.ctx.token else "off")
+        log.info("http: listening on %s://%s:%d (token %s, at most %d connections, headers within %.0f s, docs at "
+                 "/docs, operator page at /)", "https" if h.tls else "http", h.host, self.port,
+                 "required" if self.ctx.token else "off", h.max_connections, h.header_timeout_s)
         if self.ctx.token is None and h.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("http: serving %s without a token: anyone on the network can fit and calibrate; "
                         "set http.token_file", h.host)

@@ -12,6 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt.durable import Spool, read_outbox
+from agent.resilience import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +33,34 @@ class OutboxPublisher:
         timed out is waited on again (not published twice) on the next round.
         """
         inflight: dict[str, mqtt.MQTTMessageInfo] = {}
+        backoff = Backoff("mqtt-out")
         while True:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            for path in self.spool.outgoing():
-                if not self._connected.is_set():
-                    break
-                try:
-                    key, messages = read_outbox(path)
-                except (OSError, ValueError):
-                    log.error("mqtt: unreadable outbox file %s dropped", path.name)
-                    path.unlink(missing_ok=True)
-                    continue
-                if not all(self._publish(f"{path.name}#{i}", msg, inflight) for i, msg in enumerate(messages)):
-                    break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
-                self.spool.wait_logged(key)  # published before answered.log had the key: not removed before
+            try:
+                self._round(inflight)
+                backoff.ok()
+            except OSError as exc:  # out of descriptors, a disk error: the file stays, tried again later
+                time.sleep(backoff.failed(exc))
+
+    def _round(self, inflight: dict[str, mqtt.MQTTMessageInfo]) -> None:
+        for path in self.spool.outgoing():
+            if not self._connected.is_set():
+                break
+            try:
+                key, messages = read_outbox(path)
+            except FileNotFoundError:
+                continue
+            except (ValueError, UnicodeDecodeError):  # its content, not the machine: never readable again
+                log.error("mqtt: outbox file %s is not valid JSON: dropped", path.name)
                 path.unlink(missing_ok=True)
-                for i in range(len(messages)):
-                    inflight.pop(f"{path.name}#{i}", None)
+                continue
+            if not all(self._publish(f"{path.name}#{i}", msg, inflight) for i, msg in enumerate(messages)):
+                break  # no PUBACK yet (broker gone?): keep the file, wait again after reconnect
+            self.spool.wait_logged(key)  # published before answered.log had the key: not removed before
+            path.unlink(missing_ok=True)
+            for i in range(len(messages)):
+                inflight.pop(f"{path.name}#{i}", None)
 
     def _publish(self, name: str, msg: dict, inflight: dict[str, mqtt.MQTTMessageInfo]) -> bool:
         """Publish one outbox message (once per process: kept in `inflight` until its file is gone) and

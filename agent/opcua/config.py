@@ -44,6 +44,9 @@ class OpcUaConfig(BaseModel):
     private_key: Path | None = None  # PEM; default <data_root>/opcua/server_key.pem
     trusted_clients: Path | None = None  # a folder of client certificates (DER/PEM): only those may connect
     allow_writes: bool = False  # reserved: nothing but ResultAck is writable from OPC UA
+    max_connections: int = Field(32, ge=1, le=10_000)  # open connections; more are closed at once
+    hello_timeout_s: float = Field(5.0, gt=0, le=120)  # a connection that sends no HELLO by then is closed
+    activation_timeout_s: float = Field(15.0, gt=0, le=600)  # ... and one without an activated session by then
 
     @model_validator(mode="after")
     def _auth(self) -> OpcUaConfig:

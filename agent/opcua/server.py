@@ -31,7 +31,11 @@ from asyncua.server.user_managers import UserManager
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.config import AgentConfig, ConfigError, opcua_cert_paths
+from agent.opcua.guard import GuardedServer
 from agent.opcua.space import AddressSpace
+from agent.resilience import Backoff
+from core.errors import InputError
+from core.storage import RoiStore
 
 log = logging.getLogger(__name__)
 QUEUE_MAX = 10_000
@@ -165,6 +169,7 @@ class OpcUaSink:
         if wake is None:
             raise RuntimeError("opcua: serving before the loop was set up")
         last_health = time.monotonic()
+        backoff = Backoff("opcua health")
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(wake.wait(), timeout=1.0)
@@ -187,18 +192,23 @@ class OpcUaSink:
                     log.exception("opcua: could not show %s", item[0])
             if time.monotonic() - last_health >= 1.0:
                 last_health = time.monotonic()
-                await space.health(self._health())
+                try:  # the health body reads files: out of descriptors (EMFILE) it fails, the server goes on
+                    await space.health(self._health())
+                    backoff.ok()
+                except Exception as exc:  # noqa: BLE001 - never the end of the OPC UA thread
+                    backoff.failed(exc)
 
     async def _server(self) -> tuple[Server, AddressSpace]:
         o = self.cfg.opcua
         password = o.password_file.read_text().strip() if o.password_file else None
-        server = Server(user_manager=Users(o.anonymous_allowed(), o.username, password))
+        server = GuardedServer(user_manager=Users(o.anonymous_allowed(), o.username, password))
         await server.init()
         server.set_endpoint(f"opc.tcp://{o.host}:{o.port}{o.path}")
         server.set_server_name("anomaly-agent")
         uri = f"urn:anomaly-agent:{socket.gethostname()}"
         await server.set_application_uri(uri)
-        server.set_security_policy([POLICY[p] for p in o.security])
+        server.guard([POLICY[p] for p in o.security], o.username, o.max_connections, o.hello_timeout_s,
+                     o.activation_timeout_s)
         tokens: list[type] = [ua.AnonymousIdentityToken] if o.anonymous_allowed() else []
         if o.username:
             tokens.append(ua.UserNameIdentityToken)
@@ -217,10 +227,17 @@ class OpcUaSink:
             await store.load()
             server.set_certificate_validator(CertificateValidator(
                 CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, store))
-        space = AddressSpace(server, o.handshake, o.result_buffer)
+        space = AddressSpace(server, o.handshake, o.result_buffer, self._roi_exists, self.cfg.limits.max_rois)
         await space.build()
         server.subscribe_server_callback(CallbackType.PostWrite, self._after_write(space))
         return server, space
+
+    def _roi_exists(self, role_id: str, roi_id: str) -> bool:
+        """A ROI the agent has (on disk); results of other ids never make nodes (they come from outside)."""
+        try:
+            return RoiStore(self.cfg.data_root, role_id, roi_id).exists()
+        except (InputError, OSError):
+            return False
 
     def _after_write(self, space: AddressSpace) -> Callable:
         async def after_write(event: object, _dispatcher: object) -> None:

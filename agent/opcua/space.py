@@ -18,6 +18,7 @@ address them directly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -77,9 +78,13 @@ class RoiNodes:
 class AddressSpace:
     """Builds and updates the nodes; every method runs in the OPC UA server's event loop."""
 
-    def __init__(self, server: Server, handshake: bool, buffer: int) -> None:
+    def __init__(self, server: Server, handshake: bool, buffer: int,
+                 exists: Callable[[str, str], bool] = lambda _role, _roi: True, max_rois: int = 1000) -> None:
+        """exists: whether the agent has this ROI (a node is made only for one it has, at most max_rois)."""
         self.server = server
         self.handshake, self.buffer = handshake, buffer
+        self.exists, self.max_rois = exists, max_rois
+        self._refused = 0
         self.idx = 0
         self.rois: dict[tuple[str, str], RoiNodes] = {}
         self.by_ack: dict[ua.NodeId, tuple[str, str]] = {}
@@ -102,12 +107,20 @@ class AddressSpace:
             self.idx, "ResultReadyEventType", ua.ObjectIds.BaseEventType, [(n, vt) for n, vt in EVENT_FIELDS])
         self.events = await self.server.get_event_generator(etype, ua.ObjectIds.Server)
 
-    async def roi(self, role: str, roi: str) -> RoiNodes:
+    async def roi(self, role: str, roi: str) -> RoiNodes | None:
+        """The ROI's nodes, made on first use; None for a ROI the agent does not have (a request to an id
+        from outside, refused model_not_fitted) or past limits.max_rois: nothing from outside makes nodes."""
         key = (role, roi)
         if key in self.rois:
             return self.rois[key]
         if self._rois_folder is None:
             raise RuntimeError("opcua: the address space is not built yet")
+        if len(self.rois) >= self.max_rois or not self.exists(role, roi):
+            self._refused += 1
+            if self._refused in (1, 10, 100) or self._refused % 1000 == 0:
+                log.warning("opcua: no nodes for %d results of ROIs the agent does not have (or past "
+                            "limits.max_rois %d), e.g. %s/%s", self._refused, self.max_rois, role[:40], roi[:40])
+            return None
         base = f"Rois/{role}/{roi}"
         obj = await self._rois_folder.add_object(self.nid(base), ua.QualifiedName(f"{role}/{roi}", self.idx))
         nodes = {}
@@ -136,6 +149,8 @@ class AddressSpace:
     async def result(self, result: dict) -> None:
         """A prediction result of a ROI: its event now; its values when it becomes current (handshake)."""
         r = await self.roi(result["role_id"], result["roi_id"])
+        if r is None:
+            return
         values = result_values(result)
         current = r.handshake.push(values)
         await self._fire(result["role_id"], result["roi_id"], values, r.handshake.counter)
@@ -144,7 +159,9 @@ class AddressSpace:
         await self._handshake_vars(r)
 
     async def ack(self, key: tuple[str, str], value: int) -> None:
-        r = self.rois[key]
+        r = self.rois.get(key)
+        if r is None:  # removed meanwhile (a reset)
+            return
         nxt = r.handshake.ack(value)
         if nxt is not None:
             await self._show(r, nxt)
@@ -171,12 +188,27 @@ class AddressSpace:
         verdict = "error " + values["ErrorCode"] if values["ErrorCode"] else "NG" if values["IsAnomaly"] else "OK"
         await self.events.trigger(message=f"{role}/{roi} result {counter}: {verdict}")
 
+    async def remove(self, role: str, roi: str) -> None:
+        """A ROI reset or gone: its nodes go (made again, with the same ids, when it is fitted again)."""
+        r = self.rois.pop((role, roi), None)
+        if r is None:
+            return
+        self.by_ack.pop(r.ack.nodeid, None)
+        await self.server.delete_nodes([r.obj], recursive=True)
+        log.info("opcua: nodes of ROI %s/%s removed (reset or removed)", role, roi)
+
     async def state(self, role: str, roi: str, state: dict) -> None:
-        r = await self.roi(role, roi)
         bad = state.get("unloadable")
+        samples = state.get("samples") or {}
+        if not bad and (not self.exists(role, roi) or (state.get("threshold") is None
+                                                        and not samples.get("ok") and not samples.get("ng"))):
+            await self.remove(role, roi)
+            return
+        r = await self.roi(role, roi)
+        if r is None:
+            return
         values: dict[str, tuple[object, ua.VariantType]] = {"Unloadable": (bad["reason"] if bad else "", V.String)}
         if not bad:
-            samples = state.get("samples") or {}
             th = state.get("threshold")
             values.update(Fitted=(th is not None, V.Boolean), SamplesOk=(int(samples.get("ok", 0)), V.UInt32),
                           SamplesNg=(int(samples.get("ng", 0)), V.UInt32),

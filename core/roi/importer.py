@@ -45,6 +45,7 @@ from core.storage import KINDS, RoiStore, fsync_dir, list_rois, utc_now
 
 log = logging.getLogger(__name__)
 
+EXT_HEADER_MAX_BYTES = 64 << 10  # a pax or GNU long-name header: tarfile reads it whole, so it is bounded first
 JSON_MAX_BYTES = 16 << 20  # export.json, manifest.json (its per-sample scores grow with the samples), sample JSON
 BANK_MAX_BYTES = 256 << 20  # a coreset of 100,000 patches of 384 dims is 150 MiB
 CHUNK = 1 << 20
@@ -68,13 +69,16 @@ def _refuse(message: str, code: str = "invalid_archive") -> InputError:
 
 def import_roi(data_root: Path, source: bytes | Path, identity: dict, branches: list[dict],
                role_id: str | None = None, roi_id: str | None = None, limits: ImportLimits | None = None,
-               check_image: Callable[[bytes], object] | None = None) -> dict:
+               check_image: Callable[[bytes], object] | None = None,
+               prepare: Callable[[Path, str, str], object] | None = None) -> dict:
     """Verify an archive (bytes, or a file streamed from disk) and add it as a new ROI (its own ids, or
-    role_id / roi_id). check_image: decodes a sample image with the intake's limits, raising InputError."""
+    role_id / roi_id). check_image: decodes a sample image with the intake's limits, raising InputError.
+    prepare(root, role, roi): called on the verified ROI at `root/models/role/roi` (a data root of its own)
+    before it is renamed into place, e.g. to embed its samples so that its first request finds its index."""
     if not _ONE_AT_A_TIME.acquire(blocking=False):
         raise _refuse("another import is running; try again when it has finished", "busy")
     try:
-        return _Import(Path(data_root), identity, branches, limits or ImportLimits(), check_image).run(
+        return _Import(Path(data_root), identity, branches, limits or ImportLimits(), check_image, prepare).run(
             source, role_id, roi_id)
     finally:
         _ONE_AT_A_TIME.release()
@@ -82,9 +86,10 @@ def import_roi(data_root: Path, source: bytes | Path, identity: dict, branches: 
 
 class _Import:
     def __init__(self, data_root: Path, identity: dict, branches: list[dict], limits: ImportLimits,
-                 check_image: Callable[[bytes], object] | None) -> None:
+                 check_image: Callable[[bytes], object] | None,
+                 prepare: Callable[[Path, str, str], object] | None = None) -> None:
         self.data_root, self.identity, self.branches = data_root, identity, branches
-        self.limits, self.check_image = limits, check_image
+        self.limits, self.check_image, self.prepare = limits, check_image, prepare
         self.staging: Path | None = None
         self.written = 0
 
@@ -95,6 +100,7 @@ class _Import:
         tmp_root = self.data_root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix="import-", dir=tmp_root))
+        work: Path | None = None
         try:
             meta = self._unpack(source)
             role = validate_id(role_id or meta["role_id"], "role_id")
@@ -104,6 +110,11 @@ class _Import:
             if store.exists() or store.root.exists():
                 raise _refuse(f"ROI {role}/{roi} exists on this station; import under other ids or delete it first",
                               "roi_exists")
+            if self.prepare is not None:  # e.g. embed the samples: off the worker, before the ROI is visible
+                work = Path(tempfile.mkdtemp(prefix="prepare-", dir=tmp_root))
+                (work / "models" / role).mkdir(parents=True)
+                self.staging = self.staging.rename(work / "models" / role / roi)
+                self.prepare(work, role, roi)
             self._check_room()  # again: a ROI may have been made while this one was verified
             store.root.parent.mkdir(parents=True, exist_ok=True)
             self.staging.rename(store.root)  # one step: the ROI is there whole, or not at all
@@ -112,6 +123,8 @@ class _Import:
         finally:
             if self.staging is not None:
                 shutil.rmtree(self.staging, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
             try:
                 tmp_root.rmdir()  # empty again: a refused import leaves nothing under the data root
             except OSError:
@@ -154,7 +167,8 @@ class _Import:
         fh: IO[bytes]
         try:
             fh = open(source, "rb") if isinstance(source, Path) else _BytesReader(source)
-            tar = tarfile.open(fileobj=fh, mode="r|*")  # a stream: members one after another, never seeked
+            # a stream: members one after another, never seeked; headers bounded before tarfile reads them
+            tar = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_BoundedTarInfo)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise _refuse(f"not a ROI archive (tar.gz): {safe_text(exc, 200)}") from None
         try:
@@ -172,6 +186,10 @@ class _Import:
         seen: set[str] = set()
         for member in tar:
             name = member.name
+            self.written += getattr(member, "header_bytes", tarfile.BLOCKSIZE)  # headers unpack too
+            if self.written > self.limits.max_unpacked_bytes:
+                raise _refuse(f"the archive unpacks to more than limits.import_max_mb "
+                              f"({self.limits.max_unpacked_bytes >> 20} MiB), counting its headers")
             if not member.isfile():
                 raise _refuse(f"the archive holds {safe_text(name, 120)!r}, which is not a regular file (a ROI "
                               "archive holds only files)")
@@ -319,6 +337,27 @@ class _Import:
         (rows, rdt), (feats, fdt) = shapes["rows"], shapes["feats"]
         if not (len(rows) == 1 and len(feats) == 2 and feats[0] == rows[0] and rdt.kind == "i" and fdt.kind == "f"):
             raise _refuse(f"{safe_text(name, 60)} is not a bank: rows {rows} {rdt}, feats {feats} {fdt}")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A member header that refuses an extended header (pax, GNU long name/link) over EXT_HEADER_MAX_BYTES
+    before tarfile reads it into memory (it reads such a header whole: a 400 MB pax comment would be
+    held, and counted nowhere), and tells how many header bytes the member took (`header_bytes`)."""
+
+    header_bytes: int = tarfile.BLOCKSIZE
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        extended = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                    tarfile.GNUTYPE_LONGLINK)
+        if self.type in extended:
+            if self.size > EXT_HEADER_MAX_BYTES:
+                raise _refuse(f"the archive has an extended header (pax / GNU long name) of {self.size} bytes, over "
+                              f"{EXT_HEADER_MAX_BYTES >> 10} KiB: archives of `export` have none")
+            start = self.offset
+            member = super()._proc_member(tarfile_)  # reads the extended header, then the member's own
+            member.header_bytes = member.offset_data - start
+            return member
+        return super()._proc_member(tarfile_)
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -42,6 +42,7 @@ class LifecycleSettings:
     suspect_min_samples: int = 8  # fewer scored OK samples: no judgement
     trash_keep: int = 500  # per ROI and kind: at most this many trashed samples not needed by a kept version
     trash_max_age_days: float | None = 90.0  # and none older than this (None: no age limit)
+    max_ng_samples: int = 200  # stored NG samples per ROI; more are refused (too_many_samples)
 
 
 class RoiModel(Protocol):
@@ -83,6 +84,29 @@ def find_suspects(ok_scores: dict[str, float], threshold: float | None, s: Lifec
             out.append({"sample_id": sid, "loo_score": round(score, 6), "z": round(z, 2),
                         "threshold": None if threshold is None else round(float(threshold), 6)})
     return sorted(out, key=lambda x: -x["z"])
+
+
+def find_ng_suspects(ok_scores: dict[str, float], ng_scores: dict[str, float], s: LifecycleSettings) -> list[dict]:
+    """NG samples that score like the ROI's good parts: below the median of its OK leave-one-out scores
+    (more normal than half of them). Such a label is most likely a good part sent as NG (by mistake, or by
+    someone who wants the threshold down): it is reported, kept out of the NG-aware ranking and of the
+    threshold, and with suspect_policy `refuse` not kept at all."""
+    if s.suspect_policy == "accept" or len(ok_scores) < s.suspect_min_samples or not ng_scores:
+        return []
+    values = np.asarray(list(ok_scores.values()), np.float64)
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median))) * 1.4826 or 1e-9
+    return [{"sample_id": sid, "kind": "ng", "loo_score": round(score, 6), "z": round((score - median) / mad, 2),
+             "ok_median": round(median, 6)} for sid, score in ng_scores.items() if score < median]
+
+
+def check_ng_room(model: RoiModel, adding: int, s: LifecycleSettings) -> None:
+    """InputError too_many_samples when `adding` NG samples would pass lifecycle.max_ng_samples."""
+    have = len(model.store.list_samples("ng"))
+    if adding and have + adding > s.max_ng_samples:
+        raise InputError(f"{model.store.role_id}/{model.store.roi_id} has {have} NG samples; {adding} more would pass "
+                         f"lifecycle.max_ng_samples ({s.max_ng_samples}): delete old ones (samples --delete) first",
+                         code="too_many_samples")
 
 
 def ids_from(value: object) -> object:
@@ -249,15 +273,16 @@ def sample_list(store: RoiStore) -> list[dict]:
 
 
 def apply_suspect_policy(model: RoiModel, report: dict) -> dict:
-    """After a fit: with policy `refuse`, the samples of this fit found suspect go to the trash again
-    (reported in `refused`); with `flag` they are only reported (`suspect_samples` of the state)."""
+    """After a fit or a send_ng: with policy `refuse`, the samples of this request found suspect (OK ones that
+    score like defects, NG ones that score like good parts) go to the trash again (reported in `refused`);
+    with `flag` they are only reported (`suspect_samples` of the state)."""
     if model.lifecycle.suspect_policy != "refuse":
         return report
     added = set(report.get("added", []))
     bad = [x["sample_id"] for x in model.manifest.get("suspect_samples", []) if x["sample_id"] in added]
     if not bad:
         return report
-    state = delete_samples(model, bad, "suspect: leave-one-out score an outlier among the OK samples",
+    state = delete_samples(model, bad, "suspect: an OK sample scoring like a defect, or an NG one like a good part",
                            change="refuse_suspect")
     state.pop("deleted", None)
     return {**report, **state, "refused": bad}

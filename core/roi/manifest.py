@@ -280,9 +280,9 @@ def apply_calibration(m: dict, policy: str | None, value: float | None, ok_perce
 
 
 def threshold_range(m: dict) -> tuple[float, float, str]:
-    """(low, high, why) a threshold set from the operator page must lie in: from half the lowest to twice the
-    highest of the ROI's own calibration scores (OK leave-one-out and NG), so that a slip of the hand (or a
-    crafted post) cannot set a value that rejects every part or passes every one (1e308)."""
+    """(low, high, why) a manual threshold (any ingress; the CLI's --allow-out-of-range aside) must lie in: from
+    half the lowest to twice the highest of the ROI's own calibration scores (OK leave-one-out and NG), so that a
+    slip of the hand (or a crafted post) cannot set a value that rejects every part or passes every one (1e308)."""
     scores = [float(x) for x in [*m.get("ok_scores", []), *m.get("ng_scores", [])]]
     current = (m.get("threshold") or {}).get("value")
     if not scores:
@@ -292,5 +292,5 @@ def threshold_range(m: dict) -> tuple[float, float, str]:
         low, high = min(low, float(current)), max(high, float(current))
     why = (f"the ROI's {len(m.get('ok_scores', []))} OK and {len(m.get('ng_scores', []))} NG calibration scores lie "
            f"in {min(scores):.4g}..{max(scores):.4g}; further out a threshold rejects every part or passes every "
-           "one (set it by the API's calibrate if that is really meant)")
+           "one (the CLI's `calibrate --threshold V --allow-out-of-range` sets it if that is really meant)")
     return low, high, why

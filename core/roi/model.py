@@ -31,6 +31,8 @@ from core.roi.index import Embedded, RoiIndex
 from core.roi.lifecycle import (
     LifecycleSettings,
     apply_suspect_policy,
+    check_ng_room,
+    find_ng_suspects,
     find_suspects,
     finish_pending,
     label_conflicts,
@@ -46,6 +48,7 @@ from core.roi.manifest import (
     result_settings,
     stored_rois,
     threshold_policy,
+    threshold_range,
 )
 from core.roi.predict import Verdict, predict_one
 from core.roi.sample_scores import SampleScorer, nuisance_maps
@@ -166,9 +169,11 @@ class RoiModel:
                                      self.scorer.distances_score, self.progress)
                 ok_scores, ng_scores = self._samples_scorer.fuse(fusion["active"])
         self.scorer.active = fusion["active"]
+        plain = self._samples_scorer.by_sample if self.index.ready else {}
+        ng_suspects = find_ng_suspects(plain.get("ok", {}), plain.get("ng", {}), self.lifecycle)
         ng_rank, self.scorer.ng, ok_scores, ng_scores = ng_ranking.decide(
             s.ng_rank if self.index.ready else "off", self._samples_scorer, ok_scores, ng_scores, fusion["active"],
-            self.branches, f"{self.store.role_id}/{self.store.roi_id}")
+            self.branches, f"{self.store.role_id}/{self.store.roi_id}", {x["sample_id"] for x in ng_suspects})
         th = m["threshold"] if m["threshold"]["method"] == "manual_override" else threshold_policy(m, s).decide(
             ok_scores, ng_scores)
         scored = self._samples_scorer.by_sample if self.index.ready else {}
@@ -178,7 +183,7 @@ class RoiModel:
                  ok_scores=[round(x, 6) for x in ok_scores], ng_scores=[round(x, 6) for x in ng_scores],
                  branches=self.index.info(), branch_scales=[x.to_dict() for x in self.scorer.scales], change=change,
                  sample_scores=by_sample, fusion=fusion, ng_rank=ng_rank,
-                 suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle),
+                 suspect_samples=find_suspects(by_sample["ok"], th.get("value"), self.lifecycle) + ng_suspects,
                  counts={"ok": self._count("ok"), "ng": self._count("ng"), "bank": len(self.branches[0]),
                          "patches": self.index.rows("ok")})
         m.pop("rollback_of", None)
@@ -244,6 +249,7 @@ class RoiModel:
         """Store NG calibration samples and recalibrate the threshold (policy auto)."""
         t0 = time.perf_counter()
         label_conflicts(self, "ng", samples, relabel)
+        check_ng_room(self, len(samples), self.lifecycle)
         stored = self.samples.add("ng", samples)
         t1 = t2 = time.perf_counter()
         if stored.records:
@@ -258,13 +264,14 @@ class RoiModel:
         timings = {k: round(v * 1000, 1) for k, v in (("embed", t2 - t1), ("threshold", t3 - t2), ("total", t3 - t0))}
         log.info("send_ng %s/%s: +%d samples (%d duplicates), threshold %s, timings %s", self.store.role_id,
                  self.store.roi_id, len(stored.records), len(stored.duplicates), self.threshold, timings)
-        return {**stored.report(), **self.state(), "timings_ms": timings}
+        return apply_suspect_policy(self, {**stored.report(), **self.state(), "timings_ms": timings})
 
     def set_threshold(self, value: float | None) -> dict:  # a manual override, or back to the policy (None)
         return self.calibrate("manual" if value is not None else "config", value)
 
     def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,
-                  ng_margin: float | None = None, ng_recall: float | None = None, source: str | None = None) -> dict:
+                  ng_margin: float | None = None, ng_recall: float | None = None, source: str | None = None,
+                  out_of_range: bool = False) -> dict:
         """Recompute the threshold from the stored OK/NG samples.
 
         policy None: again with the current policy (e.g. after new NG samples); "auto" (NG-calibrated
@@ -272,6 +279,11 @@ class RoiModel:
         for later fits; "manual" with `value`: a fixed override; "config": back to the configured policy.
         """
         thresholds.check_calibration(policy, value, ok_percentile, ng_margin, ng_recall)
+        if policy == "manual" and value is not None and not out_of_range:
+            low, high, why = threshold_range(self.manifest)
+            if not low <= value <= high:
+                raise InputError(f"threshold {value:.6g} is outside {low:.4g}..{high:.4g}: {why}",
+                                 code="invalid_threshold")
         apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall, source)
         if not self.index.ready and policy != "manual":
             raise ModelNotReadyError(

@@ -29,13 +29,21 @@ def _banks(branches: Sequence[Branch], active: Sequence[int]) -> list[np.ndarray
 
 
 def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], active: Sequence[int],
-           branches: Sequence[Branch], name: str) -> tuple[dict | None, NgTerm | None, list[float], list[float]]:
+           branches: Sequence[Branch], name: str, suspects: set[str] | frozenset[str] = frozenset()
+           ) -> tuple[dict | None, NgTerm | None, list[float], list[float]]:
     """(manifest record, term or None, OK scores, NG scores) after this threshold update's round; the scores
-    carry the term when one is used (the NG samples' cross-validated one) and so does `rows.by_sample`."""
+    carry the term when one is used (the NG samples' cross-validated one) and so does `rows.by_sample`.
+    `suspects`: NG samples that score like good parts (lifecycle.find_ng_suspects): no term learns from
+    them and their scores do not place the threshold (they are left out of the NG scores returned)."""
+    all_ids = list(rows.ng_rows["ids"])
+    keep = [i for i, sid in enumerate(all_ids) if sid not in suspects] if len(all_ids) == len(ng) else \
+        list(range(len(ng)))
+    ng = [ng[i] for i in keep]
     if setting == "off" or not ng:
         return None, None, ok, ng
     ok_tops = [[t[b] for b in active] for t in rows.ok_rows["tops"]]
-    ng_tops = [[t[b] for b in active] for t in rows.ng_rows["tops"]]
+    all_tops = [[t[b] for b in active] for t in rows.ng_rows["tops"]]
+    ng_tops = [all_tops[i] for i in keep] if len(all_tops) == len(all_ids) else all_tops
     banks = _banks(branches, active)
     try:
         choice = choose(ok, ng, ok_tops, ng_tops, banks)
@@ -44,15 +52,20 @@ def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], a
         log.warning("%s: NG-aware term not fitted (%s): NG samples move only the threshold", name, e)
         choice, term = Choice(None, {}, [], f"could not be fitted: {str(e)[:200]}"), None
     record: dict = {"form": choice.form, "reason": choice.reason, "cv_auroc_gain": choice.gains,
-                    "ng_samples": len(ng), "active": list(active)}
+                    "ng_samples": len(all_ids), "active": list(active)}
+    if suspects & set(all_ids):
+        record["ignored"] = sorted(suspects & set(all_ids))  # refitting at a load leaves the same ones out
     log.info("%s: NG-aware term %s (%s; cross-validated AUROC gains %s)", name, choice.form or "not used",
              choice.reason, choice.gains)
     if term is None:
         return record, None, ok, ng
     ok = [x + term(t) for x, t in zip(ok, ok_tops, strict=True)]
     ng = [x + d for x, d in zip(ng, choice.ng_terms, strict=True)]
+    by_ng = {sid: rows.by_sample.get("ng", {}).get(sid, 0.0) + term(all_tops[i])  # a suspect: as a prediction
+             for i, sid in enumerate(all_ids) if sid in suspects}
+    by_ng.update(zip([all_ids[i] for i in keep], ng, strict=True))
     rows.by_sample = {"ok": dict(zip([i for i in rows.ok_rows["ids"] if i is not None], ok, strict=True)),
-                      "ng": dict(zip(rows.ng_rows["ids"], ng, strict=True))}
+                      "ng": by_ng}
     record.update(scales=[s.to_dict() for s in term.scales], spread=term.spread)
     return record, term, ok, ng
 
@@ -69,7 +82,10 @@ def rebuild(record: dict | None, index: RoiIndex, active: Sequence[int]) -> NgTe
         return None
     arrays = index.arrays("ng")
     ng_tops = []
-    for i in range(max(0, len(entries) - MAX_FIT), len(entries)):  # the heads learn from these
+    ignored = set(record.get("ignored") or [])
+    used = [i for i in range(len(entries)) if index.branches[active[0]].emb["ng"].entries[i].get("sample_id")
+            not in ignored] if active else []
+    for i in used[-MAX_FIT:]:  # the heads learn from these (the most recent, suspects left out)
         per = []
         for b in active:
             e = index.branches[b].emb["ng"].entries[i]
