@@ -17,7 +17,6 @@ import json
 import resource
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -74,7 +73,7 @@ def _closed_by_peer(s: socket.socket) -> bool:
         return s.recv(1) == b""
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
 
 
