@@ -13,7 +13,7 @@ from agent.config import AgentConfig, ConfigError
 from agent.debug_heatmaps import DebugHeatmaps
 from agent.intake import Intake
 from agent.outputs import Service
-from agent.resilience import open_file_budget
+from agent.process.limits import open_file_budget
 from agent.runtime import Runtime
 from agent.worker import Worker
 

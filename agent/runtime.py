@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.drift import DriftTracker
-from agent.resilience import in_low_priority_thread
+from agent.process.limits import in_low_priority_thread
 from core.backbones import FeatureExtractor, get_extractor
 from core.drift import DriftSettings
 from core.errors import AnomalyError, InputError, ModelNotReadyError, StorageError, WeightsNotFoundError

@@ -47,8 +47,7 @@ class Worker:
         self.observers: list[Callable[[Job, Outcome], None]] = []
         self._finished: weakref.WeakSet[Job] = weakref.WeakSet()  # jobs already answered (exactly once)
         self.counts: Counter[str] = Counter()
-        self._queued_by: Counter[str] = Counter()  # jobs in the queue per ingress (worker.ingress_share)
-        self._share = threading.Condition()
+        self._fair = FairShare(max(1, int(cfg.queue_size * cfg.ingress_share)))
         self._stop = threading.Event()
         self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
@@ -121,18 +120,12 @@ class Worker:
         most `worker.ingress_share` of the queue: a flood on one (an open broker) leaves room for the others."""
         job.enqueued_at = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
-        share = max(1, int(self.cfg.queue_size * self.cfg.ingress_share))
-        with self._share:
-            while self._queued_by[job.ingress] >= share:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._share.wait(left)
-            self._queued_by[job.ingress] += 1
+        if not self._fair.enter(job.ingress, deadline):
+            return False
         try:
             self.queue.put(job, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Full:
-            self._taken(job)
+            self._fair.leave(job.ingress)
             return False
         with self._open_lock:
             self._open.setdefault(job, time.monotonic())
@@ -171,14 +164,8 @@ class Worker:
             job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:
             return None
-        self._taken(job)
+        self._fair.leave(job.ingress)
         return job
-
-    def _taken(self, job: Job) -> None:
-        """A job left the queue: its ingress may queue one more."""
-        with self._share:
-            self._queued_by[job.ingress] -= 1
-            self._share.notify_all()
 
     def _gather(self, first: Job) -> list[Job]:
         """More jobs of the same ROI and action, within max_wait_ms, up to max_batch."""
@@ -289,3 +276,29 @@ class Worker:
             for j in batch:
                 if j not in self._finished:
                     self.actions.fail(j, code, f"could not write to the data root: {exc.strerror or exc}")
+
+
+class FairShare:
+    """Jobs in the queue per ingress, at most `share` each (config worker.ingress_share)."""
+
+    def __init__(self, share: int) -> None:
+        self.share = share
+        self._by: Counter[str] = Counter()
+        self._cond = threading.Condition()
+
+    def enter(self, ingress: str, deadline: float | None) -> bool:
+        """Wait (until `deadline`, monotonic; None: forever) for a place of this ingress; False: none."""
+        with self._cond:
+            while self._by[ingress] >= self.share:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._by[ingress] += 1
+            return True
+
+    def leave(self, ingress: str) -> None:
+        """A job of this ingress left the queue."""
+        with self._cond:
+            self._by[ingress] -= 1
+            self._cond.notify_all()

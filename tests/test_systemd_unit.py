@@ -25,7 +25,7 @@ def test_unit_declares_notify_watchdog_restart_and_hardening() -> None:
     # the listeners' shipped caps leave room below the unit's open-file limit (issue 33: 1024 was exhausted)
     from agent.config import HttpConfig
     from agent.opcua.config import OpcUaConfig
-    from agent.resilience import RESERVED_FDS
+    from agent.process.limits import RESERVED_FDS
 
     caps = HttpConfig().max_connections + OpcUaConfig().max_connections
     assert int(svc["LimitNOFILE"]) >= 4 * (caps + RESERVED_FDS)

@@ -36,7 +36,7 @@ from agent.config import AgentConfig
 from agent.folder.results import FOLDER_ACTIONS, NAME_MAX_BYTES, FolderResults
 from agent.intake import Intake
 from agent.jobs import Outcome
-from agent.resilience import Backoff
+from agent.process.backoff import Backoff
 from core.errors import AnomalyError
 from core.ids import ID_PATTERN, safe_text, short_request_id
 from core.storage import read_bounded, read_json

@@ -17,7 +17,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.resilience import RateLimitedLog
+from agent.process.backoff import RateLimitedLog
 
 log = logging.getLogger("agent.http.api")
 FULL = "http: connection refused, over http.max_connections"

@@ -12,7 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt.durable import Spool, read_outbox
-from agent.resilience import Backoff
+from agent.process.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

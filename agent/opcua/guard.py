@@ -27,7 +27,7 @@ from asyncua.crypto.security_policies import SECURITY_POLICY_TYPE_MAP
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.uaprocessor import UaProcessor
 
-from agent.resilience import RateLimitedLog
+from agent.process.backoff import RateLimitedLog
 
 log = logging.getLogger(__name__)
 SESSION_REQUESTS = frozenset(ua.NodeId(i) for i in (ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary,

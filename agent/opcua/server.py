@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.config import AgentConfig, ConfigError, opcua_cert_paths
 from agent.opcua.guard import GuardedServer
 from agent.opcua.space import AddressSpace
-from agent.resilience import Backoff
+from agent.process.backoff import Backoff
 from core.errors import InputError
 from core.storage import RoiStore
 

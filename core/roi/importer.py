@@ -111,10 +111,7 @@ class _Import:
                 raise _refuse(f"ROI {role}/{roi} exists on this station; import under other ids or delete it first",
                               "roi_exists")
             if self.prepare is not None:  # e.g. embed the samples: off the worker, before the ROI is visible
-                work = Path(tempfile.mkdtemp(prefix="prepare-", dir=tmp_root))
-                (work / "models" / role).mkdir(parents=True)
-                self.staging = self.staging.rename(work / "models" / role / roi)
-                self.prepare(work, role, roi)
+                work, self.staging = _prepared(self.staging, tmp_root, role, roi, self.prepare)
             self._check_room()  # again: a ROI may have been made while this one was verified
             store.root.parent.mkdir(parents=True, exist_ok=True)
             self.staging.rename(store.root)  # one step: the ROI is there whole, or not at all
@@ -337,6 +334,16 @@ class _Import:
         (rows, rdt), (feats, fdt) = shapes["rows"], shapes["feats"]
         if not (len(rows) == 1 and len(feats) == 2 and feats[0] == rows[0] and rdt.kind == "i" and fdt.kind == "f"):
             raise _refuse(f"{safe_text(name, 60)} is not a bank: rows {rows} {rdt}, feats {feats} {fdt}")
+
+
+def _prepared(staging: Path, tmp_root: Path, role: str, roi: str, prepare: Callable[[Path, str, str], object]
+              ) -> tuple[Path, Path]:
+    """The staged ROI moved to `<work>/models/<role>/<roi>` (a data root of its own) and prepared there."""
+    work = Path(tempfile.mkdtemp(prefix="prepare-", dir=tmp_root))
+    (work / "models" / role).mkdir(parents=True)
+    moved = staging.rename(work / "models" / role / roi)
+    prepare(work, role, roi)
+    return work, moved
 
 
 class _BoundedTarInfo(tarfile.TarInfo):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import InputError
 from core.method.memory_bank import CoresetSize
 from core.method.scoring import SCORE_STATS
 from core.method.thresholds import POLICIES, ThresholdPolicy
@@ -277,6 +278,13 @@ def apply_calibration(m: dict, policy: str | None, value: float | None, ok_perce
         if policy != "config":
             over = {"policy": policy, "ok_percentile": ok_percentile, "ng_margin": ng_margin, "ng_recall": ng_recall}
             m["policy_override"] = {k: v for k, v in over.items() if v is not None}
+
+
+def check_manual_threshold(m: dict, value: float) -> None:
+    """InputError invalid_threshold when a manual threshold lies outside threshold_range(m)."""
+    low, high, why = threshold_range(m)
+    if not low <= value <= high:
+        raise InputError(f"threshold {value:.6g} is outside {low:.4g}..{high:.4g}: {why}", code="invalid_threshold")
 
 
 def threshold_range(m: dict) -> tuple[float, float, str]:

@@ -41,6 +41,7 @@ from core.roi.lifecycle import (
 from core.roi.manifest import (
     ModelSettings,
     apply_calibration,
+    check_manual_threshold,
     manifest_state,
     new_manifest,
     policy_of,
@@ -48,7 +49,6 @@ from core.roi.manifest import (
     result_settings,
     stored_rois,
     threshold_policy,
-    threshold_range,
 )
 from core.roi.predict import Verdict, predict_one
 from core.roi.sample_scores import SampleScorer, nuisance_maps
@@ -169,8 +169,7 @@ class RoiModel:
                                      self.scorer.distances_score, self.progress)
                 ok_scores, ng_scores = self._samples_scorer.fuse(fusion["active"])
         self.scorer.active = fusion["active"]
-        plain = self._samples_scorer.by_sample if self.index.ready else {}
-        ng_suspects = find_ng_suspects(plain.get("ok", {}), plain.get("ng", {}), self.lifecycle)
+        ng_suspects = find_ng_suspects(*self._samples_scorer.plain_scores(self.index.ready), self.lifecycle)
         ng_rank, self.scorer.ng, ok_scores, ng_scores = ng_ranking.decide(
             s.ng_rank if self.index.ready else "off", self._samples_scorer, ok_scores, ng_scores, fusion["active"],
             self.branches, f"{self.store.role_id}/{self.store.roi_id}", {x["sample_id"] for x in ng_suspects})
@@ -198,11 +197,8 @@ class RoiModel:
 
     # --------------------------------------------------------------- public
     def fit_ok(self, samples: list[Sample], finalize: bool = True, relabel: bool = False) -> dict:
-        """Store OK samples (image bytes + JSON), extend the bank, update the threshold.
-
-        Large sets can be fed in chunks with finalize=False and one `finalize()` at the end, so that
-        the threshold (leave-one-out scoring) is computed once (`fit_ok_in_steps`).
-        """
+        """Store OK samples (image bytes + JSON), extend the bank, update the threshold; finalize=False: the
+        threshold waits for one `finalize()` after several calls (`fit_ok_in_steps`)."""
         t0 = time.perf_counter()
         label_conflicts(self, "ok", samples, relabel)
         stored = self.samples.add("ok", samples)
@@ -222,9 +218,8 @@ class RoiModel:
 
     def fit_ok_in_steps(self, chunks: Iterable[list[Sample]], between: Callable[[], None] = lambda: None,
                         relabel: bool = False) -> dict:
-        """A large fit_ok in chunks (decoded as they come: memory stays bounded), `between()` called after
-        each (e.g. to answer other ROIs' predictions); the threshold (leave-one-out scoring) once at the end.
-        Same bank as one call: selection is per sample."""
+        """A large fit_ok in chunks (decoded as they come: bounded memory), `between()` after each (e.g. other
+        ROIs' predictions); the threshold once at the end. Same bank as one call: selection is per sample."""
         reports = []
         for chunk in chunks:
             reports.append(self.fit_ok(chunk, finalize=False, relabel=relabel))
@@ -272,18 +267,13 @@ class RoiModel:
     def calibrate(self, policy: str | None = None, value: float | None = None, ok_percentile: float | None = None,
                   ng_margin: float | None = None, ng_recall: float | None = None, source: str | None = None,
                   out_of_range: bool = False) -> dict:
-        """Recompute the threshold from the stored OK/NG samples.
-
-        policy None: again with the current policy (e.g. after new NG samples); "auto" (NG-calibrated
-        when NG samples exist, else OK percentile) or "ok_only", optionally with their parameters, kept
-        for later fits; "manual" with `value`: a fixed override; "config": back to the configured policy.
-        """
+        """Recompute the threshold from the stored OK/NG samples. policy None: again with the current policy;
+        "auto" (NG-calibrated when NG samples exist, else OK percentile) or "ok_only", with their parameters,
+        kept for later fits; "manual" with `value`: a fixed override within the range the ROI's scores allow
+        (out_of_range: any, the CLI's explicit flag); "config": back to the configured policy."""
         thresholds.check_calibration(policy, value, ok_percentile, ng_margin, ng_recall)
         if policy == "manual" and value is not None and not out_of_range:
-            low, high, why = threshold_range(self.manifest)
-            if not low <= value <= high:
-                raise InputError(f"threshold {value:.6g} is outside {low:.4g}..{high:.4g}: {why}",
-                                 code="invalid_threshold")
+            check_manual_threshold(self.manifest, value)
         apply_calibration(self.manifest, policy, value, ok_percentile, ng_margin, ng_recall, source)
         if not self.index.ready and policy != "manual":
             raise ModelNotReadyError(

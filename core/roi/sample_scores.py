@@ -38,6 +38,10 @@ class SampleScorer:
         self.ng_rows: dict = {"ids": [], "scores": [], "tops": []}
         self.scales: list[BranchScale] = []
 
+
+    def plain_scores(self, ready: bool) -> tuple[dict[str, float], dict[str, float]]:
+        """(OK, NG) scores by sample id of the last round, before any NG-aware term; empty when not ready."""
+        return (self.by_sample.get("ok", {}), self.by_sample.get("ng", {})) if ready else ({}, {})
     def clear(self) -> None:
         """Scores depend on the mask and the map settings: forget them (the distances stay valid)."""
         self._branch_cache.clear()

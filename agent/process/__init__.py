@@ -1,0 +1,1 @@
+"""The process itself: its open-file budget, background priority, and back-off of failing loops."""
