@@ -134,6 +134,18 @@ async def _opcua_checks(url: str, cert: Path, key: Path) -> dict:
     return out
 
 
+async def _rois_now(url: str, cert: Path, key: Path) -> list[str]:
+    client = Client(url)
+    client.application_uri = "urn:anomaly-agent-test:plc"
+    client.set_user("plc")
+    client.set_password("plc-secret")
+    await client.set_security_string(f"Basic256Sha256,Sign,{cert},{key}")
+    async with client:
+        idx = await client.get_namespace_index(NS)
+        return sorted([(await n.read_browse_name()).Name for n in
+                       await client.get_node(ua.NodeId("Rois", idx)).get_children()])
+
+
 def test_a_stranger_changes_no_model_and_exhausts_nothing(tmp_path: Path, data_root: Path, tire: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this test process holds ~1400 sockets itself
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
@@ -226,6 +238,10 @@ def test_a_stranger_changes_no_model_and_exhausts_nothing(tmp_path: Path, data_r
             assert opc["plc_ack"] == "written", opc
             with httpx.Client(base_url=agent.http, timeout=120) as c3:
                 assert _state(c3)[0] == version
+                # a ROI reset loses its nodes (its owner, an API client, may reset it)
+                assert c3.post("/reset", data=form()).status_code == 200
+            url = f"opc.tcp://127.0.0.1:{opc_port}/anomaly-agent"
+            wait_for(lambda: asyncio.run(_rois_now(url, cert, key)) == [], 30, "the reset ROI's nodes removed")
         for s in held:
             s.close()
         assert agent.alive() and agent.sigterm() == 0

@@ -420,7 +420,8 @@ def test_the_queue_bound_holds_when_driven_past_it(data_root: Path, tire: Path) 
 
     http_port = free_port()
     env = {"ANOMALY_AGENT_WORKER__QUEUE_SIZE": "4", "ANOMALY_DEBUG_STALL_ROI": "stall",
-           "ANOMALY_AGENT_HTTP__REQUEST_TIMEOUT_S": "5"}
+           "ANOMALY_AGENT_HTTP__REQUEST_TIMEOUT_S": "5",
+           "ANOMALY_AGENT_WORKER__INGRESS_SHARE": "1.0"}  # the whole queue to one ingress (the share: test_limits)
     agent = Agent(data_root, env=env, http_port=http_port).start()
     good = img_bytes(tire)
     drop(data_root / "inbox" / "st1" / "stall" / "fit_ok", "hold.png", good)  # the worker stalls on this one

@@ -97,6 +97,9 @@ def test_lifecycle_over_http_and_mqtt_and_drift_on_every_channel(tmp_path: Path,
             a = c.post("/predict", data=form(), files=uploads([p], "file")).json()
             b = c.post("/predict", data=form(roi="tire_copy"), files=uploads([p], "file")).json()
             assert b["score"] == pytest.approx(a["score"], abs=1e-6) and b["threshold"] == a["threshold"]
+            log = agent.log.read_text()  # embedded during the import (off the worker), not at its first request
+            marker = f"import of {ROLE}/tire_copy: samples embedded"
+            assert marker in log and "tire_copy: indexing" not in log.split(marker, 1)[1]  # not again at its use
             assert error_of(c.post("/rollback", data=form(roi="tire_copy", version=999))) == "unknown_version"
             wiped = c.post("/reset", data=form(roi="tire_copy"))
             assert wiped.status_code == 200 and wiped.json()["samples"] == {"ok": 0, "ng": 0}

@@ -180,7 +180,7 @@ def test_a_chunked_http_body_is_stopped_at_the_limit(data_root: Path) -> None:
     port = free_port()
     agent = Agent(data_root, env={"ANOMALY_AGENT_HTTP__MAX_REQUEST_BYTES": str(1 << 20)}, http_port=port).start()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
               b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
     s.sendall(b"%x\r\n%s\r\n" % (len(head), head))  # a valid multipart start, then an endless file
