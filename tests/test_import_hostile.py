@@ -144,6 +144,15 @@ print(json.dumps({"code": code, "base_kb": base, "peak_kb": resource.getrusage(r
 """
 
 
+def _import_in_subprocess(target: Path, path: Path, ident: dict, branches: list[dict]) -> dict:
+    """The real import of `path` into `target` in a fresh process: its outcome and peak RSS (STREAM_CHECK)."""
+    r = subprocess.run([sys.executable, "-c", STREAM_CHECK, str(target), str(path), json.dumps(ident),
+                        json.dumps(branches)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 class _Zeros(io.RawIOBase):
     def __init__(self, n: int) -> None:
         self.left = n
@@ -181,11 +190,7 @@ def test_a_big_member_streams_to_disk_with_bounded_memory_and_is_refused(tmp_pat
     assert path.stat().st_size < 8 << 20  # a small upload (the real samples and 1 MiB of gzip) unpacks to 200 MiB
     ident, branches = _identity(exported)
     target = tmp_path / "station2"
-    r = subprocess.run([sys.executable, "-c", STREAM_CHECK, str(target), str(path), json.dumps(ident),
-                        json.dumps(branches)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = _import_in_subprocess(target, path, ident, branches)
     assert out["code"].startswith("invalid_archive: b1-bank.npz is not a bank"), out
     grown_mb = (out["peak_kb"] - out["base_kb"]) / 1024
     assert grown_mb < 64, out  # the member is 200 MiB: it went to disk in 1 MiB chunks, never into memory
@@ -260,11 +265,7 @@ def test_a_300_mib_pax_header_is_refused_before_it_is_read(tmp_path: Path, expor
     assert path.stat().st_size < 4 << 20  # a small upload
     ident, branches = _identity(exported)
     target = tmp_path / "station2"
-    r = subprocess.run([sys.executable, "-c", STREAM_CHECK, str(target), str(path), json.dumps(ident),
-                        json.dumps(branches)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = _import_in_subprocess(target, path, ident, branches)
     assert out["code"].startswith("invalid_archive: the archive has an extended header"), out
     grown_mb = (out["peak_kb"] - out["base_kb"]) / 1024
     assert grown_mb < 32, out

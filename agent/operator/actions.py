@@ -15,8 +15,9 @@ from fastapi.responses import RedirectResponse, Response
 from agent.http.csrf import check_page_post
 from agent.http.errors import ApiError
 from agent.http.models import ERRORS, RequestId, Roi, Role
+from core.errors import InputError
 from core.ids import safe_text
-from core.roi.manifest import threshold_range
+from core.roi.manifest import check_manual_threshold
 from core.storage import RoiStore
 
 if TYPE_CHECKING:
@@ -41,9 +42,10 @@ def check_threshold_range(data_root: object, role_id: str, roi_id: str, value: f
     m = RoiStore(data_root, role_id, roi_id).read_manifest()  # type: ignore[arg-type]
     if m is None:
         raise ApiError("unknown_roi", f"ROI {role_id}/{roi_id} has no model: send fit_ok samples first")
-    low, high, why = threshold_range(m)
-    if not low <= value <= high:
-        raise ApiError("invalid_threshold", f"threshold {value:.6g} is outside {low:.4g}..{high:.4g}: {why}")
+    try:  # the model's own rule (every ingress), checked here too so a refused value never becomes a job
+        check_manual_threshold(m, value)
+    except InputError as exc:
+        raise ApiError(exc.code, exc.message) from None
 
 
 def operator_router(ctx: HttpContext, jobs: HttpJobs) -> APIRouter:
