@@ -1,4 +1,4 @@
-"""Settings compared on real defects and on the synthetic proxy (core/method/proxy.py), in one run.
+"""Settings compared on real defects and on the synthetic proxy (core/method/evidence/proxy.py), in one run.
 
     .venv/bin/python bench/proxy_eval.py > docs/results/proxy_eval.json
 
@@ -32,7 +32,7 @@ from eval import commit, recall_at_frr  # noqa: E402
 
 from core.backbones import get_extractor  # noqa: E402
 from core.image_io import decode_image  # noqa: E402
-from core.method.proxy import KINDS, make  # noqa: E402
+from core.method.evidence.proxy import KINDS, make  # noqa: E402
 from core.roi.model import ModelSettings, RoiModel  # noqa: E402
 
 SETTINGS = {  # name -> (branches, scales, resolution)

@@ -5,7 +5,7 @@
 For each dataset: one model with every candidate branch (fine 4+10 at 1, coarse 10+14 at 1, coarse 10+14 at
 each smaller scale) fitted on the OK training images minus a tuning fifth. Each branch's image score of
 every real test image, every tuning image and every proxy defect made from a tuning image
-(core/method/proxy.py) is computed once; a branch subset's score is then the same z-fusion the product
+(core/method/evidence/proxy.py) is computed once; a branch subset's score is then the same z-fusion the product
 uses (core/method/fusion.py) over that subset. Reported per subset: real test AUROC and recall at 5 %
 false rejects, proxy AUROC (tuning images vs their proxies: what a ROI could compute from its own OK
 samples at fit time). Then the subset the proxy picks, against the shipped default and the best subset on

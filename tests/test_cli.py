@@ -81,7 +81,7 @@ def test_calibrate_manual_threshold_and_models(fitted: Path, tire: Path) -> None
     st = lines(r.stdout)[-1]
     assert r.returncode == 0 and st["threshold_method"] == "ok_percentile"
     assert st["threshold_policy"] == {"policy": "ok_only", "ok_percentile": 100.0, "ng_margin": 0.5,
-                                      "ng_recall": None, "source": "calibrate"}
+                                      "ng_recall": None, "max_false_reject": 0.05, "source": "calibrate"}
     r = run(["calibrate", "--role", "st1", "--roi", "tire", "--reset"], fitted)
     assert lines(r.stdout)[-1]["threshold_method"] == "ng_calibrated"
 

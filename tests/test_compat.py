@@ -54,8 +54,8 @@ def test_a_data_root_written_by_commit_907ae81_loads_unchanged(tmp_path: Path, c
 
 
 def test_a_data_root_written_before_the_third_branch_gets_it_from_its_samples(tmp_path: Path, caplog) -> None:
-    """The same v1 ROI under today's default extractor (three branches): its fine and coarse banks are kept as
-    they are, the new small-view branch is indexed from the stored samples by itself (logged), and the ROI
+    """The same v1 ROI under today's default extractor (four branches): its fine and coarse banks are kept as
+    they are, the new small-view branches are indexed from the stored samples by themselves (logged), and the ROI
     predicts with the shipped pair (3 OK samples: too few to tune) as before."""
     expected = json.loads((FIXTURE / "expected.json").read_text())
     root = tmp_path / "data"
@@ -63,12 +63,12 @@ def test_a_data_root_written_before_the_third_branch_gets_it_from_its_samples(tm
     index = root / "models" / "st1" / "synthetic" / "index"
     banks = {p.name: p.read_bytes() for p in index.glob("*bank.npz")}
     ex = get_extractor("efficientnet_lite0", resolution=expected["resolution"], device="cpu")
-    assert len(ex.branch_identities) == 3
+    assert len(ex.branch_identities) == 4
     with caplog.at_level(logging.INFO):
         model = RoiModel(root, "st1", "synthetic", ex, ModelSettings(**expected["settings"]))
     assert "index" in caplog.text.lower(), caplog.text
     assert {p.name: p.read_bytes() for p in index.glob("*bank.npz") if p.name in banks} == banks
-    assert len(model.branches) == 3 and model.state()["fusion"]["active"] == [0, 1]
+    assert len(model.branches) == 4 and model.state()["fusion"]["active"] == [0, 1]
     pred = model.predict([decode_image((FIXTURE / "probe.png").read_bytes())])[0]
     assert pred.score == pytest.approx(expected["score"], abs=1e-5)
     assert pred.is_anomaly == (expected["score"] > expected["threshold"])

@@ -308,7 +308,7 @@ def test_a_running_agent_with_banks_past_the_cut_over_answers_as_the_exact_searc
     assert r.returncode == 0, r.stderr
     manifest = json.loads((root / "models" / "st1" / "tire" / "manifest.json").read_text())
     banks = [b["bank"] for b in manifest["branches"]]
-    assert len(banks) == 3 and min(banks[:2]) >= MIN_BANK, banks
+    assert len(banks) == 4 and min(banks[:2]) >= MIN_BANK, banks
     probes = [sorted((tire / "test" / k / "rgb").glob("*.png"))[i].read_bytes()
               for k, i in (("good", 0), ("good", 1), ("cut", 0), ("hole", 0), ("cut", 1), ("hole", 1), ("cut", 2),
                            ("hole", 2), ("combined", 0))]

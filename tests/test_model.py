@@ -338,7 +338,7 @@ def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samp
     from core.backbones import get_extractor
 
     single = get_extractor("efficientnet_lite0", resolution=256, device="cpu", layers=(4, 10))
-    assert single.identity == extractor.identity and len(extractor.branch_identities) == 3
+    assert single.identity == extractor.identity and len(extractor.branch_identities) == 4
     old = RoiModel(tmp_path, "r", "old", single, ModelSettings(coreset_min=300))
     old.fit_ok([sample(p) for p in tire_files["train"][:5]])
     manifest_path = old.store.manifest_path
@@ -352,7 +352,8 @@ def test_a_model_from_before_the_coarse_branch_loads_and_builds_it_from_its_samp
     assert "indexing 5 ok samples" in caplog.text
     assert new.store.index_dir.joinpath("bank.npz").read_bytes() == fine_bank  # the fine bank was kept
     assert [b["name"] for b in new.state()["branches"]] == ["efficientnet_lite0", "efficientnet_lite0@10-14",
-                                                            "efficientnet_lite0@10-14"]  # coarse at 1 and at 0.6
+                                                            "efficientnet_lite0@10-14",
+                                                            "efficientnet_lite0@10-14"]  # coarse at 1, 0.6, 0.4
     assert len(new.branches[1].emb["ok"].entries) == 5 and len(new.branches[1].bank) > 0
     fresh = RoiModel(tmp_path / "fresh", "r", "old", extractor, ModelSettings(coreset_min=300))
     fresh.fit_ok([sample(p) for p in tire_files["train"][:5]])  # the same samples fitted today

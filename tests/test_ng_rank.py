@@ -59,6 +59,21 @@ def test_ng_samples_that_share_a_look_the_plain_score_misses_rank_higher() -> No
     assert min(term(t) for t in new_ng) > max(term(t) for t in new_ok)
 
 
+def test_the_form_in_use_stays_unless_another_gains_clearly_more() -> None:
+    """One NG sample more must not flip the form (the issue-34 line trial alternated ng_bank / linear_head at
+    every NG sample): the form in use is kept while it still helps and no other gains SWITCH more."""
+    rng = np.random.default_rng(0)
+    shift = np.zeros(D)
+    shift[3] = 2.5
+    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9, shift), _banks(rng)
+    ok_scores, ng_scores = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    free = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks)
+    other = next(f for f in ng_rank.FORMS if f != free.form)
+    assert free.gains[free.form] - free.gains[other] < ng_rank.SWITCH and free.gains[other] >= ng_rank.GUARD / 2
+    kept = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks, incumbent=other)
+    assert kept.form == other and "kept" in kept.reason, kept  # without the rule: free.form, a flip
+
+
 def test_the_ng_scores_that_place_the_threshold_are_the_held_out_ones() -> None:
     """A term scores the NG samples it learnt from too well; the threshold must see them as it will see a new
     defect: each NG sample's term from the folds that did not learn from it."""

@@ -1,4 +1,4 @@
-"""The proxy for defects nobody has shown us (core/method/proxy.py): every kind changes the image inside its
+"""The proxy for defects nobody has shown us (core/method/evidence/proxy.py): every kind changes the image inside its
 mask and (nearly) nowhere else, is the same for the same seed, and is of the size its kind promises, on
 grey and colour images of the repo's own synthetic textures."""
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from core.method.proxy import KINDS, make
+from core.method.evidence.proxy import KINDS, make
 from tests.synthetic import tread
 
 

@@ -113,9 +113,9 @@ class DinoV2Spec:
 
 @dataclass(frozen=True)
 class EfficientNetLiteSpec:
-    """EfficientNet-Lite0/1/2 (ImageNet): chosen blocks; by default three branches: fine (ends of stages 3 + 5,
-    stride 8) and coarse (ends of stages 5 + 6, stride 16) from one forward pass, and coarse at 0.6 of the
-    input scale from a second, smaller one (docs/benchmarks.md)."""
+    """EfficientNet-Lite0/1/2 (ImageNet): chosen blocks; by default four branches: fine (ends of stages 3 + 5,
+    stride 8) and coarse (ends of stages 5 + 6, stride 16) from one forward pass, and coarse at 0.6 and at 0.4
+    of the input scale from two smaller ones (together 0.52 of the first's pixels; docs/benchmarks.md)."""
 
     name: str
     default_resolution: int = 320
@@ -125,12 +125,13 @@ class EfficientNetLiteSpec:
 
     def default_branches(self) -> tuple[Taps, ...]:
         ends = efficientnet_lite.stage_ends(self.name)
-        return ((ends[2], ends[4]), (ends[4], ends[5]), (ends[4], ends[5]))
+        return ((ends[2], ends[4]), (ends[4], ends[5]), (ends[4], ends[5]), (ends[4], ends[5]))
 
     def default_scales(self) -> tuple[float, ...]:
-        """Fine and coarse at the resolution, coarse again at 0.6 of it (a large, low-contrast defect fills a
-        coarse patch only in the smaller view); each ROI fuses the set its own samples favour (core/roi/tuning.py)."""
-        return (1.0, 1.0, 0.6)
+        """Fine and coarse at the resolution, coarse again at 0.6 and 0.4 of it (a large, low-contrast defect
+        fills a coarse patch only in a smaller view); each ROI fuses the set its evidence favours
+        (core/roi/tuning.py)."""
+        return (1.0, 1.0, 0.6, 0.4)
 
     def default_layers(self) -> Taps:
         ends = efficientnet_lite.stage_ends(self.name)

@@ -13,7 +13,7 @@ image-level score, an NG-aware one) implements it, and `RoiIndex.__init__` build
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +46,8 @@ class Branch(Protocol):
     # -------------------------------------------------------------- scoring
     # features [P, D] -> distances [P]; leave_out: an OK sample whose own fitted entries do not count
     def search(self, feats: np.ndarray, leave_out: int | None = None) -> np.ndarray: ...
+    # features [P, D] -> distances [P] to the bank without the entries of these OK samples; None: nothing left
+    def search_without(self, feats: np.ndarray, samples: Sequence[int]) -> np.ndarray | None: ...
     def clusters(self) -> ClusteredBank | None: ...  # None: no certified search, the exact one runs
 
     # threshold rounds: distances of stored samples, brought up to date with the fitted state

@@ -34,6 +34,7 @@ TOP_SHARE = 0.02  # an image's most anomalous share of patches
 MIN_NG = 5  # fewer NG samples: the plain score (with 1 per class a form was worse on tire)
 MIN_OK = 8  # fewer leave-one-out OK scores: no judgement
 GUARD = 0.02  # cross-validated AUROC gain a form needs over the plain score
+SWITCH = 0.02  # another form replaces the one in use only when it gains this much more AUROC
 FOLDS = 3
 FORMS = ("ng_bank", "linear_head")
 NEGATIVES = (20, 500)  # OK bank patches a head sees: 20 per NG patch + 500, at most the bank
@@ -124,9 +125,11 @@ class Choice:
 
 
 def choose(ok_scores: Sequence[float], ng_scores: Sequence[float], ok_tops: Sequence[Tops],
-           ng_tops: Sequence[Tops], ok_banks: Sequence[np.ndarray], seed: int = 0) -> Choice:
+           ng_tops: Sequence[Tops], ok_banks: Sequence[np.ndarray], seed: int = 0,
+           incumbent: str | None = None) -> Choice:
     """The form a ROI uses, from its own samples: OK leave-one-out scores and top patches, NG scores and top
-    patches, each branch's OK bank."""
+    patches, each branch's OK bank. `incumbent`: the form in use; it stays while its gain is at least half the
+    guard and no other form gains `SWITCH` more (one more NG sample does not flip the form)."""
     if len(ng_tops) < MIN_NG:
         return Choice(None, {}, [], f"fewer than {MIN_NG} NG samples")
     if len(ok_tops) < MIN_OK:
@@ -151,6 +154,9 @@ def choose(ok_scores: Sequence[float], ng_scores: Sequence[float], ok_tops: Sequ
         gains[form] = round(float(auc - plain), 4)
         cv_terms[form] = terms.tolist()
     best = max(FORMS, key=lambda f: gains[f])
+    if incumbent in gains and gains[incumbent] >= GUARD / 2 and gains[best] - gains[incumbent] < SWITCH:
+        return Choice(incumbent, gains, cv_terms[incumbent], f"{incumbent} kept: gains {gains[incumbent]} AUROC in "
+                      f"{FOLDS}-fold cross-validation, no form {SWITCH} more")
     if gains[best] < GUARD:
         return Choice(None, gains, [], f"no form gains {GUARD} AUROC over the plain score in cross-validation")
     return Choice(best, gains, cv_terms[best], f"{best} gains {gains[best]} AUROC in {FOLDS}-fold cross-validation")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +152,16 @@ class PatchBranch:
         if leave_out is not None and not self.only_from(leave_out):
             exclude = torch.from_numpy(self.bank_sample == leave_out)
         return self.knn.distances(torch.from_numpy(feats).to(self.device), exclude).numpy()
+
+    def search_without(self, feats: np.ndarray, samples: Sequence[int]) -> np.ndarray | None:
+        """Distances [P] to the nearest bank entry that none of the OK samples numbered `samples` brought (a
+        bank without them, for held-out scores: core/roi/tuning.py); None when every entry is theirs."""
+        if self.knn is None:
+            raise ModelNotReadyError(f"branch {self.identity['name']} has an empty memory bank")
+        exclude = np.isin(self.bank_sample, np.asarray(list(samples), np.int64))
+        if exclude.all():
+            return None
+        return self.knn.distances(torch.from_numpy(feats).to(self.device), torch.from_numpy(exclude)).numpy()
 
     def clusters(self) -> ClusteredBank | None:
         """The bank's clusters for the certified search (core/method/knn_certified.py), built at the first prediction

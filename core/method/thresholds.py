@@ -6,8 +6,12 @@
   rotation, +-5 % scale, +-10 % brightness; `model.nuisance_views`) are scored instead, so a one-shot
   model still gets a usable threshold, not one at its own (near-zero) self-distance.
 - with NG samples: if OK and NG scores separate, the threshold sits `ng_margin` of the way from the
-  highest OK score to the lowest NG score (0.5: midway); otherwise the cut that maximises
-  Youden's J (TPR - FPR) on the ROC curve (scikit-learn), reported with the errors it leaves.
+  highest OK score to the lowest NG score (0.5: midway). Otherwise it never goes below the false-reject
+  floor: the score above which at most `max_false_reject` (default 0.05) of the OK samples lie; it sits
+  `ng_margin` of the way from that floor to the lowest NG score above it, and the NG samples at or under
+  the floor pass: counted (`ng_passing`) and said in the warnings, instead of the threshold dropping to
+  the lowest NG score and rejecting good parts a line cannot live with. Deleting one OK sample moves the
+  floor to a neighbouring OK score at most.
 - with NG samples and `ng_recall` set (e.g. 0.95): the threshold is placed so that at least that
   share of the NG samples scores above it, and never above the OK-only threshold, so NG samples can only
   make detection stricter; the false rejects this costs on the OK samples are reported.
@@ -23,9 +27,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
 from core.errors import InputError
+
+MAX_FALSE_REJECT = 0.05  # an NG-calibrated threshold rejects at most this share of the OK samples
 
 
 def ok_threshold(ok_scores: list[float], percentile: float = 99.0) -> dict:
@@ -36,38 +41,53 @@ def ok_threshold(ok_scores: list[float], percentile: float = 99.0) -> dict:
         "ok_mean": float(scores.mean())}}
 
 
-def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float = 0.5) -> dict:
+def reject_floor(ok_scores: list[float], max_false_reject: float) -> float:
+    """The lowest threshold at which at most `max_false_reject` of the OK samples (their leave-one-out scores)
+    score above it: the (k+1)-th highest OK score, k = floor(max_false_reject x n)."""
+    ok = np.sort(np.asarray(ok_scores, dtype=np.float64))
+    k = int(math.floor(max_false_reject * ok.size + 1e-9))
+    return float(ok[max(0, ok.size - 1 - k)])
+
+
+def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float = 0.5,
+                 max_false_reject: float = MAX_FALSE_REJECT) -> dict:
+    """Separable: `margin` of the way from the highest OK to the lowest NG score. Overlapping: never below
+    the false-reject floor (at most `max_false_reject` of the OK samples above it); `margin` of the way from
+    the floor to the lowest NG score above it, and the NG samples at or under the floor pass (counted)."""
     ok = np.asarray(ok_scores, dtype=np.float64)
     ng = np.asarray(ng_scores, dtype=np.float64)
-    details = {"n_ok": int(ok.size), "n_ng": int(ng.size), "ok_max": float(ok.max()), "ng_min": float(ng.min())}
+    details = {"n_ok": int(ok.size), "n_ng": int(ng.size), "ok_max": float(ok.max()), "ng_min": float(ng.min()),
+               "max_false_reject": max_false_reject}
     if ok.max() < ng.min():
         value = float(ok.max() + margin * (ng.min() - ok.max()))
-        details.update(separable=True, margin=margin, false_rejects=0, false_accepts=0)
-    else:
-        y = np.r_[np.zeros(ok.size), np.ones(ng.size)]
-        fpr, tpr, cuts = roc_curve(y, np.r_[ok, ng])
-        best = int(np.argmax(tpr - fpr))
-        value = float(cuts[best]) if np.isfinite(cuts[best]) else float(ng.max())
-        # scikit-learn predicts positive for score >= cut; we flag score > threshold, so step just below
-        value = float(np.nextafter(value, -np.inf))
-        details.update(separable=False, false_rejects=int((ok > value).sum()), false_accepts=int((ng <= value).sum()))
+        details.update(separable=True, margin=margin, false_rejects=0, false_accepts=0, ng_passing=0)
+        return {"value": value, "method": "ng_calibrated", "details": details}
+    floor = reject_floor(ok_scores, max_false_reject)
+    above = ng[ng > floor]
+    value = float(floor + margin * (above.min() - floor)) if above.size else floor
+    passing = int((ng <= value).sum())
+    details.update(separable=False, margin=margin, reject_floor=floor, false_rejects=int((ok > value).sum()),
+                   false_accepts=passing, ng_passing=passing)
     return {"value": value, "method": "ng_calibrated", "details": details}
 
 
-def recall_threshold(ok_scores: list[float], ng_scores: list[float], recall: float, percentile: float) -> dict:
+def recall_threshold(ok_scores: list[float], ng_scores: list[float], recall: float, percentile: float,
+                     max_false_reject: float = MAX_FALSE_REJECT) -> dict:
     """The highest threshold under which at most (1 - recall) of the NG samples fall, capped at the
-    OK-only threshold."""
+    OK-only threshold and never below the false-reject floor (the recall then falls short: reported)."""
     ok = np.asarray(ok_scores, dtype=np.float64)
     ng = np.sort(np.asarray(ng_scores, dtype=np.float64))[::-1]
     need = max(1, math.ceil(recall * ng.size))
     value = float(np.nextafter(ng[need - 1], -np.inf))  # flag score > threshold: the need-th NG is caught
     ok_only = ok_threshold(ok_scores, percentile)["value"]
     capped = value >= ok_only
-    value = min(value, ok_only)
+    floor = reject_floor(ok_scores, max_false_reject)
+    value = max(min(value, ok_only), min(floor, ok_only))
     return {"value": value, "method": "ng_recall", "details": {
         "n_ok": int(ok.size), "n_ng": int(ng.size), "ng_recall": recall, "ok_only_threshold": ok_only,
-        "capped_at_ok_only": capped, "false_rejects": int((ok > value).sum()),
-        "false_accepts": int((ng <= value).sum())}}
+        "capped_at_ok_only": capped, "max_false_reject": max_false_reject, "reject_floor": floor,
+        "false_rejects": int((ok > value).sum()), "false_accepts": int((ng <= value).sum()),
+        "ng_passing": int((ng <= value).sum())}}
 
 
 def manual_threshold(value: float) -> dict:
@@ -81,7 +101,12 @@ def ng_warnings(th: dict, ng_scores: list[float], ok_only: float | None) -> list
     if value is None or not ng_scores:
         return out
     under = int((np.asarray(ng_scores) <= value).sum())
-    if under:
+    if under and th.get("details", {}).get("separable") is False:
+        limit = th["details"].get("max_false_reject", MAX_FALSE_REJECT)
+        out.append(f"{under} of {len(ng_scores)} NG samples pass at the threshold {value:.4f}: OK and NG scores "
+                   f"overlap, and a lower threshold would reject more than {limit:.0%} of good parts "
+                   f"(max_false_reject)")
+    elif under:
         out.append(f"{under} of {len(ng_scores)} NG samples score at or under the threshold {value:.4f}: "
                    f"parts like them pass")
     if ok_only is not None and value > ok_only:
@@ -118,6 +143,7 @@ class ThresholdPolicy:
     ng_margin: float = 0.5
     ng_recall: float | None = None
     manual_value: float | None = None
+    max_false_reject: float = MAX_FALSE_REJECT
 
     def decide(self, ok_scores: list[float], ng_scores: list[float]) -> dict:
         if self.policy == "manual":
@@ -130,9 +156,9 @@ class ThresholdPolicy:
         if self.policy != "auto" or not ng_scores:
             return ok_only
         if self.ng_recall is not None:
-            th = recall_threshold(ok_scores, ng_scores, self.ng_recall, self.ok_percentile)
+            th = recall_threshold(ok_scores, ng_scores, self.ng_recall, self.ok_percentile, self.max_false_reject)
         else:
-            th = ng_threshold(ok_scores, ng_scores, self.ng_margin)
+            th = ng_threshold(ok_scores, ng_scores, self.ng_margin, self.max_false_reject)
         warnings = ng_warnings(th, ng_scores, ok_only["value"])
         if warnings:
             th["details"]["warnings"] = warnings

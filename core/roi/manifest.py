@@ -41,6 +41,8 @@ class ModelSettings:
     holdout_max: int = _opt(50, "at most this many recent OK samples are scored leave-one-out", ge=1)
     ng_margin: float = _opt(0.5, "0..1 of the way from the highest OK to the lowest NG score", ge=0, le=1)
     ng_recall: float | None = _opt(None, "share of NG samples that must score above the threshold", gt=0, le=1)
+    max_false_reject: float = _opt(0.05, "an NG-calibrated threshold rejects at most this share of the OK samples "
+                                   "(leave-one-out); NG samples under it pass and are counted", ge=0, lt=1)
     memory_fit: bool = _opt(False, "keep the raw embeddings in RAM during fits (bounded by memory_fit_max_mb)")
     memory_fit_max_mb: float = _opt(512.0, "RAM bound of memory_fit", gt=0)
     fit_batch_size: int = _opt(8, "images per backbone forward in a fit", ge=1, le=256)
@@ -86,7 +88,8 @@ def policy_of(m: dict) -> dict:
     """The threshold policy in force for a manifest: configured, or set by a calibrate request."""
     s = m.get("settings") or {}
     base = {"policy": s.get("threshold_policy"), "ok_percentile": s.get("ok_percentile"),
-            "ng_margin": s.get("ng_margin"), "ng_recall": s.get("ng_recall")}
+            "ng_margin": s.get("ng_margin"), "ng_recall": s.get("ng_recall"),
+            "max_false_reject": s.get("max_false_reject", 0.05)}
     if m["threshold"]["method"] == "manual_override":
         return {"policy": "manual", "source": "calibrate"}
     if m.get("policy_override"):
@@ -145,7 +148,8 @@ def manifest_state(m: dict, has_mask: bool, versions: list[int] | None = None) -
 
 def _fusion_state(f: dict) -> dict:
     """Which branches the ROI fuses and why (core/roi/tuning.py), as the state says it."""
-    keep = ("active", "names", "by", "ok_samples", "proxy_images", "proxy_auroc")
+    keep = ("active", "names", "by", "changed", "previous", "gain", "wins", "ok_samples", "ng_samples",
+            "proxy_images", "candidates")
     return {k: f[k] for k in keep if k in f}
 
 
@@ -172,6 +176,13 @@ def threshold_warnings(m: dict) -> list[dict]:
         out.append({"code": "ng_recall_low", "recall": round(1 - passing / len(ng), 4),
                     "message": f"{passing} of the ROI's {len(ng)} NG samples score at or below the threshold "
                                f"{th:.4g}: parts with those defects would pass"})
+    d = (m.get("threshold") or {}).get("details") or {}
+    if d.get("separable") is False and d.get("ng_passing"):  # held at the false-reject limit
+        limit = float(d.get("max_false_reject", 0.05))
+        out.append({"code": "ng_pass_at_reject_limit", "passing": int(d["ng_passing"]), "max_false_reject": limit,
+                    "message": f"OK and NG scores overlap: {d['ng_passing']} of the ROI's {len(ng)} NG samples pass at "
+                               f"the threshold {th:.4g}, which rejects at most {limit:.0%} of its OK samples "
+                               f"(max_false_reject)"})
     flagged = sum(1 for x in ok if x > th)
     if flagged >= 2 and flagged / len(ok) > OK_REJECT_WARN:  # one sample over a 99th percentile is expected
         out.append({"code": "ok_rejects_high", "share": round(flagged / len(ok), 4),
@@ -262,7 +273,8 @@ def threshold_policy(m: dict, s: ModelSettings) -> ThresholdPolicy:
     if s.threshold_policy == "manual" and not over:
         return ThresholdPolicy("manual", manual_value=s.threshold_value)
     return ThresholdPolicy(over.get("policy", s.threshold_policy), over.get("ok_percentile", s.ok_percentile),
-                           over.get("ng_margin", s.ng_margin), over.get("ng_recall", s.ng_recall))
+                           over.get("ng_margin", s.ng_margin), over.get("ng_recall", s.ng_recall),
+                           max_false_reject=s.max_false_reject)
 
 
 def apply_calibration(m: dict, policy: str | None, value: float | None, ok_percentile: float | None,

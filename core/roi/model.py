@@ -94,6 +94,7 @@ class RoiModel:
         fusion = tuning.current(self.manifest.get("fusion"), self.settings.branch_select, len(self.branches))
         self.scorer = Scorer(self.branches, self.settings, mask, scales, fusion["active"])
         self._samples_scorer = SampleScorer(self.scorer.branch_map, self.scorer.map_score, self.progress)
+        self._view_cache: dict = {}  # the OK evidence of the last tuning (core/roi/tuning.py)
         if mask_error:
             self.manifest["mask_error"] = mask_error
         # a delete's cause (delete, reset, relabel, a refused suspect) is what the new version records
@@ -164,15 +165,15 @@ class RoiModel:
             nuisance = lambda: nuisance_maps(self.index, self.store, self.scorer.branch_map)  # noqa: E731
             ok_scores, ng_scores, self.scorer.scales = self._samples_scorer.round(
                 self.branches, s.holdout_max, arrays, nuisance, fusion["active"])
-            if s.branch_select == "auto" and tuning.due(m.get("fusion"), self._count("ok"), len(self.branches)):
-                fusion = tuning.tune(self.index, self.store, self._samples_scorer.ok_rows, self.scorer.scales,
-                                     self.scorer.distances_score, self.progress)
+            if s.branch_select == "auto":
+                fusion = tuning.retune(self.index, self.store, self._samples_scorer, fusion,
+                                       self.scorer.distances_score, self.progress, self._view_cache, self.lifecycle)
                 ok_scores, ng_scores = self._samples_scorer.fuse(fusion["active"])
         self.scorer.active = fusion["active"]
         ng_suspects = find_ng_suspects(*self._samples_scorer.plain_scores(self.index.ready), self.lifecycle)
         ng_rank, self.scorer.ng, ok_scores, ng_scores = ng_ranking.decide(
             s.ng_rank if self.index.ready else "off", self._samples_scorer, ok_scores, ng_scores, fusion["active"],
-            self.branches, f"{self.store.role_id}/{self.store.roi_id}", {x["sample_id"] for x in ng_suspects})
+            self.branches, f"{self.store.role_id}/{self.store.roi_id}", {x["sample_id"] for x in ng_suspects}, m)
         th = m["threshold"] if m["threshold"]["method"] == "manual_override" else threshold_policy(m, s).decide(
             ok_scores, ng_scores)
         scored = self._samples_scorer.by_sample if self.index.ready else {}

@@ -29,12 +29,14 @@ def _banks(branches: Sequence[Branch], active: Sequence[int]) -> list[np.ndarray
 
 
 def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], active: Sequence[int],
-           branches: Sequence[Branch], name: str, suspects: set[str] | frozenset[str] = frozenset()
-           ) -> tuple[dict | None, NgTerm | None, list[float], list[float]]:
+           branches: Sequence[Branch], name: str, suspects: set[str] | frozenset[str] = frozenset(),
+           manifest: dict | None = None) -> tuple[dict | None, NgTerm | None, list[float], list[float]]:
     """(manifest record, term or None, OK scores, NG scores) after this threshold update's round; the scores
     carry the term when one is used (the NG samples' cross-validated one) and so does `rows.by_sample`.
     `suspects`: NG samples that score like good parts (lifecycle.find_ng_suspects): no term learns from
-    them and their scores do not place the threshold (they are left out of the NG scores returned)."""
+    them and their scores do not place the threshold (they are left out of the NG scores returned).
+    `manifest`: the ROI's last one; the form it records stays unless another clearly gains more."""
+    incumbent = ((manifest or {}).get("ng_rank") or {}).get("form")
     all_ids = list(rows.ng_rows["ids"])
     keep = [i for i, sid in enumerate(all_ids) if sid not in suspects] if len(all_ids) == len(ng) else \
         list(range(len(ng)))
@@ -46,7 +48,7 @@ def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], a
     ng_tops = [all_tops[i] for i in keep] if len(all_tops) == len(all_ids) else all_tops
     banks = _banks(branches, active)
     try:
-        choice = choose(ok, ng, ok_tops, ng_tops, banks)
+        choice = choose(ok, ng, ok_tops, ng_tops, banks, incumbent=incumbent)
         term = fit_term(choice.form, banks, ok_tops, ng_tops, spread_of(ok)) if choice.form else None
     except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:  # degenerate samples: the plain score, said
         log.warning("%s: NG-aware term not fitted (%s): NG samples move only the threshold", name, e)

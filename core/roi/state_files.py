@@ -103,7 +103,7 @@ class PolicyOverride(BaseModel):
 
 class Fusion(_Open):  # core/roi/tuning.py: the branches a ROI fuses, and why
     active: Annotated[list[Annotated[int, Field(ge=0, lt=16)]], Field(min_length=1, max_length=16)]
-    by: Literal["default", "proxy", "all"]
+    by: Literal["default", "proxy", "proxy+labels", "all"]
     branches: Annotated[int, Field(ge=1, le=16)]
 
 

@@ -1,0 +1,1 @@
+"""Evidence a ROI chooses its settings by: synthetic defects (proxy.py) and the choice of views (views.py)."""
