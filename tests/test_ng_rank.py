@@ -72,6 +72,10 @@ def test_the_form_in_use_stays_unless_another_gains_clearly_more() -> None:
     assert free.gains[free.form] - free.gains[other] < ng_rank.SWITCH and free.gains[other] >= ng_rank.GUARD / 2
     kept = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks, incumbent=other)
     assert kept.form == other and "kept" in kept.reason, kept  # without the rule: free.form, a flip
+    # between growth steps (5, 8, 12, 18... NG samples) the form decided at the last step stays, even none
+    held = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks, incumbent=None, hold_until=12)
+    assert held.form is None and held.ng_terms == [] and "until 12" in held.reason, held
+    assert [ng_rank.next_step(n) for n in (5, 8, 12, 18)] == [8, 12, 18, 27]
 
 
 def test_the_ng_scores_that_place_the_threshold_are_the_held_out_ones() -> None:
@@ -220,8 +224,10 @@ def test_labelled_blowholes_rank_new_blowholes_above_good_tiles(tmp_path: Path, 
     ng_ids = [r.sample_id for r in model.store.list_samples("ng")]
     blowhole_ids = set(ng_ids[:9])
     assert len(flagged) >= 3 and not flagged & blowhole_ids, (flagged, ng_ids)
-    record = model.state()["ng_rank"]
-    assert record["ng_samples"] == 17 and (record["form"] is None or set(record["ignored"]) == flagged), record
+    record = model.manifest["ng_rank"]
+    assert record["ng_samples"] == 17 and record["form"] is not None and set(record["ignored"]) == flagged, record
+    if 17 - len(flagged) < ng_rank.next_step(9):  # the NG samples that count, before the next growth step
+        assert "kept until" in record["reason"], record
     assert len(model.manifest["ng_scores"]) == 17 - len(flagged)  # the threshold sees the others only
     strict = RoiModel(tmp_path, "st", "tile", extractor, settings,
                       lifecycle=LifecycleSettings(suspect_policy="refuse", max_ng_samples=20))

@@ -19,6 +19,7 @@ well). Nothing here learns features: the backbone stays frozen, the head is line
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ MIN_NG = 5  # fewer NG samples: the plain score (with 1 per class a form was wor
 MIN_OK = 8  # fewer leave-one-out OK scores: no judgement
 GUARD = 0.02  # cross-validated AUROC gain a form needs over the plain score
 SWITCH = 0.02  # another form replaces the one in use only when it gains this much more AUROC
+REGROW = 1.5  # the form is decided again when the NG samples have grown by half since it was decided
+
+
+def next_step(decided_at: int) -> int:
+    """The NG sample count at which a form decided at `decided_at` samples is decided again (5, 8, 12, 18...)."""
+    return max(decided_at + 1, math.ceil(decided_at * REGROW))
 FOLDS = 3
 FORMS = ("ng_bank", "linear_head")
 NEGATIVES = (20, 500)  # OK bank patches a head sees: 20 per NG patch + 500, at most the bank
@@ -126,10 +133,11 @@ class Choice:
 
 def choose(ok_scores: Sequence[float], ng_scores: Sequence[float], ok_tops: Sequence[Tops],
            ng_tops: Sequence[Tops], ok_banks: Sequence[np.ndarray], seed: int = 0,
-           incumbent: str | None = None) -> Choice:
+           incumbent: str | None = None, hold_until: int | None = None) -> Choice:
     """The form a ROI uses, from its own samples: OK leave-one-out scores and top patches, NG scores and top
     patches, each branch's OK bank. `incumbent`: the form in use; it stays while its gain is at least half the
-    guard and no other form gains `SWITCH` more (one more NG sample does not flip the form)."""
+    guard and no other form gains `SWITCH` more; `hold_until`: until the ROI has this many NG samples (its next
+    growth step) the incumbent stays whatever the gains (one more NG sample does not flip the form)."""
     if len(ng_tops) < MIN_NG:
         return Choice(None, {}, [], f"fewer than {MIN_NG} NG samples")
     if len(ok_tops) < MIN_OK:
@@ -154,6 +162,9 @@ def choose(ok_scores: Sequence[float], ng_scores: Sequence[float], ok_tops: Sequ
         gains[form] = round(float(auc - plain), 4)
         cv_terms[form] = terms.tolist()
     best = max(FORMS, key=lambda f: gains[f])
+    if hold_until is not None:
+        return Choice(incumbent, gains, cv_terms[incumbent] if incumbent else [],
+                      f"{incumbent or 'the plain score'} kept until {hold_until} NG samples (decided at a growth step)")
     if incumbent in gains and gains[incumbent] >= GUARD / 2 and gains[best] - gains[incumbent] < SWITCH:
         return Choice(incumbent, gains, cv_terms[incumbent], f"{incumbent} kept: gains {gains[incumbent]} AUROC in "
                       f"{FOLDS}-fold cross-validation, no form {SWITCH} more")

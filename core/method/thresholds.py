@@ -8,7 +8,8 @@
 - with NG samples: if OK and NG scores separate, the threshold sits `ng_margin` of the way from the
   highest OK score to the lowest NG score (0.5: midway). Otherwise it never goes below the false-reject
   floor: the score above which at most `max_false_reject` (default 0.05) of the OK samples lie; it sits
-  `ng_margin` of the way from that floor to the lowest NG score above it, and the NG samples at or under
+  `ng_margin` of the way from that floor to the lowest NG score above it (at most the OK-only 99th
+  percentile: overlapping NG samples never make the ROI less sensitive), and the NG samples at or under
   the floor pass: counted (`ng_passing`) and said in the warnings, instead of the threshold dropping to
   the lowest NG score and rejecting good parts a line cannot live with. Deleting one OK sample moves the
   floor to a neighbouring OK score at most.
@@ -31,6 +32,7 @@ import numpy as np
 from core.errors import InputError
 
 MAX_FALSE_REJECT = 0.05  # an NG-calibrated threshold rejects at most this share of the OK samples
+OK_ONLY_PERCENTILE = 99.0  # overlapping NG samples never raise the threshold above this OK percentile
 
 
 def ok_threshold(ok_scores: list[float], percentile: float = 99.0) -> dict:
@@ -53,7 +55,9 @@ def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float =
                  max_false_reject: float = MAX_FALSE_REJECT) -> dict:
     """Separable: `margin` of the way from the highest OK to the lowest NG score. Overlapping: never below
     the false-reject floor (at most `max_false_reject` of the OK samples above it); `margin` of the way from
-    the floor to the lowest NG score above it, and the NG samples at or under the floor pass (counted)."""
+    the floor to the lowest NG score above it, never above the OK-only 99th percentile (NG samples that
+    overlap the good parts must not make the ROI blind to milder defects), and the NG samples at or under the
+    floor pass (counted)."""
     ok = np.asarray(ok_scores, dtype=np.float64)
     ng = np.asarray(ng_scores, dtype=np.float64)
     details = {"n_ok": int(ok.size), "n_ng": int(ng.size), "ok_max": float(ok.max()), "ng_min": float(ng.min()),
@@ -65,6 +69,8 @@ def ng_threshold(ok_scores: list[float], ng_scores: list[float], margin: float =
     floor = reject_floor(ok_scores, max_false_reject)
     above = ng[ng > floor]
     value = float(floor + margin * (above.min() - floor)) if above.size else floor
+    ok_only = ok_threshold(ok_scores, OK_ONLY_PERCENTILE)["value"]
+    value = max(floor, min(value, ok_only))  # overlapping NG never makes the ROI less sensitive than OK-only
     passing = int((ng <= value).sum())
     details.update(separable=False, margin=margin, reject_floor=floor, false_rejects=int((ok > value).sum()),
                    false_accepts=passing, ng_passing=passing)

@@ -155,7 +155,7 @@ def _fusion_state(f: dict) -> dict:
 
 def _ng_rank_state(r: dict) -> dict:
     """Whether the ROI's NG samples rank its parts, not only place its threshold (core/roi/ng_ranking.py)."""
-    return {k: r[k] for k in ("form", "reason", "cv_auroc_gain", "ng_samples") if k in r}
+    return {k: r[k] for k in ("form", "reason", "cv_auroc_gain", "ng_samples", "decided_at") if k in r}
 
 
 NG_RECALL_WARN = 0.9  # fewer of the ROI's own NG samples over the threshold than this: said in the state

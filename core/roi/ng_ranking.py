@@ -16,7 +16,17 @@ import numpy as np
 
 from core.method.branch import Branch
 from core.method.fusion import BranchScale
-from core.method.ng_rank import MAX_FIT, Choice, NgTerm, choose, fit_heads, fit_term, spread_of, top_rows
+from core.method.ng_rank import (
+    MAX_FIT,
+    Choice,
+    NgTerm,
+    choose,
+    fit_heads,
+    fit_term,
+    next_step,
+    spread_of,
+    top_rows,
+)
 from core.method.scorer import Scorer
 from core.roi.index import RoiIndex
 from core.roi.sample_scores import SampleScorer
@@ -36,7 +46,8 @@ def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], a
     `suspects`: NG samples that score like good parts (lifecycle.find_ng_suspects): no term learns from
     them and their scores do not place the threshold (they are left out of the NG scores returned).
     `manifest`: the ROI's last one; the form it records stays unless another clearly gains more."""
-    incumbent = ((manifest or {}).get("ng_rank") or {}).get("form")
+    previous = (manifest or {}).get("ng_rank") or {}
+    incumbent, decided_at = previous.get("form"), previous.get("decided_at")
     all_ids = list(rows.ng_rows["ids"])
     keep = [i for i, sid in enumerate(all_ids) if sid not in suspects] if len(all_ids) == len(ng) else \
         list(range(len(ng)))
@@ -48,13 +59,17 @@ def decide(setting: str, rows: SampleScorer, ok: list[float], ng: list[float], a
     ng_tops = [all_tops[i] for i in keep] if len(all_tops) == len(all_ids) else all_tops
     banks = _banks(branches, active)
     try:
-        choice = choose(ok, ng, ok_tops, ng_tops, banks, incumbent=incumbent)
+        hold = isinstance(decided_at, int) and decided_at <= len(ng) < next_step(decided_at)
+        choice = choose(ok, ng, ok_tops, ng_tops, banks, incumbent=incumbent,
+                        hold_until=next_step(decided_at) if hold else None)
         term = fit_term(choice.form, banks, ok_tops, ng_tops, spread_of(ok)) if choice.form else None
     except (ValueError, RuntimeError, np.linalg.LinAlgError) as e:  # degenerate samples: the plain score, said
         log.warning("%s: NG-aware term not fitted (%s): NG samples move only the threshold", name, e)
         choice, term = Choice(None, {}, [], f"could not be fitted: {str(e)[:200]}"), None
     record: dict = {"form": choice.form, "reason": choice.reason, "cv_auroc_gain": choice.gains,
                     "ng_samples": len(all_ids), "active": list(active)}
+    if choice.gains:  # decided (or held) from enough samples: the growth step it belongs to
+        record["decided_at"] = decided_at if hold else len(ng)
     if suspects & set(all_ids):
         record["ignored"] = sorted(suspects & set(all_ids))  # refitting at a load leaves the same ones out
     log.info("%s: NG-aware term %s (%s; cross-validated AUROC gains %s)", name, choice.form or "not used",

@@ -115,6 +115,7 @@ class NgRank(_Open):  # core/roi/ng_ranking.py: whether NG samples rank the ROI'
     cv_auroc_gain: dict[Literal["ng_bank", "linear_head"], FiniteFloat] = {}
     scales: Annotated[list[BranchScaleInfo], Field(max_length=16)] = []
     spread: Annotated[FiniteFloat, Field(gt=0)] | None = None
+    decided_at: Count | None = None  # the NG sample count the form was decided at (a growth step)
 
     @model_validator(mode="after")
     def _complete(self) -> NgRank:
