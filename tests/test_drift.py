@@ -73,3 +73,18 @@ def test_an_unusable_saved_window_starts_again(tmp_path: Path, model: RoiModel) 
         tracker = DriftTracker(model.store.root.parents[2], DriftSettings(window=10, min_predictions=5))
         assert tracker.observe(model, 0.1, False) is None  # evaluated, not raised
         assert tracker.history(model.store.role_id, model.store.roi_id) == [(0.1, False)]
+
+
+def test_the_saved_window_is_checked_by_its_schema_where_it_is_read(tmp_path: Path, model: RoiModel,
+                                                                    caplog) -> None:
+    """The load site itself refuses a drift.json that fails its schema (what /models and the CLI `models` read
+    too, where no tracker's fallback hides it), and says so at WARNING."""
+    import logging
+
+    from agent.drift import drift_path, read_drift, saved_drift
+
+    root, role, roi = model.store.root.parents[2], model.store.role_id, model.store.roi_id
+    drift_path(root, role, roi).write_text('{"recent": [["x", true]], "older": 5, "last": {"state": "alarm"}}')
+    with caplog.at_level(logging.WARNING, logger="agent.drift"):
+        assert saved_drift(root, role, roi) is None and read_drift(root, role, roi) is None
+    assert "the drift window starts again" in caplog.text

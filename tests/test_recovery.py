@@ -67,12 +67,14 @@ def test_a_corrupt_sample_is_quarantined_not_fatal(tmp_path, extractor, referenc
         victim.write_bytes(GARBAGE)
     else:
         image.unlink()
+    before = {p.name: p.read_bytes() for p in victim.parent.glob(victim.stem + ".*")}  # what is left of it
     with caplog.at_level(logging.INFO):
         model = RoiModel(root, "st1", "tire", extractor, SETTINGS)
     assert model.manifest["counts"]["ok"] == 5
     quarantined = roi / "quarantine" / "ok"
     assert (quarantined / f"{victim.stem}.reason.json").exists() and "quarantined" in caplog.text
     assert not list((roi / "samples" / "ok").glob(victim.stem + ".*"))
+    assert before and {name: (quarantined / name).read_bytes() for name in before} == before  # moved, never deleted
     assert model.predict([decode_image(reference[2])])[0].score > 0
 
 
@@ -100,6 +102,8 @@ def test_a_corrupt_mask_is_quarantined_and_the_state_says_so(tmp_path, extractor
     assert not state["has_mask"] and "cannot be decoded" in state["mask_error"], state
     assert "quarantine" in caplog.text and "whole image" in caplog.text
     assert len(list((roi / "quarantine" / "mask").glob("*.reason.json"))) == 1 and not (roi / "mask.png").exists()
+    assert [p.read_bytes() for p in (roi / "quarantine" / "mask").iterdir()
+            if not p.name.endswith(".reason.json")] == [GARBAGE]  # the damaged mask kept, byte for byte
     assert model.threshold == pytest.approx(whole_threshold, abs=1e-6)
     assert model.predict([decode_image(reference[2])])[0].score == pytest.approx(reference[1], abs=1e-5)
     fixed = model.set_mask(cv2.imencode(".png", mask)[1].tobytes())
