@@ -54,9 +54,10 @@ class Actions:
         elif action in ("fit_ok", "send_ng"):
             self.fit(model, batch, "ok" if action == "fit_ok" else "ng")
         elif action == "calibrate":
+            if any(j.images for j in batch):  # NG images sent with calibrate (a burst of them: one change)
+                self.fit(model, [j for j in batch if j.images], "ng")
             for j in batch:
                 if j.images:
-                    self.fit(model, [j], "ng")
                     continue
                 try:
                     p = j.params

@@ -206,6 +206,10 @@ class WorkerConfig(Strict):
     # auto: 8 on CUDA, 1 on CPU, where a batched forward is slower than single ones (docs/benchmarks.md)
     max_batch: int | Literal["auto"] = "auto"
     max_wait_ms: float = Field(5.0, ge=0)
+    # fit_ok / send_ng of one ROI that arrive together are one fit, one version, at most one tuning: all that
+    # wait in the queue, and for folder drops also those arriving within this long of the last, up to burst_max
+    burst_settle_ms: float = Field(2000.0, ge=0, le=10_000)
+    burst_max: int = Field(64, ge=1, le=1024)
     # /health turns "degraded" when an accepted input has waited this long for its answer
     stuck_after_s: float = Field(600.0, gt=0)
 

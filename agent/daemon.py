@@ -10,6 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 from agent.config import AgentConfig, ConfigError
+from agent.control.lock import DataRootLock
+from agent.control.server import ControlServer
 from agent.debug_heatmaps import DebugHeatmaps
 from agent.intake import Intake
 from agent.outputs import Service
@@ -19,6 +21,7 @@ from agent.worker import Worker
 
 log = logging.getLogger(__name__)
 PREVIEW_PX = 256  # side of the thumbnails kept for the operator page's heatmaps
+LOCK_WAIT_S = 90.0  # a CLI command holding the data root at start: waited for this long
 
 if TYPE_CHECKING:
     from agent.opcua.server import OpcUaSink
@@ -105,6 +108,8 @@ def wire(cfg: AgentConfig, worker: Worker, rt: Runtime, started: float) -> list[
         spool = mqtt_ingest.spool if mqtt_ingest is not None else None
         outbox = (lambda: {"outbox": len(spool.outgoing())}) if spool is not None else None
         parts.append(HttpIngest(cfg, intake, rt, started, metrics, recent, extra_health=outbox))
+    if parts:  # the CLI's changes to this data root come through here (agent/control/server.py)
+        parts.append(ControlServer(cfg.data_root, intake, cfg.limits.max_bytes))
     return parts
 
 
@@ -172,6 +177,13 @@ def run_daemon(cfg: AgentConfig) -> int:
     # samples, models and results are product data: never readable by other users (the unit's UMask too)
     os.umask(os.umask(0) | 0o027)
     notifier = Notifier()
+    lock = DataRootLock(cfg.data_root, "daemon")  # one writer per data root (agent/control/lock.py)
+    if not lock.acquire() and (lock.holder().get("owner") != "cli" or not lock.acquire(LOCK_WAIT_S)):
+        # another daemon: refused at once; a CLI command that holds it for a moment: waited for
+        holder = lock.holder()
+        log.error("data root %s is held by %s (pid %s) since %s: one anomaly-agent per data root", cfg.data_root,
+                  holder.get("owner", "another process"), holder.get("pid", "?"), holder.get("since_utc", "?"))
+        return 2
     started = time.monotonic()
     heartbeat = Heartbeat(notifier)
     worker = Worker(lambda: Runtime(cfg), cfg.worker, heartbeat=heartbeat)

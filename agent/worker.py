@@ -1,7 +1,8 @@
 """The inference worker: one thread owns the models and the device; ingestion only enqueues.
 
-Predicts for the same ROI that arrive within `max_wait_ms` are micro-batched (up to `max_batch`),
-consecutive fit_ok jobs of one ROI are fitted together (agent/actions.py does the work). Every job ends
+Predicts for the same ROI that arrive within `max_wait_ms` are micro-batched (up to `max_batch`); a burst
+of fit_ok / send_ng jobs of one ROI (waiting, or arriving within `burst_settle_ms` of each other) is fitted
+together: one version, at most one tuning (agent/actions.py does the work). Every job ends
 in exactly one call of its `reply` with an `Outcome` (ok or error result, heatmap bytes, preview);
 observers (metrics, the operator page's recent results, debug heatmap files) see each outcome first.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from agent.actions import Actions, ActionSettings
 from agent.config import WorkerConfig
 from agent.jobs import Job, Outcome, error_result
+from agent.process.batches import gather
 from agent.runtime import Runtime
 from core.errors import AnomalyError
 
@@ -168,20 +170,7 @@ class Worker:
         return job
 
     def _gather(self, first: Job) -> list[Job]:
-        """More jobs of the same ROI and action, within max_wait_ms, up to max_batch."""
-        batch = [first]
-        if first.action not in ("predict", "fit_ok"):
-            return batch
-        deadline = time.perf_counter() + self.cfg.max_wait_ms / 1000
-        while len(batch) < self.max_batch:
-            job = self._next(max(0.0, deadline - time.perf_counter()))
-            if job is None:
-                break
-            if (job.role_id, job.roi_id, job.action) != (first.role_id, first.roi_id, first.action):
-                self._backlog.appendleft(job)  # the oldest job not yet run: next in line
-                break
-            batch.append(job)
-        return batch
+        return gather(first, self._next, self._backlog, self.cfg, self.max_batch)
 
     def _run(self) -> None:
         self.rt.progress = self.heartbeat  # long model work (index rebuilds, big fits) keeps the watchdog fed

@@ -88,9 +88,11 @@ def pytest_runtest_logreport(report) -> None:
         REAL_SKIPPED.append(report.nodeid)
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    """Last lines: how much of the run did not see real images, and where to get them."""
-    if not (SYNTHETIC_USED or REAL_SKIPPED):
+def pytest_unconfigure(config) -> None:
+    """The run's last line (after pytest's own "N passed"): how much of the run did not see real images, and
+    where to get them."""
+    terminalreporter = config.pluginmanager.get_plugin("terminalreporter")
+    if not (SYNTHETIC_USED or REAL_SKIPPED) or terminalreporter is None:
         return
     terminalreporter.write_line(
         f"real images: not found at {shared_root()}; {len(set(SYNTHETIC_USED))} tests ran on synthetic images "

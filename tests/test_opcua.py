@@ -270,3 +270,73 @@ def test_bad_opcua_configuration_exits_2_naming_the_key(tmp_path: Path, data_roo
     finally:
         busy.close()
     assert r.returncode == 2 and "opcua.port" in r.stderr, r.stderr[-800:]
+
+
+def test_a_plc_that_connects_mid_stream_and_reconnects_misses_no_result_and_reads_none_twice(
+        data_root: Path, tire: Path) -> None:
+    """docs/opcua.md "Start-up and reconnect, step by step", run by a client: before the first result every
+    value says "no result yet"; results made while no PLC is connected wait; a PLC that connects mid-stream
+    and later reconnects reads each result exactly once, in order."""
+    port = free_port()
+    agent = Agent(data_root, env=_opcua_env(port, ANOMALY_AGENT_OPCUA__RESULT_BUFFER="16")).start()
+    images = sorted((tire / "test" / "good" / "rgb").glob("*.png"))[:3] + sorted(
+        (tire / "test" / "hole" / "rgb").glob("*.png"))[:3]
+    inbox = data_root / "inbox" / "st1" / "tire" / "predict"
+    inbox.mkdir(parents=True, exist_ok=True)
+    results = data_root / "results" / "st1" / "tire"
+    seen: list[str] = []
+
+    def drop(batch: range) -> None:  # one at a time: the order the PLC must see is the order of the results
+        for i in batch:
+            _drop(images[i], inbox / f"f{i}.png")
+            _wait_sync(lambda i=i: (results / f"f{i}.json").exists())
+
+    async def plc(want: int) -> None:
+        """One session of the recipe: read counter and ack, take an unread current result, then scan."""
+        async with Client(f"opc.tcp://127.0.0.1:{port}/anomaly-agent") as client:
+            idx = await client.get_namespace_index(NS)
+            counter, acked = await _read(client, idx, "ResultCounter"), await _read(client, idx, "ResultAck")
+            last = counter
+            if await _read(client, idx, "HasResult") and counter and acked != counter:
+                seen.append(await _read(client, idx, "ResultId"))
+                await _ack(client, idx, counter)
+            while len(seen) < want:
+                await _wait_async(client, idx, last)
+                last = await _read(client, idx, "ResultCounter")
+                seen.append(await _read(client, idx, "ResultId"))
+                await _ack(client, idx, last)
+
+    async def before_any() -> None:
+        async with Client(f"opc.tcp://127.0.0.1:{port}/anomaly-agent") as client:
+            idx = await client.get_namespace_index(NS)
+            nothing = {name: await _read(client, idx, name) for name in
+                       ("HasResult", "ResultCounter", "IsAnomaly", "Score", "TotalAreaMm2", "ResultId")}
+            assert nothing == {"HasResult": False, "ResultCounter": 0, "IsAnomaly": False, "Score": -1.0,
+                               "TotalAreaMm2": -1.0, "ResultId": ""}, nothing
+            drop(range(0, 1))
+            await _wait_async(client, idx, 0)
+            assert await _read(client, idx, "HasResult") is True and await _read(client, idx, "ResultCounter") == 1
+
+    try:
+        asyncio.run(before_any())  # result 1 is current, unread
+        drop(range(1, 3))  # 2, 3 wait behind it: no PLC connected
+        asyncio.run(plc(2))  # connects mid-stream: takes 1 (unread current), then 2; disconnects
+        drop(range(3, 6))
+        asyncio.run(plc(6))  # reconnects: 3 became current while it was away: read, not skipped
+    finally:
+        agent.sigterm()
+    assert seen == [f"folder:st1/tire/predict/f{i}.png" for i in range(6)], seen
+
+
+def _wait_sync(cond, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    from tests.agent_proc import wait_for
+
+    wait_for(cond, timeout, "results")
+
+
+async def _wait_async(client: Client, idx: int, last: int, timeout: float = 60) -> None:
+    for _ in range(int(timeout * 10)):
+        if await _read(client, idx, "ResultCounter") != last:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no new result")

@@ -5,7 +5,7 @@
         State, Problems, AgentId, Backbone, Device        from /health: Operational or Error
         Rois/<role_id>/<roi_id>               one object per ROI (its role/ROI is the recipe/configuration id)
             ResultId, CreationTime, IsAnomaly, Score, Threshold, ModelVersion, InferenceMs, DefectCount,
-            TotalAreaMm2, ErrorCode, ResultCounter       the current result (ResultCounter written last)
+            TotalAreaMm2, ErrorCode, HasResult, ResultCounter   the current result (ResultCounter written last)
             ResultAck (writable), ResultsWaiting, ResultsLost    the handshake (agent/opcua/handshake.py)
             State/ RoleId, RoiId, Fitted, SamplesOk, SamplesNg, ModelVersion, Threshold, DriftState, Unloadable
     Types/EventTypes/BaseEventType/ResultReadyEventType  one event per result, emitted by the Server object
@@ -34,7 +34,7 @@ V = ua.VariantType
 RESULT_VARS: list[tuple[str, ua.VariantType]] = [
     ("ResultId", V.String), ("CreationTime", V.DateTime), ("IsAnomaly", V.Boolean), ("Score", V.Double),
     ("Threshold", V.Double), ("ModelVersion", V.UInt32), ("InferenceMs", V.Double), ("DefectCount", V.UInt32),
-    ("TotalAreaMm2", V.Double), ("ErrorCode", V.String)]
+    ("TotalAreaMm2", V.Double), ("ErrorCode", V.String), ("HasResult", V.Boolean)]
 HANDSHAKE_VARS = [("ResultsWaiting", V.UInt32), ("ResultsLost", V.UInt32)]
 STATE_VARS: list[tuple[str, ua.VariantType]] = [
     ("RoleId", V.String), ("RoiId", V.String), ("Fitted", V.Boolean), ("SamplesOk", V.UInt32),
@@ -44,6 +44,9 @@ SYSTEM_VARS = [("State", V.String), ("Problems", V.String), ("AgentId", V.String
                ("Device", V.String)]
 EVENT_FIELDS = [*RESULT_VARS, ("ResultCounter", V.UInt32), ("RoleId", V.String), ("RoiId", V.String)]
 DEFAULTS = {V.String: "", V.Boolean: False, V.Double: 0.0, V.UInt32: 0}
+# before a ROI's first result (and after a reset): HasResult false, ResultCounter 0, Score and TotalAreaMm2 -1;
+# IsAnomaly false means nothing until HasResult is true (docs/opcua.md)
+NO_RESULT = {"HasResult": False, "Score": -1.0, "TotalAreaMm2": -1.0, "Threshold": -1.0}
 
 
 def result_values(result: dict) -> dict[str, object]:
@@ -61,7 +64,8 @@ def result_values(result: dict) -> dict[str, object]:
             "IsAnomaly": bool(data.get("is_anomaly", False)), "Score": float(data.get("score") or 0.0),
             "Threshold": float(data.get("threshold") or 0.0), "ModelVersion": int(data.get("model_version") or 0),
             "InferenceMs": float(data.get("inference_ms") or 0.0), "DefectCount": int(defects.get("count") or 0),
-            "TotalAreaMm2": float(area) if area is not None else -1.0, "ErrorCode": str(err.get("code", ""))}
+            "TotalAreaMm2": float(area) if area is not None else -1.0, "ErrorCode": str(err.get("code", "")),
+            "HasResult": True}
 
 
 @dataclass
@@ -126,7 +130,8 @@ class AddressSpace:
         nodes = {}
         for name, vt in [*RESULT_VARS, ("ResultCounter", V.UInt32), *HANDSHAKE_VARS]:
             nodes[name] = await obj.add_variable(self.nid(f"{base}/{name}"), ua.QualifiedName(name, self.idx),
-                                                 DEFAULTS.get(vt, datetime.fromtimestamp(0, timezone.utc)),
+                                                 NO_RESULT.get(name, DEFAULTS.get(vt, datetime.fromtimestamp(
+                                                     0, timezone.utc))),
                                                  varianttype=vt)
         ack = await obj.add_variable(self.nid(f"{base}/ResultAck"), ua.QualifiedName("ResultAck", self.idx), 0,
                                      varianttype=V.UInt32)

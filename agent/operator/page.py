@@ -283,9 +283,10 @@ def render_page(states: list[dict], scores: dict, recent: list[RecentResult], he
     links = "".join(f'<a href="/?roi={escape(n)}"{" class=ok" if n == roi_filter else ""}>{escape(n)}</a>'
                     for n in names)
     return (
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{refresh}<title>anomaly-agent</title>"
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'>{refresh}"
+        f"<title>{escape(_title(health.get('agent_id', '')))}</title>"
         f"<meta name='viewport' content='width=device-width'><style>{CSS}</style></head><body><header>"
-        f"<h1>anomaly-agent · {escape(health.get('agent_id', ''))}</h1>"
+        f"<h1>{escape(_station(health.get('agent_id', '')))}</h1>"
         f"<p>{escape(str(health.get('backbone', {}).get('name', '')))} on {escape(health.get('device', ''))} · "
         f"up {up} · queue {health.get('queue_depth', 0)} · {escape(counts)}</p></header><main>"
         + (f'<p class="flash">{escape(flash)}</p>' if flash else "")
@@ -296,3 +297,13 @@ def render_page(states: list[dict], scores: dict, recent: list[RecentResult], he
         f"<p class='muted'>{f'Refreshes every {refresh_s:g} s' if refresh else 'Reload for new results'} · "
         "<a href='/docs'>API</a> · <a href='/metrics'>metrics</a>"
         "</p></main></body></html>")
+
+
+def _station(agent_id: str) -> str:
+    """The page's heading: the station's agent id, said once ("anomaly-agent" when it is the default id)."""
+    return agent_id if agent_id and agent_id != "anomaly-agent" else "anomaly-agent"
+
+
+def _title(agent_id: str) -> str:
+    station = _station(agent_id)
+    return station if station == "anomaly-agent" else f"{station} · anomaly-agent"

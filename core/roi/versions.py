@@ -63,8 +63,25 @@ class RoiVersions:
         self.prune()
 
     def prune(self) -> None:
-        for old in self.versions()[: -self.keep]:
-            shutil.rmtree(self.dir / f"{old:08d}", ignore_errors=True)
+        """Keep the last `keep` versions, and the last version before each change of kind (the model before a
+        calibration, before a delete, before the next fits...; the `keep` most recent of those): ten NG drops
+        do not push the model they changed out of reach of a rollback."""
+        versions = self.versions()
+        keep = set(versions[-self.keep :]) | set(self.pinned(versions))
+        for old in versions:
+            if old not in keep:
+                shutil.rmtree(self.dir / f"{old:08d}", ignore_errors=True)
+
+    def pinned(self, versions: list[int] | None = None) -> list[int]:
+        """The kept versions whose successor was another kind of change (at most `keep`, the most recent)."""
+        versions = self.versions() if versions is None else versions
+        kinds = {v: self._change(v) for v in versions}
+        return [a for a, b in zip(versions, versions[1:], strict=False) if kinds[a] != kinds[b]][-self.keep :]
+
+    def _change(self, version: int) -> str | None:
+        """A kept version's cause (fit_ok, send_ng, calibrate, delete...) from its manifest; None unreadable."""
+        m = read_json(self.dir / f"{version:08d}" / "manifest.json")
+        return str(m.get("change")) if isinstance(m, dict) else None
 
     def versions(self) -> list[int]:
         if not self.dir.is_dir():
@@ -92,12 +109,15 @@ class RoiVersions:
     def summary(self) -> list[dict]:
         """One line per kept version, newest last: what the operator picks a rollback target from."""
         out = []
-        for v in self.versions():
+        versions = self.versions()
+        pins = set(self.pinned(versions)) - set(versions[-self.keep :])
+        for v in versions:
             got = self.read(v)
             if got is None:
                 continue
             m = got[0]
             out.append({"version": v, "change": m.get("change", "fit"), "updated_utc": m.get("updated_utc"),
+                        "pinned": v in pins,
                         "threshold": m["threshold"]["value"], "threshold_method": m["threshold"]["method"],
                         "samples": {"ok": m["counts"]["ok"], "ng": m["counts"]["ng"]},
                         **({"rollback_of": m["rollback_of"]} if "rollback_of" in m else {})})
