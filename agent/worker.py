@@ -21,7 +21,7 @@ from collections.abc import Callable
 from agent.actions import Actions, ActionSettings
 from agent.config import WorkerConfig
 from agent.jobs import Job, Outcome, error_result
-from agent.process.batches import gather
+from agent.process.batches import Between, gather
 from agent.runtime import Runtime
 from core.errors import AnomalyError
 
@@ -52,6 +52,7 @@ class Worker:
         self._fair = FairShare(max(1, int(cfg.queue_size * cfg.ingress_share)))
         self._stop = threading.Event()
         self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
+        self._between = Between(lambda: self.heartbeat(), self._serve_others)
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -173,7 +174,7 @@ class Worker:
         return gather(first, self._next, self._backlog, self.cfg, self.max_batch)
 
     def _run(self) -> None:
-        self.rt.progress = self.heartbeat  # long model work (index rebuilds, big fits) keeps the watchdog fed
+        self.rt.progress = self._between.tick  # long model work feeds the watchdog and serves other ROIs
         while not self._stop.is_set():
             self.heartbeat()
             job = self._next(timeout=0.5)
@@ -253,7 +254,8 @@ class Worker:
                 if exc.code == "roi_unloadable":
                     self._tell_unloadable(first.role_id, first.roi_id)
                 return
-            self.actions.run(model, batch)
+            with self._between.working((first.role_id, first.roi_id)):
+                self.actions.run(model, batch)
         except AnomalyError as exc:  # e.g. disk_full refused before anything was written
             for j in batch:
                 if j not in self._finished:

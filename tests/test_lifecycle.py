@@ -115,10 +115,13 @@ def test_versions_are_bounded(tmp_path, template, extractor, tiles) -> None:
     root = tmp_path / "data"
     shutil.copytree(template[0], root)
     model = RoiModel(root, "st", "tile", extractor, PAIR, lifecycle=LifecycleSettings(versions_kept=3))
+    before = model.version
     for value in (0.5, 0.6, 0.7, 0.8):
         model.set_threshold(value)
-    assert model.versions.versions() == [model.version - 2, model.version - 1, model.version]
-    assert len(list((model.store.root / "versions").iterdir())) == 3
+    # the last three, and the model before the first manual threshold (another kind of change): pinned
+    assert model.versions.versions() == [before, model.version - 2, model.version - 1, model.version]
+    assert len(list((model.store.root / "versions").iterdir())) == 4
+    assert [v["version"] for v in model.versions.summary() if v["pinned"]] == [before]
 
 
 def test_export_import_predicts_the_same_scores_on_another_data_root(roi, tmp_path, extractor, tiles) -> None:
@@ -285,14 +288,19 @@ def test_the_trash_stays_bounded_but_keeps_what_a_kept_version_needs(roi, tiles,
     model = RoiModel(root, "st", "tile", extractor, PAIR,
                      lifecycle=LifecycleSettings(versions_kept=2, trash_keep=2, trash_max_age_days=30))
     ids = [r.sample_id for r in model.store.list_samples("ok")]
-    for sid in ids[:5]:  # five deletes, one sample each: five versions, of which the last two are kept
+    for sid in ids[:5]:  # five deletes, one sample each: five versions
         lifecycle.delete_samples(model, [sid])
+    # then other kinds of change: the versions kept are the last two and the last before each change of
+    # kind (the two most recent of those), so no kept version still has ids[:5]
+    model.set_threshold(0.7)
+    lifecycle.delete_samples(model, [ids[5]])
+    model.set_threshold(0.8)
     trash = model.store.root / "trash" / "ok"
     trashed = sorted(p.name[: -len(".reason.json")] for p in trash.glob("*.reason.json"))
     needed = {sid for v in model.versions.versions() for sid in model.versions.read(v)[1]["ok"]}
-    assert ids[4] in needed and ids[4] in trashed  # version 5 (kept) still has it: it stays
-    assert set(trashed) - needed == set(ids[2:4]), trashed  # of the others, the 2 newest stay
-    assert not [p for p in trash.iterdir() if p.name.split(".")[0] in ids[:2]]  # the older: image, JSON and all
+    assert ids[5] in needed and ids[5] in trashed  # a kept version still has it: it stays
+    assert set(trashed) - needed == set(ids[3:5]), trashed  # of the others, the 2 newest stay
+    assert not [p for p in trash.iterdir() if p.name.split(".")[0] in ids[:3]]  # the older: image, JSON and all
     oldest_kept = model.versions.versions()[0]
     assert lifecycle.rollback(model, oldest_kept)["rolled_back_to"] == oldest_kept  # its samples were kept
     # and by age: a trashed sample older than trash_max_age_days goes even when fewer than trash_keep are there
@@ -300,7 +308,7 @@ def test_the_trash_stays_bounded_but_keeps_what_a_kept_version_needs(roi, tiles,
     old_t = time.time() - 40 * 86400
     os.utime(aged, (old_t, old_t))
     assert lifecycle.prune_trash(model) == 1 and not list(trash.glob(f"{ids[3]}.*"))
-    assert list(trash.glob(f"{ids[2]}.*"))
+    assert list(trash.glob(f"{ids[4]}.*"))
 
 
 def test_the_state_warns_when_the_threshold_lets_ng_samples_pass_or_rejects_ok_ones(roi, tile) -> None:

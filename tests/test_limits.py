@@ -172,3 +172,32 @@ def test_a_flood_on_one_ingress_leaves_the_queue_to_the_others() -> None:
     assert taken is not None and taken.ingress == "mqtt"
     assert worker.submit(job("mqtt", 100), timeout=0)  # the place it left
     assert worker.depth() == 8
+
+
+def test_long_model_work_answers_other_rois_between_its_steps_and_never_recursively() -> None:
+    """agent/process/batches.py Between: the progress ticks of one ROI's long work (a tuning, a threshold
+    update) serve the other ROIs' waiting predictions every `every_s`, only while some ROI's work runs, and
+    a tick from inside such an answer does nothing."""
+    import time
+
+    from agent.process.batches import Between
+
+    served: list[tuple[str, str]] = []
+    between: Between
+
+    def serve(busy: tuple[str, str]) -> None:
+        served.append(busy)
+        between.tick()  # the answered prediction's own progress: must not serve again from inside
+
+    between = Between(lambda: None, serve, every_s=0.05)
+    between.tick()
+    assert served == []  # no ROI at work: nothing to serve around
+    with between.working(("st1", "a")):
+        for _ in range(20):  # a long step loop: about 0.2 s of ticks
+            between.tick()
+            time.sleep(0.01)
+        with between.working(("st1", "b")):  # nested work (a served prediction) names its own ROI
+            assert between.busy == ("st1", "b")
+        assert between.busy == ("st1", "a")
+    assert 2 <= len(served) <= 6 and set(served) == {("st1", "a")}, served  # throttled, never recursive
+    assert between.busy is None

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from agent.config import WorkerConfig
 from agent.jobs import Job
@@ -66,3 +67,36 @@ def _burst(first: Job, next_job: Callable[[float], Job | None], backlog: deque[J
     if len(batch) > 1:
         log.info("worker: %d %s requests to %s/%s (%d images) taken as one", len(batch), first.action, *key, images)
     return batch
+
+
+class Between:
+    """Long model work of one ROI (scoring its samples, a tuning, an index rebuild) calls `tick()` through the
+    model's progress callback: the watchdog is fed, and every `every_s` the worker answers the predictions of
+    other ROIs that wait (`serve(busy)`), never from inside such an answer. So one ROI's calibration or tuning
+    holds another ROI's prediction for about one step of that work, not for all of it."""
+
+    def __init__(self, heartbeat: Callable[[], None], serve: Callable[[tuple[str, str]], None],
+                 every_s: float = 0.25) -> None:
+        self.heartbeat, self.serve, self.every_s = heartbeat, serve, every_s
+        self.busy: tuple[str, str] | None = None
+        self._serving = False
+        self._next = 0.0
+
+    def tick(self) -> None:
+        self.heartbeat()
+        if self.busy is None or self._serving or time.monotonic() < self._next:
+            return
+        self._serving = True
+        try:
+            self.serve(self.busy)
+        finally:
+            self._serving = False
+            self._next = time.monotonic() + self.every_s
+
+    @contextmanager
+    def working(self, key: tuple[str, str]) -> Iterator[None]:
+        before, self.busy = self.busy, key
+        try:
+            yield
+        finally:
+            self.busy = before
