@@ -53,6 +53,7 @@ class Worker:
         self._stop = threading.Event()
         self._backlog: deque[Job] = deque()  # taken from the queue, not yet run: served before the queue
         self._between = Between(lambda: self.heartbeat(), self._serve_others)
+        self._slots = threading.BoundedSemaphore(cfg.queue_size)  # queue + set aside <= queue_size
         self._thread = threading.Thread(target=self._main, name="worker", daemon=True)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -125,11 +126,11 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._fair.enter(job.ingress, deadline):
             return False
-        try:
-            self.queue.put(job, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-        except queue.Full:
+        # a slot is held until the job is taken to run: jobs set aside (a burst, another ROI's work) still count
+        if not self._slots.acquire(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             self._fair.leave(job.ingress)
             return False
+        self.queue.put(job)
         with self._open_lock:
             self._open.setdefault(job, time.monotonic())
         return True
@@ -184,6 +185,8 @@ class Worker:
             self._process_safely(self._gather(job))
 
     def _process_safely(self, batch: list[Job]) -> None:
+        for _ in batch:
+            self._slots.release()
         try:
             self._process(batch)
         except Exception as exc:  # never let one bad batch kill the worker
