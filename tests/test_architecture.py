@@ -22,15 +22,30 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+def _imports(path: Path, modules: dict[str, Path], name: str | None = None) -> set[str]:
+    """The project modules `path` imports: absolute and relative `from` imports (resolved against the
+    module `name`), `import x.y`, and `importlib.import_module("x.y")` / `__import__("x.y")` with a literal."""
     found = set()
+    package = (name or "").split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and (node.module or node.level):
+            base = node.module or ""
+            if node.level:  # from . import x / from ..y import z: relative to this module's package
+                anchor = package[: len(package) - node.level + 1] if node.level > 1 else package
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
             for alias in node.names:
-                full = f"{node.module}.{alias.name}"
-                found.add(full if full in modules else node.module)
+                full = f"{base}.{alias.name}" if base else alias.name
+                found.add(full if full in modules else base)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
+                node.args[0].value, str):
+            fn = node.func
+            called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if called in ("import_module", "__import__"):
+                found.add(node.args[0].value)
     return {m for m in found if m in modules}
 
 
@@ -71,14 +86,27 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_and_the_method_never_imports_the_daemon() -> None:
     modules = _modules()
-    graph = {m: _imports(p, modules) for m, p in modules.items()}
+    graph = {m: _imports(p, modules, m) for m, p in modules.items()}
     assert _cycles(graph) == []
     assert not [(m, d) for m, deps in graph.items() if m.startswith("core") for d in deps if d.startswith("agent")]
 
 
-def test_a_cycle_is_found_when_there_is_one() -> None:
-    """The check above can fail: two modules importing each other make one cycle."""
+def test_a_cycle_is_found_when_there_is_one(tmp_path: Path) -> None:
+    """The check above can fail: two modules importing each other make one cycle, also when one of the
+    imports is relative or goes through importlib."""
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    pkg = tmp_path / "agent" / "part"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "one.py").write_text("from . import two\n")
+    (pkg / "two.py").write_text("import importlib\nx = importlib.import_module('agent.part.one')\n")
+    (tmp_path / "agent" / "three.py").write_text("from .part.one import thing\n")
+    modules = {"agent.part": pkg / "__init__.py", "agent.part.one": pkg / "one.py", "agent.part.two": pkg / "two.py",
+               "agent.three": tmp_path / "agent" / "three.py"}
+    graph = {m: _imports(p, modules, m) for m, p in modules.items()}
+    assert graph["agent.part.one"] == {"agent.part.two"} and graph["agent.part.two"] == {"agent.part.one"}
+    assert graph["agent.three"] == {"agent.part.one"}
+    assert _cycles(graph) == [["agent.part.one", "agent.part.two"]]
 
 
 def test_no_folder_over_15_modules() -> None:
