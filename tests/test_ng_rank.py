@@ -35,6 +35,17 @@ def _banks(rng: np.random.Generator) -> list[np.ndarray]:
             for _ in range(2)]
 
 
+def _shared_look() -> tuple:
+    """30 OK and 9 NG samples whose NG top patches share a direction the plain scores miss (and the rng, the
+    shift, to make more of each)."""
+    rng = np.random.default_rng(0)
+    shift = np.zeros(D)
+    shift[3] = 2.5
+    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9, shift), _banks(rng)
+    ok_scores, ng_scores = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    return rng, shift, ok_tops, ng_tops, banks, ok_scores, ng_scores
+
+
 def test_the_top_patches_are_the_most_anomalous_share() -> None:
     d = np.arange(200, dtype=np.float32)[::-1].copy()
     assert sorted(ng_rank.top_rows(d).tolist()) == [0, 1, 2, 3]  # 2 % of 200, the largest distances
@@ -44,11 +55,7 @@ def test_the_top_patches_are_the_most_anomalous_share() -> None:
 def test_ng_samples_that_share_a_look_the_plain_score_misses_rank_higher() -> None:
     """NG samples whose plain scores sit among the OK ones but whose top patches share a direction: a form is
     chosen, the cross-validated NG terms lift them, and a new image with that look gains over a new OK one."""
-    rng = np.random.default_rng(0)
-    shift = np.zeros(D)
-    shift[3] = 2.5
-    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9, shift), _banks(rng)
-    ok_scores, ng_scores = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    rng, shift, ok_tops, ng_tops, banks, ok_scores, ng_scores = _shared_look()
     choice = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks)
     assert choice.form in ng_rank.FORMS and choice.gains[choice.form] >= ng_rank.GUARD, choice
     assert len(choice.ng_terms) == 9 and min(choice.ng_terms) > 0  # held out, each still looks like the others
@@ -62,11 +69,7 @@ def test_ng_samples_that_share_a_look_the_plain_score_misses_rank_higher() -> No
 def test_the_form_in_use_stays_unless_another_gains_clearly_more() -> None:
     """One NG sample more must not flip the form (the issue-34 line trial alternated ng_bank / linear_head at
     every NG sample): the form in use is kept while it still helps and no other gains SWITCH more."""
-    rng = np.random.default_rng(0)
-    shift = np.zeros(D)
-    shift[3] = 2.5
-    ok_tops, ng_tops, banks = _tops(rng, 30), _tops(rng, 9, shift), _banks(rng)
-    ok_scores, ng_scores = rng.normal(1, 0.1, 30).tolist(), rng.normal(1.05, 0.1, 9).tolist()
+    _, _, ok_tops, ng_tops, banks, ok_scores, ng_scores = _shared_look()
     free = ng_rank.choose(ok_scores, ng_scores, ok_tops, ng_tops, banks)
     other = next(f for f in ng_rank.FORMS if f != free.form)
     assert free.gains[free.form] - free.gains[other] < ng_rank.SWITCH and free.gains[other] >= ng_rank.GUARD / 2
