@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from agent.control.lock import DataRootLock
-from agent.control.server import SOCKET
+from agent.control.server import SOCKET, recv_line
 from core.errors import AnomalyError
 
 WAIT_FOR_CLI_S = 60.0  # another CLI command holds the lock: wait this long for it
@@ -53,12 +53,7 @@ def send(data_root: Path, action: str, role_id: str, roi_id: str, files: list[Pa
                                f"({exc.strerror or exc}); use its HTTP or MQTT API, or stop it",
                                code="daemon_unreachable") from None
         sock.sendall((json.dumps(req) + "\n").encode())
-        raw = b""
-        while not raw.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                break
-            raw += chunk
+        raw = recv_line(sock) or b""
     try:
         answer = json.loads(raw)
     except ValueError:

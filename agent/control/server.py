@@ -101,14 +101,9 @@ class ControlServer:
             log.warning("control: refused a connection from uid %d (only the daemon's user and root)", uid)
             return {"error": {"code": "unauthorized", "message": "only the daemon's user or root may use it"}}
         conn.settimeout(10)
-        raw = b""
-        while not raw.endswith(b"\n"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            raw += chunk
-            if len(raw) > MAX_REQUEST:
-                return {"error": {"code": "request_too_large", "message": f"over {MAX_REQUEST} bytes"}}
+        raw = recv_line(conn, MAX_REQUEST)
+        if raw is None:
+            return {"error": {"code": "request_too_large", "message": f"over {MAX_REQUEST} bytes"}}
         try:
             req = json.loads(raw)
             action, role, roi = req["action"], req["role_id"], req["roi_id"]
@@ -164,3 +159,16 @@ class ControlServer:
             conn.sendall((json.dumps(obj) + "\n").encode())
         except OSError:
             pass  # the CLI went away: its job still ran (or runs) and is logged
+
+
+def recv_line(sock: socket.socket, limit: int | None = None) -> bytes | None:
+    """One JSON line from a control connection (to its newline or the peer's close); None past `limit` bytes."""
+    raw = b""
+    while not raw.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+        if limit is not None and len(raw) > limit:
+            return None
+    return raw
